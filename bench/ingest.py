@@ -1,0 +1,238 @@
+"""Ingest benchmark: the project's pipeline vs a plain odc-stac + numpy + zarr path on the same scenes.
+
+    python bench/ingest.py [--scenes 16] [--catalog local-samples] [--workdir /tmp/dsat-bench]
+
+Scenes: the real items of ../shared/data/real/catalog (or catalogs/samples) that carry red/green/blue,
+repeated under distinct item ids up to ``--scenes``. Reported per path: tiles/s, MB/s (uncompressed tile
+pixels written) and peak RSS (this process + every child process, i.e. driver + Dask nanny/workers);
+time is the best of ``--repeat`` runs, memory the worst.
+
+1. pipeline: `ingest_items` (real `read_item`, quality filters, captions, lineage, staging + commit) on a
+   LocalCluster that is started (and warmed up) before the clock starts, with 1 and 2 workers;
+   the 2-worker run is repeated on half the scenes to show that peak memory does not grow with scenes.
+2. peer: `odc.stac.load` of each item onto its native grid, numpy tiling, per-scene 2/98 % scaling to
+   uint8, appended to a zarr array with the same chunking; no metadata, captions, filters. One process.
+
+Targets printed as ratios: pipeline(2 workers) / peer >= 1.0, 2 workers / 1 worker >= 1.6,
+peak(N scenes) / peak(N/2 scenes) about 1 (flat).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import shutil
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import psutil
+
+REPO = Path(__file__).resolve().parents[1]
+CANDIDATES = [
+    REPO.parent / "shared/data/real/catalog/catalog.json",
+    REPO / "catalogs/samples/catalog/catalog.json",
+]
+RGB = ("red", "green", "blue")
+
+
+class PeakRSS:
+    """Samples the summed RSS of this process and its descendants in a background thread."""
+
+    def __init__(self, interval: float = 0.02) -> None:
+        self.interval, self.peak, self._stop = interval, 0, threading.Event()
+
+    def _sample(self) -> int:
+        me = psutil.Process()
+        total = me.memory_info().rss
+        for child in me.children(recursive=True):
+            with contextlib.suppress(psutil.Error):
+                total += child.memory_info().rss
+        return total
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self._sample())
+            time.sleep(self.interval)
+
+    def __enter__(self) -> PeakRSS:
+        self.peak = self._sample()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self._sample())
+
+
+def load_items(n_scenes: int) -> list[dict]:
+    from dsat_core.data.stac import load_static_catalog
+
+    path = next((p for p in CANDIDATES if p.is_file()), None)
+    if path is None:
+        raise SystemExit(f"no real catalog found at {[str(p) for p in CANDIDATES]}")
+    base = []
+    for item in load_static_catalog(path):
+        names = {b.get("common_name") for a in item["assets"].values() for b in a.get("eo:bands", [])}
+        if set(RGB) <= names:
+            base.append(item)
+    items = []
+    for k in range(n_scenes):
+        item = copy.deepcopy(base[k % len(base)])
+        item["id"] = f"{item['id']}~{k // len(base)}"
+        items.append(item)
+    print(
+        f"{len(items)} scenes from {path} ({len(base)} distinct: {', '.join(i['id'][:-2] for i in base[:4])})"
+    )
+    return items
+
+
+def run_pipeline(items, config, workdir: Path, n_workers: int) -> dict:
+    from distributed import Client, LocalCluster
+
+    from dsat_core.data.ingest import ingest_items
+    from dsat_core.data.reader import read_item
+
+    uri = str(workdir / f"pipeline-{n_workers}w-{len(items)}.zarr")
+    shutil.rmtree(uri, ignore_errors=True)
+    with (
+        LocalCluster(n_workers=n_workers, threads_per_worker=1, dashboard_address=":0") as cluster,
+        Client(cluster) as client,
+    ):
+        warm = items[0]  # a long-running cluster has warm workers (GDAL, pyproj, geocoder caches)
+        client.run(lambda: read_item(warm, config) and None)
+        with PeakRSS() as mem:
+            began = time.perf_counter()
+            report = ingest_items(items, config, uri, client=client)
+            seconds = time.perf_counter() - began
+    tiles = report.n_added
+    mbytes = tiles * len(RGB) * config.tile_size**2 / 1e6
+    return {
+        "name": f"pipeline {n_workers}w",
+        "scenes": len(items),
+        "tiles": tiles,
+        "seconds": seconds,
+        "tiles_s": tiles / seconds,
+        "mb_s": mbytes / seconds,
+        "peak_mb": mem.peak / 1e6,
+        "rejected": len(report.rejected),
+    }
+
+
+def _odc_item(item: dict):
+    import pystac
+
+    item = copy.deepcopy(item)
+    for asset in item["assets"].values():  # odc-stac reads multi-band assets from STAC 1.1 `bands`
+        if "eo:bands" in asset:
+            asset["bands"] = [
+                {"name": b["name"], "eo:common_name": b["common_name"]} for b in asset["eo:bands"]
+            ]
+    return pystac.Item.from_dict(item)
+
+
+def run_peer(items, config, workdir: Path) -> dict:
+    import odc.stac
+    import zarr
+
+    size = config.tile_size
+    odc.stac.load([_odc_item(items[0])], bands=list(RGB), chunks=None)  # warm up GDAL like the workers
+    uri = str(workdir / f"peer-{len(items)}.zarr")
+    shutil.rmtree(uri, ignore_errors=True)
+    with PeakRSS() as mem:
+        began = time.perf_counter()
+        root = zarr.open_group(uri, mode="w", zarr_format=3)
+        arr = root.create_array(
+            "images",
+            shape=(0, 3, size, size),
+            dtype="uint8",
+            chunks=(1, 3, size, size),
+            shards=(64, 3, size, size),
+        )
+        n = 0
+        for item in items:
+            ds = odc.stac.load([_odc_item(item)], bands=list(RGB), chunks=None)
+            image = np.stack([ds[b].values[0].astype(np.float32) for b in RGB])
+            rows, cols = image.shape[1] // size, image.shape[2] // size
+            if rows * cols == 0:
+                continue
+            tiles = image[:, : rows * size, : cols * size].reshape(3, rows, size, cols, size)
+            tiles = tiles.transpose(1, 3, 0, 2, 4).reshape(rows * cols, 3, size, size)
+            low, high = np.percentile(image.reshape(3, -1), [2, 98], axis=1)
+            scaled = (tiles - low[None, :, None, None]) / np.maximum(high - low, 1e-6)[None, :, None, None]
+            out = (np.clip(scaled, 0, 1) * 255).round().astype(np.uint8)
+            arr.resize((n + len(out), 3, size, size))
+            arr[n:] = out
+            n += len(out)
+        seconds = time.perf_counter() - began
+    mbytes = n * 3 * size * size / 1e6
+    return {
+        "name": "peer odc-stac",
+        "scenes": len(items),
+        "tiles": n,
+        "seconds": seconds,
+        "tiles_s": n / seconds,
+        "mb_s": mbytes / seconds,
+        "peak_mb": mem.peak / 1e6,
+        "rejected": 0,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--scenes", type=int, default=16)
+    parser.add_argument("--catalog", default="local-samples")
+    parser.add_argument("--workdir", type=Path, default=Path("/tmp/dsat-bench"))
+    parser.add_argument(
+        "--repeat", type=int, default=2, help="best of N runs per path (shared machines are noisy)"
+    )
+    args = parser.parse_args()
+
+    from dsat_core.data.catalog import load_catalog
+
+    base = load_catalog(args.catalog)
+    config = base.with_overrides(products={"rgb": base.products["rgb"].model_dump()})
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    items = load_items(args.scenes)
+    half = items[: args.scenes // 2]
+
+    def best(run, *run_args) -> dict:
+        runs = [run(*run_args) for _ in range(max(1, args.repeat))]
+        return {**min(runs, key=lambda r: r["seconds"]), "peak_mb": max(r["peak_mb"] for r in runs)}
+
+    results = [
+        best(run_peer, items, config, args.workdir),
+        best(run_pipeline, items, config, args.workdir, 1),
+        best(run_pipeline, items, config, args.workdir, 2),
+        best(run_pipeline, half, config, args.workdir, 2),
+    ]
+    header = (
+        f"{'path':<16}{'scenes':>7}{'tiles':>7}{'s':>8}{'tiles/s':>9}{'MB/s':>8}{'peak MB':>9}{'rejected':>9}"
+    )
+    print("\n" + header)
+    for r in results:
+        print(
+            f"{r['name']:<16}{r['scenes']:>7}{r['tiles']:>7}{r['seconds']:>8.2f}{r['tiles_s']:>9.1f}"
+            f"{r['mb_s']:>8.2f}{r['peak_mb']:>9.0f}{r['rejected']:>9}"
+        )
+    peer, one, two, two_half = results
+    checks = [
+        ("pipeline(2w) / peer  tiles/s", two["tiles_s"] / peer["tiles_s"], ">= 1.0"),
+        ("2 workers / 1 worker tiles/s", two["tiles_s"] / one["tiles_s"], ">= 1.6"),
+        (
+            f"peak RSS {two['scenes']} / {two_half['scenes']} scenes",
+            two["peak_mb"] / two_half["peak_mb"],
+            "~ 1.0",
+        ),
+    ]
+    print(f"\ncpu cores: {psutil.cpu_count()}, load average: {psutil.getloadavg()}")
+    for name, value, target in checks:
+        print(f"{name:<32} {value:6.2f}  (target {target})")
+
+
+if __name__ == "__main__":
+    main()

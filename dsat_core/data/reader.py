@@ -1,0 +1,615 @@
+"""One STAC item + a `CatalogConfig` → `SceneTiles` (tiles, metadata, captions, lineage, rejections).
+
+`read_item` never raises for bad input: a failure of the whole item (malformed JSON, missing asset or
+band, href not allowed, unreadable or corrupt file, no CRS, a raster larger than `quality.max_pixels`, no
+overlap with the AOI) becomes a `Rejection(item_id, reason, tile_index=-1)`; a tile failing a quality check
+becomes a `Rejection(item_id, reason, tile_index=k, product=...)`.
+
+How it reads:
+1. Bands: each `BandSpec` is found by asset key, or by `common_name` in an asset's `eo:bands` (or STAC 1.1
+   `bands` / `eo:common_name`), giving (href, 1-based band). A product with a missing band is rejected
+   for this item; a missing `required` product, or no product left, rejects the scene.
+2. Opening (rasterio/GDAL): local paths directly, http(s) through `/vsicurl/` (range requests, no
+   directory listing), `s3://` through fsspec/s3fs with `storage_options` (`opener=`). Sizes and CRS are
+   checked from the header before any pixel is read.
+3. Grid: see `dsat_core.data.grid` (CRS, GSD, footprint ∩ AOI, snapping). Each asset is read through a
+   `WarpedVRT` on that grid (bilinear; nearest for the cloud-mask band), so assets of different
+   resolution land on one pixel grid; when the grid IS the asset's pixel grid, windows are read directly
+   (exact values, and GDAL fetches exactly the blocks needed). Only the windows needed are read.
+4. Tiles: regular grid, stride = tile_size - overlap from the grid's top-left, partial right/bottom tiles
+   dropped (`dsat_core.data.grid`). One strip of tile rows is read at a time: memory is bounded by the
+   grid width, not the scene size.
+5. Quality per tile and product: nodata fraction (a pixel is invalid when any band of the product is
+   nodata, NaN, or outside the source), cloud fraction (`config.cloud_mask` classes when given, else the
+   scene's `eo:cloud_cover` / 100 for every tile; a scene above `max_cloud_fraction` is then rejected
+   once, as a whole), constant tiles (largest per-band std of the scaled tile < `min_std`).
+6. Scaling (`dsat_core.data.scaling`): 'fixed' range, or per-scene 'percentile' of valid pixels, computed
+   on a decimated read (≤ 1024 px a side, from source overviews where present) before the strips.
+7. Metadata: tile centre lon/lat (WGS84), grid GSD in metres, cloud cover, year/month/day from
+   `datetime`, else from `start_datetime` when the item's interval is at most `MAX_DATE_INTERVAL_DAYS`
+   long (a longer interval is no acquisition date: the fields stay missing). Lineage: hrefs read, CRS,
+   tile transform, window, `scene_datetime` (ISO datetime, or the ISO interval `start/end`), platform.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from contextlib import ExitStack
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import numpy as np
+import rasterio
+from affine import Affine
+from rasterio.enums import MaskFlags, Resampling
+from rasterio.errors import RasterioError
+from rasterio.vrt import WarpedVRT
+from rasterio.windows import Window
+
+from dsat_core.captions import caption_for
+from dsat_core.data.catalog import BandSpec, CatalogConfig, ProductSpec
+from dsat_core.data.grid import GridError, SourceGeometry, TargetGrid, build_grid, resolution_m
+from dsat_core.data.quality import cloud_fraction, tile_problem
+from dsat_core.data.scaling import scale, scene_range
+from dsat_core.data.security import UnsafeHrefError, check_href, check_vrt
+from dsat_core.data.tiles import ProductTiles, Rejection, SceneTiles
+from dsat_core.metadata import SatMetadata
+
+MAX_DATE_INTERVAL_DAYS = 31
+STATS_MAX_SIDE = 1024
+GDAL_OPTIONS = {
+    "GDAL_DISABLE_READDIR_ON_OPEN": "EMPTY_DIR",
+    "GDAL_CACHEMAX": 128 * 1024 * 1024,  # bytes (a small integer would be read as bytes by rasterio)
+    "GDAL_HTTP_MERGE_CONSECUTIVE_RANGES": "YES",
+    "GDAL_HTTP_MAX_RETRY": 2,
+    "GDAL_HTTP_RETRY_DELAY": 1,
+    "GDAL_HTTP_TIMEOUT": 60,
+    "GDAL_VRT_ENABLE_RAWRASTERBAND": "NO",
+}
+_SKIP_ROLES = {"thumbnail", "overview", "metadata"}
+
+
+class _SceneRejected(Exception):
+    def __init__(self, reason: str, product: str = "") -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.product = product
+
+
+# ----------------------------------------------------------------------------------------------- item & bands
+def _item_parts(item: Any) -> tuple[str, dict, dict]:
+    if not isinstance(item, Mapping):
+        raise _SceneRejected(f"malformed item: expected a JSON object, got {type(item).__name__}")
+    item_id = item.get("id")
+    if not isinstance(item_id, str) or not item_id:
+        raise _SceneRejected("malformed item: missing or non-string 'id'")
+    assets = item.get("assets")
+    if not isinstance(assets, Mapping) or not assets:
+        raise _SceneRejected("malformed item: no 'assets' object")
+    properties = item.get("properties") or {}
+    if not isinstance(properties, Mapping):
+        raise _SceneRejected("malformed item: 'properties' is not an object")
+    for key, asset in assets.items():
+        if not isinstance(asset, Mapping) or not isinstance(asset.get("href"), str):
+            raise _SceneRejected(f"malformed item: asset {key!r} has no string 'href'")
+    return item_id, dict(assets), dict(properties)
+
+
+def _asset_bands(asset: Mapping) -> list[tuple[str, str]]:
+    """(name, common_name) of each band of an asset (STAC 1.0 `eo:bands` or STAC 1.1 `bands`)."""
+    out = []
+    for band in asset.get("eo:bands") or asset.get("bands") or []:
+        if isinstance(band, Mapping):
+            common = band.get("common_name") or band.get("eo:common_name") or ""
+            out.append((str(band.get("name") or ""), str(common)))
+    return out
+
+
+def find_band(spec: BandSpec, assets: Mapping[str, Mapping]) -> tuple[str, int] | None:
+    """(asset key, 1-based band index) for a band spec, or None.
+
+    By asset key when `spec.asset` is given (then `common_name`, if any, picks the band inside it);
+    otherwise the asset named like the common name, then assets with role `data`, then any asset listing
+    that common name.
+    """
+    if spec.asset is not None:
+        asset = assets.get(spec.asset)
+        if asset is None:
+            return None
+        if spec.common_name:
+            for i, (_, common) in enumerate(_asset_bands(asset), start=1):
+                if common == spec.common_name:
+                    return spec.asset, i
+        return spec.asset, 1
+    name = spec.common_name
+    candidates = sorted(
+        (k for k, a in assets.items() if not _SKIP_ROLES & set(a.get("roles") or [])),
+        key=lambda k: (k != name, "data" not in (assets[k].get("roles") or [])),
+    )
+    for key in candidates:
+        bands = _asset_bands(assets[key])
+        for i, (_, common) in enumerate(bands, start=1):
+            if common == name:
+                return key, i
+        if key == name and len(bands) <= 1:
+            return key, 1
+    return None
+
+
+def resolve_product(
+    product: str, spec: ProductSpec, assets: Mapping[str, Mapping]
+) -> list[tuple[str, str, int]]:
+    """(band name, asset key, band index) per band, or `_SceneRejected` naming the first missing band."""
+    out = []
+    for band in spec.bands:
+        found = find_band(band, assets)
+        if found is None:
+            how = f"asset {band.asset!r}" if band.asset else f"common_name {band.common_name!r}"
+            raise _SceneRejected(
+                f"band {band.name!r} ({how}) not found in assets {sorted(assets)}", product=product
+            )
+        out.append((band.name, *found))
+    return out
+
+
+def _self_href(item: Mapping) -> str | None:
+    for link in item.get("links") or []:
+        if isinstance(link, Mapping) and link.get("rel") == "self" and isinstance(link.get("href"), str):
+            return link["href"]
+    return None
+
+
+# ----------------------------------------------------------------------------------------------- opening
+def _open(href: str, config: CatalogConfig, storage_options: dict | None) -> rasterio.DatasetReader:
+    scheme = href.split("://", 1)[0].lower() if "://" in href else "file"
+    try:
+        if scheme in ("http", "https"):
+            return rasterio.open(f"/vsicurl/{href}")
+        if scheme == "s3":
+            import fsspec
+
+            fs = fsspec.filesystem("s3", **(storage_options or {}))
+            return rasterio.open(href, opener=fs)
+        if href.lower().endswith(".vrt"):
+            check_vrt(href, config)
+        return rasterio.open(href)
+    except UnsafeHrefError:
+        raise
+    except (RasterioError, OSError, ValueError) as err:
+        raise _SceneRejected(f"cannot open {href}: {err}") from err
+
+
+def _check_header(src: rasterio.DatasetReader, href: str, band_indexes: list[int], max_pixels: int) -> None:
+    pixels = src.width * src.height
+    if pixels > max_pixels:
+        raise _SceneRejected(
+            f"{href}: raster is {src.width} x {src.height} = {pixels:.3g} pixels "
+            f"> max_pixels {max_pixels:.3g}"
+        )
+    if src.crs is None:
+        raise _SceneRejected(f"{href}: no CRS")
+    if src.transform == Affine.identity():
+        raise _SceneRejected(f"{href}: no geotransform")
+    too_high = [i for i in band_indexes if i > src.count]
+    if too_high:
+        raise _SceneRejected(f"{href}: band {too_high[0]} requested but the file has {src.count} band(s)")
+
+
+def _grid_offset(src: rasterio.DatasetReader, grid: TargetGrid) -> tuple[int, int] | None:
+    """(row, col) of the grid origin in source pixels when the grid IS the source pixel grid, else None."""
+    s, g = src.transform, grid.transform
+    if (
+        src.crs != grid.crs
+        or s.b
+        or s.d
+        or g.b
+        or g.d
+        or not (math.isclose(s.a, g.a) and math.isclose(s.e, g.e))
+    ):
+        return None
+    col, row = (g.c - s.c) / s.a, (g.f - s.f) / s.e
+    if abs(col - round(col)) > 1e-6 or abs(row - round(row)) > 1e-6:
+        return None
+    return round(row), round(col)
+
+
+@dataclass
+class _Source:
+    """One opened asset on the target grid: a WarpedVRT, or direct windowed reads when no warp is needed."""
+
+    href: str
+    src: rasterio.DatasetReader
+    vrt: WarpedVRT | None
+    indexes: list[int]  # bands to read (1-based)
+    offset: tuple[int, int] | None = None  # grid origin in source pixels (direct reads)
+
+    def read(self, window: Window) -> tuple[np.ndarray, np.ndarray]:
+        """float32 (len(indexes), h, w) values and bool validity per band."""
+        if self.vrt is not None:
+            return _read_valid(self.vrt, self.src.nodata, self.indexes, window)
+        # Direct reads let GDAL fetch exactly the blocks of the window (one multi-range request over HTTP).
+        h, w = int(window.height), int(window.width)
+        r0, c0 = int(window.row_off) + self.offset[0], int(window.col_off) + self.offset[1]
+        data = np.zeros((len(self.indexes), h, w), np.float32)
+        valid = np.zeros(data.shape, bool)
+        rs, re = max(r0, 0), min(r0 + h, self.src.height)
+        cs, ce = max(c0, 0), min(c0 + w, self.src.width)
+        if rs < re and cs < ce:
+            part = Window(cs, rs, ce - cs, re - rs)
+            values = self.src.read(self.indexes, window=part).astype(np.float32, copy=False)
+            ok = np.isfinite(values)
+            nodata = self.src.nodata
+            if nodata is not None and not math.isnan(nodata):
+                ok &= values != np.float32(nodata)
+            flags = [self.src.mask_flag_enums[i - 1] for i in self.indexes]
+            if nodata is None and not all(MaskFlags.all_valid in f for f in flags):
+                ok &= self.src.read_masks(self.indexes, window=part) > 0
+            data[:, rs - r0 : re - r0, cs - c0 : ce - c0] = values
+            valid[:, rs - r0 : re - r0, cs - c0 : ce - c0] = ok
+        return data, valid
+
+
+def _on_grid(
+    src: rasterio.DatasetReader,
+    grid: TargetGrid,
+    indexes: list[int],
+    resampling: Resampling,
+    stack: ExitStack,
+) -> _Source:
+    offset = _grid_offset(src, grid)
+    if offset is not None:
+        return _Source(src.name, src, None, indexes, offset)
+    return _Source(src.name, src, stack.enter_context(_warp(src, grid, resampling)), indexes)
+
+
+def _read_valid(
+    vrt: WarpedVRT, nodata: float | None, indexes: list[int], window: Window | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    raw = vrt.read([*indexes, vrt.count], window=window)
+    data = raw[:-1].astype(np.float32, copy=False)
+    valid = (raw[-1] > 0)[None] & np.isfinite(data)
+    if nodata is not None and not math.isnan(nodata):
+        valid &= data != np.float32(nodata)
+    return data, valid
+
+
+def _warp(src: rasterio.DatasetReader, grid: TargetGrid, resampling: Resampling) -> WarpedVRT:
+    return WarpedVRT(
+        src,
+        crs=grid.crs,
+        transform=grid.transform,
+        width=grid.width,
+        height=grid.height,
+        resampling=resampling,
+        add_alpha=True,
+    )
+
+
+def _coarse_grid(grid: TargetGrid, max_side: int) -> TargetGrid:
+    factor = max(1, math.ceil(max(grid.width, grid.height) / max_side))
+    if factor == 1:
+        return grid
+    return TargetGrid(
+        grid.crs,
+        grid.transform @ Affine.scale(factor),
+        math.ceil(grid.width / factor),
+        math.ceil(grid.height / factor),
+        grid.gsd_m * factor,
+    )
+
+
+def _stats_read(source: _Source, grid: TargetGrid, stack: ExitStack) -> tuple[np.ndarray, np.ndarray]:
+    """A decimated read of the whole grid for scene statistics, from the best source overview."""
+    coarse = _coarse_grid(grid, STATS_MAX_SIDE)
+    if coarse is grid:
+        return source.read(Window(0, 0, grid.width, grid.height))
+    src = source.src
+    lat = grid.centre_lonlat(Window(0, 0, grid.width, grid.height))[1]
+    native_m = resolution_m(SourceGeometry(src.crs, src.transform, src.width, src.height), lat)
+    wanted = coarse.gsd_m / native_m  # decimation relative to the source
+    level = None
+    for i, factor in enumerate(src.overviews(1)):
+        if factor <= wanted:
+            level = i
+    if level is not None:
+        try:
+            src = stack.enter_context(rasterio.open(source.src.name, overview_level=level))
+        except (RasterioError, OSError):  # e.g. datasets opened through an fsspec opener
+            src = source.src
+    vrt = stack.enter_context(_warp(src, coarse, Resampling.nearest))
+    return _read_valid(vrt, source.src.nodata, source.indexes)
+
+
+# ----------------------------------------------------------------------------------------------- metadata
+def _parse_dt(value: Any) -> datetime | None:
+    if not isinstance(value, str) or not value:
+        return None
+    try:
+        return datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+
+
+def scene_dates(properties: Mapping[str, Any]) -> tuple[datetime | None, str]:
+    """(acquisition datetime or None, lineage string) — see the module docstring for the interval rule."""
+    when = _parse_dt(properties.get("datetime"))
+    if when is not None:
+        return when, properties["datetime"]
+    start, end = _parse_dt(properties.get("start_datetime")), _parse_dt(properties.get("end_datetime"))
+    if start is None:
+        return None, ""
+    if end is None:
+        return start, properties["start_datetime"]
+    lineage = f"{properties['start_datetime']}/{properties['end_datetime']}"
+    short = (end - start).total_seconds() <= MAX_DATE_INTERVAL_DAYS * 86400
+    return (start if short else None), lineage
+
+
+def _scene_cloud(properties: Mapping[str, Any]) -> float | None:
+    try:
+        cover = float(properties["eo:cloud_cover"])
+    except (KeyError, TypeError, ValueError):
+        return None
+    return cover / 100.0 if 0.0 <= cover <= 100.0 else None
+
+
+def _item_bbox(item: Mapping) -> tuple[float, float, float, float] | None:
+    bbox = item.get("bbox")
+    if isinstance(bbox, list | tuple) and len(bbox) in (4, 6):
+        try:
+            values = [float(v) for v in bbox]
+        except (TypeError, ValueError):
+            return None
+        return (values[0], values[1], values[3], values[4]) if len(values) == 6 else tuple(values)
+    return None
+
+
+def _item_gsd(properties: Mapping[str, Any]) -> float | None:
+    try:
+        gsd = float(properties["gsd"])
+    except (KeyError, TypeError, ValueError):
+        return None
+    return gsd if gsd > 0 else None
+
+
+# ----------------------------------------------------------------------------------------------- products
+@dataclass
+class _ProductPlan:
+    name: str
+    spec: ProductSpec
+    bands: list[tuple[str, int]]  # (source href, band index) per output band
+    band_names: list[str]
+    low: np.ndarray | None = None
+    high: np.ndarray | None = None
+
+
+class _ProductBuffer:
+    def __init__(self, plan: _ProductPlan) -> None:
+        self.plan = plan
+        self.rows: dict[str, list] = {
+            k: [] for k in ("images", "metadata", "caption", "transform", "window", "scale_min", "scale_max")
+        }
+
+    def build(self, item_id: str, hrefs: str, crs: str, when: str, platform: str, tile: int) -> ProductTiles:
+        n = len(self.rows["images"])
+        dtype = self.plan.spec.scaling.dtype
+        bands = len(self.plan.band_names)
+        images = np.stack(self.rows["images"]) if n else np.zeros((0, bands, tile, tile), dtype=dtype)
+        return ProductTiles(
+            product=self.plan.name,
+            bands=self.plan.band_names,
+            images=images,
+            metadata=self.rows["metadata"],
+            caption=self.rows["caption"],
+            item_id=[item_id] * n,
+            asset_href=[hrefs] * n,
+            crs=[crs] * n,
+            scene_datetime=[when] * n,
+            platform=[platform] * n,
+            transform=np.array(self.rows["transform"], dtype=np.float64).reshape(n, 6),
+            window=np.array(self.rows["window"], dtype=np.int64).reshape(n, 4),
+            scale_min=np.array(self.rows["scale_min"], dtype=np.float64).reshape(n, bands),
+            scale_max=np.array(self.rows["scale_max"], dtype=np.float64).reshape(n, bands),
+        )
+
+
+def _stack(plan: _ProductPlan, reads: dict[str, tuple[np.ndarray, np.ndarray]], sources: dict[str, _Source]):
+    data, valid = [], []
+    for href, index in plan.bands:
+        position = sources[href].indexes.index(index)
+        data.append(reads[href][0][position])
+        valid.append(reads[href][1][position])
+    return np.stack(data), np.logical_and.reduce(valid)
+
+
+# ----------------------------------------------------------------------------------------------- main
+def read_item(
+    item: dict,
+    config: CatalogConfig,
+    *,
+    aoi_bbox: tuple[float, float, float, float] | None = None,
+    storage_options: dict | None = None,
+    base_href: str | None = None,
+) -> SceneTiles:
+    """Read one STAC item dict into tiles (see the module docstring). Never raises for bad input.
+
+    `base_href` resolves relative asset hrefs (default: the item's `self` link, then `config.allowed_roots`).
+    """
+    item_id = item.get("id") if isinstance(item, Mapping) and isinstance(item.get("id"), str) else "<no id>"
+    rejected: list[Rejection] = []
+    try:
+        with rasterio.Env(**GDAL_OPTIONS):
+            return _read(item, config, aoi_bbox, storage_options, base_href, rejected)
+    except _SceneRejected as err:
+        reason, product = err.reason, err.product
+    except UnsafeHrefError as err:
+        reason, product = f"href not allowed: {err}", ""
+    except GridError as err:
+        reason, product = str(err), ""
+    except (RasterioError, OSError) as err:
+        reason, product = f"read failed: {err}", ""
+    except Exception as err:  # noqa: BLE001 - the contract is: never raise for one bad item
+        reason, product = f"unexpected {type(err).__name__}: {err}", ""
+    return SceneTiles(item_id, rejected=[*rejected, Rejection(item_id, reason, -1, product)])
+
+
+def _read(
+    item: Mapping,
+    config: CatalogConfig,
+    aoi_bbox: tuple[float, float, float, float] | None,
+    storage_options: dict | None,
+    base_href: str | None,
+    rejected: list[Rejection],
+) -> SceneTiles:
+    item_id, assets, properties = _item_parts(item)
+    self_href = _self_href(item)
+
+    def checked(href: str) -> str:
+        if base_href is not None:
+            return check_href(href, config, base_href=base_href)
+        if self_href is None or self_href.split("://")[0].lower() not in ("http", "https"):
+            return check_href(href, config, base_href=self_href)
+        # An API item's self link points at the API, which does not serve files (rustac serves relative
+        # hrefs verbatim): look under the allowed roots first, then resolve against the link (the STAC rule).
+        try:
+            return check_href(href, config)
+        except UnsafeHrefError:
+            return check_href(href, config, base_href=self_href)
+
+    plans: list[_ProductPlan] = []
+    for name, spec in config.products.items():
+        try:
+            resolved = resolve_product(name, spec, assets)
+        except _SceneRejected as err:
+            if spec.required:
+                raise _SceneRejected(f"required product {name!r}: {err.reason}", name) from err
+            rejected.append(Rejection(item_id, err.reason, -1, name))
+            continue
+        bands = [(checked(assets[key]["href"]), index) for _, key, index in resolved]
+        plans.append(_ProductPlan(name, spec, bands, [b for b, _, _ in resolved]))
+    if not plans:
+        raise _SceneRejected("no product has all its bands (see the product rejections)")
+
+    cloud_ref = None
+    if config.cloud_mask is not None:
+        mask_asset = assets.get(config.cloud_mask.asset)
+        if mask_asset is None:
+            raise _SceneRejected(
+                f"cloud mask asset {config.cloud_mask.asset!r} not found in {sorted(assets)}"
+            )
+        cloud_ref = checked(mask_asset["href"])
+
+    needed: dict[str, list[int]] = {}
+    for plan in plans:
+        for href, index in plan.bands:
+            needed.setdefault(href, [])
+            if index not in needed[href]:
+                needed[href].append(index)
+
+    with ExitStack() as stack:
+        opened: dict[str, rasterio.DatasetReader] = {}
+        for href in [*needed, *([cloud_ref] if cloud_ref and cloud_ref not in needed else [])]:
+            src = stack.enter_context(_open(href, config, storage_options))
+            _check_header(src, href, needed.get(href, [1]), config.quality.max_pixels)
+            opened[href] = src
+        grid = build_grid(
+            [SourceGeometry(s.crs, s.transform, s.width, s.height) for s in opened.values()],
+            target_crs=config.target_crs,
+            target_gsd=config.target_gsd,
+            item_gsd=_item_gsd(properties),
+            item_bbox=_item_bbox(item),
+            aoi_bbox=aoi_bbox,
+        )
+        grid_pixels = grid.width * grid.height
+        if grid_pixels > config.quality.max_pixels:
+            raise _SceneRejected(
+                f"target grid {grid.width} x {grid.height} = {grid_pixels:.3g} pixels > max_pixels "
+                f"{config.quality.max_pixels:.3g} (target_gsd {config.target_gsd})"
+            )
+        tile, stride = config.tile_size, config.stride
+        n_rows, n_cols = grid.tile_layout(tile, stride)
+        if n_rows * n_cols == 0:
+            raise _SceneRejected(
+                f"target grid {grid.width} x {grid.height} is smaller than one {tile}px tile"
+            )
+
+        sources = {
+            href: _on_grid(opened[href], grid, idx, Resampling.bilinear, stack)
+            for href, idx in needed.items()
+        }
+        cloud_source = None
+        if cloud_ref is not None:
+            cloud_source = _on_grid(opened[cloud_ref], grid, [1], Resampling.nearest, stack)
+
+        scene_cloud = _scene_cloud(properties)
+        if (
+            cloud_source is None
+            and scene_cloud is not None
+            and scene_cloud > config.quality.max_cloud_fraction
+        ):
+            raise _SceneRejected(
+                f"scene cloud cover {scene_cloud:.2f} > {config.quality.max_cloud_fraction:.2f} "
+                "(eo:cloud_cover)"
+            )
+
+        if any(plan.spec.scaling.mode == "percentile" for plan in plans):
+            stats = {href: _stats_read(source, grid, stack) for href, source in sources.items()}
+        for plan in plans:
+            if plan.spec.scaling.mode == "percentile":
+                data, valid = _stack(plan, stats, sources)
+                plan.low, plan.high = scene_range(data, valid, plan.spec.scaling)
+            else:
+                plan.low, plan.high = scene_range(
+                    np.zeros((len(plan.bands), 0, 0)), np.zeros((0, 0), bool), plan.spec.scaling
+                )
+        stats = {}
+
+        when, when_text = scene_dates(properties)
+        platform = str(properties.get("platform") or "")
+        buffers = {plan.name: _ProductBuffer(plan) for plan in plans}
+        strip_width = (n_cols - 1) * stride + tile
+        for row in range(n_rows):
+            strip = Window(0, row * stride, strip_width, tile)
+            reads = {href: source.read(strip) for href, source in sources.items()}
+            cloud_strip = None
+            if cloud_source is not None:
+                values, ok = cloud_source.read(strip)
+                cloud_strip = np.isin(values[0], config.cloud_mask.classes) & ok[0]
+            stacked = {plan.name: _stack(plan, reads, sources) for plan in plans}
+            for col in range(n_cols):
+                k = row * n_cols + col
+                window = grid.tile_window(row, col, tile, stride)
+                cols = slice(col * stride, col * stride + tile)
+                lon, lat = grid.centre_lonlat(window)
+                for plan in plans:
+                    data, valid = stacked[plan.name][0][:, :, cols], stacked[plan.name][1][:, cols]
+                    cloud = (
+                        scene_cloud if cloud_strip is None else cloud_fraction(cloud_strip[:, cols], valid)
+                    )
+                    scaled = scale(data, valid, plan.low, plan.high, plan.spec.scaling.dtype)
+                    problem = tile_problem(valid, scaled, cloud, config.quality)
+                    if problem is not None:
+                        rejected.append(Rejection(item_id, problem, k, plan.name))
+                        continue
+                    cover = None if cloud is None else min(max(cloud, 0.0), 1.0)
+                    metadata = SatMetadata.from_datetime(
+                        when, lon=lon, lat=lat, gsd=grid.gsd_m, cloud_cover=cover
+                    )
+                    rows = buffers[plan.name].rows
+                    rows["images"].append(scaled)
+                    rows["metadata"].append(metadata)
+                    rows["caption"].append(caption_for(metadata, properties, config))
+                    rows["transform"].append(tuple(grid.window_transform(window))[:6])
+                    rows["window"].append((int(window.row_off), int(window.col_off), tile, tile))
+                    rows["scale_min"].append(plan.low)
+                    rows["scale_max"].append(plan.high)
+
+        scene = SceneTiles(item_id, rejected=rejected)
+        for plan in plans:
+            hrefs = " ".join(dict.fromkeys(href for href, _ in plan.bands))
+            scene.products[plan.name] = buffers[plan.name].build(
+                item_id, hrefs, grid.crs_string, when_text, platform, tile
+            )
+        return scene

@@ -1,0 +1,591 @@
+"""Datasets of the conditional tasks of spec §2 (super-resolution, temporal prediction, inpainting).
+
+All three read the dataset store through `TileDataset` (lazy, fork-safe zarr access) and yield dicts:
+
+- ``pixel_values`` float32 (3, H, W) in [-1, 1]: the target, as the RGB view the VAE encodes (a product's
+  red/green/blue bands, or its first three, or one band repeated; `dsat_core.evaluation.image_ops.to_rgb`);
+- ``cond`` float32 (C, T, H, W) in [-1, 1]: the conditioning sequence;
+- ``cond_metadata`` float32 (T, 7) / ``cond_metadata_mask`` bool (T, 7): each frame's encoded metadata;
+- ``metadata`` float32 (7,) / ``metadata_mask`` bool (7,): the target's; ``caption`` (the target's);
+- ``index`` (target row in the store), ``item_id``; for inpainting also ``mask`` float32 (1, H, W), 1 = fill.
+
+Tasks:
+
+``sr`` (`SuperResolutionDataset`) — a low-resolution multispectral frame → the high-resolution RGB tile of the
+same place. Tiles of the target and conditioning products are paired by tile identity (item id + window:
+the same scene read as two products). The conditioning frame is DEGRADED by a recorded `DegradationRecipe`:
+band selection, Gaussian blur (σ in high-res pixels), area-average downsampling by ``factor``, then upsampling
+back to the target size (bicubic by default) so it lines up with the target pixel for pixel (T = 1). Its
+metadata GSD is the native GSD × factor (the resolution the frame really carries). The recipe is stored in
+``dataset.recipe`` (a dict, logged as MLflow params by the trainer).
+
+``temporal`` (`TemporalDataset`) — T tiles of one place at other dates, with their dates → the tile at
+a target date. Tiles are grouped by place: same CRS and same tile transform (the same window of the same
+pixel grid) across items. For each tile with a date, the frames are the T other-date tiles of its group
+nearest in time (``direction``: "both", "forward" — frames before the target, "backward" — frames after);
+when fewer than T exist they are repeated (nearest first). Frames are in chronological order. A target
+with no other-date tile is skipped.
+
+``inpaint`` (`InpaintingDataset`) — an image with a hole → the full image. The conditioning frame is the
+image with the masked pixels set to 0 plus the mask as one extra channel (C = bands + 1, T = 1). Masks are
+random boxes, free-form strokes, or both ("mixed"), drawn from a generator seeded by (seed, tile row), so
+an index always gives the same mask. (The store keeps no per-pixel cloud masks, so cloud-shaped holes are
+not offered.)
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from datetime import date
+from typing import Any, Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import Dataset
+
+from dsat_core.data.dataset import TileDataset
+from dsat_core.data.store import DatasetStore, StoreError
+from dsat_core.evaluation.image_ops import rgb_band_indices
+from dsat_core.metadata import SatMetadata
+
+Task = Literal["sr", "temporal", "inpaint"]
+TASKS: tuple[str, ...] = ("sr", "temporal", "inpaint")
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+def _strings(values: Any) -> np.ndarray:
+    """Object array of Python str (zarr string columns come back as numpy `StringDType`)."""
+    return np.array([str(v) for v in np.asarray(values).tolist()], dtype=object)
+
+
+def _tile_columns(
+    store_uri: str, product: str, storage_options: Mapping[str, Any] | None
+) -> dict[str, np.ndarray]:
+    """item_id, window, crs, transform of every committed tile of ``product``."""
+    store = DatasetStore.open(store_uri, storage_options=storage_options, read_only=True)
+    group = store.product_group(product)
+    n = store.n_tiles(product)
+    return {
+        "item_id": _strings(group["item_id"][:n]),
+        "window": np.asarray(group["window"][:n]),
+        "crs": _strings(group["crs"][:n]),
+        "transform": np.asarray(group["transform"][:n]),
+    }
+
+
+def _identity(item_id: str, window: Sequence[int]) -> str:
+    return f"{item_id}:{','.join(str(int(v)) for v in window)}"
+
+
+def _keep_items(
+    tiles: TileDataset, item_ids: Sequence[str] | None, exclude_item_ids: Sequence[str] | None
+) -> np.ndarray:
+    """Positions (into ``tiles``) whose item passes the include / exclude lists."""
+    ids = _strings(tiles._item_ids)
+    keep = np.ones(len(ids), dtype=bool)
+    if item_ids is not None:
+        keep &= np.isin(ids, list(item_ids))
+    if exclude_item_ids is not None:
+        keep &= ~np.isin(ids, list(exclude_item_ids))
+    return np.nonzero(keep)[0]
+
+
+def _encode(meta: SatMetadata) -> tuple[torch.Tensor, torch.Tensor]:
+    vector, mask = meta.encode()
+    return torch.from_numpy(vector.astype(np.float32)), torch.from_numpy(mask)
+
+
+def _rgb_view(image: torch.Tensor, bands: Sequence[str]) -> torch.Tensor:
+    return image[rgb_band_indices(list(bands), image.shape[0])].contiguous()
+
+
+def _tile_date(meta: SatMetadata) -> date | None:
+    if None in (meta.year, meta.month, meta.day):
+        return None
+    return date(meta.year, meta.month, meta.day)
+
+
+class _TaskDataset(Dataset):
+    """Shared plumbing: the target `TileDataset`, the list of target positions, a transform."""
+
+    task: str = ""
+
+    def __init__(self, transform: Callable[[dict[str, Any]], dict[str, Any]] | None) -> None:
+        self.transform = transform
+        self.recipe: dict[str, Any] = {}
+
+    def _finish(self, sample: dict[str, Any]) -> dict[str, Any]:
+        return self.transform(sample) if self.transform is not None else sample
+
+    def _target(self, tiles: TileDataset, pos: int) -> dict[str, Any]:
+        sample = tiles[pos]
+        sample["pixel_values"] = _rgb_view(sample["pixel_values"], tiles.bands)
+        return sample
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(task={self.task!r}, samples={len(self)}, recipe={self.recipe})"
+
+
+# ---------------------------------------------------------------------------------------------- SR
+@dataclass(frozen=True)
+class DegradationRecipe:
+    """How the SR conditioning frame is made from a high-resolution tile (recorded for MLflow).
+
+    ``bands``: band names of the conditioning product to keep, in this order (None = all);
+    ``blur_sigma``: Gaussian σ in high-resolution pixels (0 = no blur); ``factor``: area-average
+    downsampling factor; ``upsample``: how the low-resolution frame is brought back to the target size.
+    """
+
+    factor: int = 4
+    blur_sigma: float = 1.0
+    bands: tuple[str, ...] | None = None
+    upsample: Literal["bicubic", "bilinear", "nearest"] = "bicubic"
+
+    def __post_init__(self) -> None:
+        if self.factor < 1:
+            raise ValueError(f"degradation factor must be >= 1, got {self.factor}")
+        if self.blur_sigma < 0:
+            raise ValueError(f"blur_sigma must be >= 0, got {self.blur_sigma}")
+        if self.bands is not None:
+            object.__setattr__(self, "bands", tuple(self.bands))
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["bands"] = None if self.bands is None else list(self.bands)
+        return out
+
+    def band_indices(self, available: Sequence[str]) -> list[int]:
+        if self.bands is None:
+            return list(range(len(available)))
+        missing = [b for b in self.bands if b not in available]
+        if missing:
+            raise ValueError(f"degradation bands {missing} are not in the product's bands {list(available)}")
+        return [list(available).index(b) for b in self.bands]
+
+    def lowres(self, image: torch.Tensor, band_names: Sequence[str] | None = None) -> torch.Tensor:
+        """(C, H, W) → selected bands, blurred and area-downsampled to (C', H / factor, W / factor)."""
+        if band_names is not None:
+            image = image[self.band_indices(band_names)]
+        x = image[None].float()
+        if self.blur_sigma > 0:
+            x = gaussian_blur(x, self.blur_sigma)
+        height, width = x.shape[-2:]
+        if height % self.factor or width % self.factor:
+            raise ValueError(
+                f"tile {height}x{width} is not divisible by the degradation factor {self.factor}"
+            )
+        return F.avg_pool2d(x, self.factor)[0]
+
+    def apply(self, image: torch.Tensor, band_names: Sequence[str] | None = None) -> torch.Tensor:
+        """The conditioning frame: `lowres`, upsampled back to the input size and clamped to [-1, 1]."""
+        low = self.lowres(image, band_names)[None]
+        kwargs = {} if self.upsample == "nearest" else {"align_corners": False}
+        up = F.interpolate(low, size=tuple(image.shape[-2:]), mode=self.upsample, **kwargs)
+        return up[0].clamp(-1.0, 1.0)
+
+
+def gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Separable Gaussian blur of (N, C, H, W), radius ceil(3σ), reflect padding."""
+    radius = max(1, math.ceil(3 * sigma))
+    grid = torch.arange(-radius, radius + 1, dtype=x.dtype, device=x.device)
+    kernel = torch.exp(-(grid**2) / (2 * sigma**2))
+    kernel = kernel / kernel.sum()
+    channels = x.shape[1]
+    pad_h = min(radius, x.shape[-2] - 1)
+    pad_w = min(radius, x.shape[-1] - 1)
+    k = kernel[radius - pad_w : radius + pad_w + 1]
+    x = F.conv2d(
+        F.pad(x, (pad_w, pad_w, 0, 0), mode="reflect"),
+        k.view(1, 1, 1, -1).repeat(channels, 1, 1, 1),
+        groups=channels,
+    )
+    k = kernel[radius - pad_h : radius + pad_h + 1]
+    return F.conv2d(
+        F.pad(x, (0, 0, pad_h, pad_h), mode="reflect"),
+        k.view(1, 1, -1, 1).repeat(channels, 1, 1, 1),
+        groups=channels,
+    )
+
+
+class SuperResolutionDataset(_TaskDataset):
+    """Degraded multispectral frame (T = 1) → RGB tile of the same scene and window (see module docstring)."""
+
+    task = "sr"
+
+    def __init__(
+        self,
+        store_uri: str,
+        target_product: str = "rgb",
+        cond_product: str = "multispectral",
+        recipe: DegradationRecipe | Mapping[str, Any] | None = None,
+        *,
+        resolution: int | None = None,
+        item_ids: Sequence[str] | None = None,
+        exclude_item_ids: Sequence[str] | None = None,
+        storage_options: Mapping[str, Any] | None = None,
+        transform: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
+        **filters: Any,
+    ) -> None:
+        super().__init__(transform)
+        if recipe is None:
+            recipe = DegradationRecipe()
+        elif isinstance(recipe, Mapping):
+            recipe = DegradationRecipe(**recipe)
+        self.degradation = recipe
+        self.target = TileDataset(
+            store_uri, target_product, resolution=resolution, storage_options=storage_options, **filters
+        )
+        self.cond_tiles = TileDataset(
+            store_uri, cond_product, resolution=resolution, storage_options=storage_options
+        )
+        recipe.band_indices(self.cond_tiles.bands)  # fail early on unknown bands
+        tcols = _tile_columns(store_uri, target_product, storage_options)
+        ccols = _tile_columns(store_uri, cond_product, storage_options)
+        cond_pos = {
+            _identity(ccols["item_id"][row], ccols["window"][row]): pos
+            for pos, row in enumerate(self.cond_tiles.indices)
+        }
+        self.pairs: list[tuple[int, int]] = []
+        for pos in _keep_items(self.target, item_ids, exclude_item_ids):
+            row = int(self.target.indices[pos])
+            match = cond_pos.get(_identity(tcols["item_id"][row], tcols["window"][row]))
+            if match is not None:
+                self.pairs.append((int(pos), match))
+        if not self.pairs:
+            raise StoreError(
+                f"{store_uri}: no tile of {target_product!r} has a {cond_product!r} tile with the same "
+                "item and window (SR needs both products read from the same scenes)"
+            )
+        bands = list(recipe.bands) if recipe.bands is not None else list(self.cond_tiles.bands)
+        self.cond_bands = bands
+        self.recipe = {
+            "task": "sr",
+            "target_product": target_product,
+            "cond_product": cond_product,
+            "cond_bands": bands,
+            "degradation": recipe.to_dict(),
+            "resolution": resolution,
+        }
+
+    @property
+    def conditioning_channels(self) -> int:
+        return len(self.cond_bands)
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        target_pos, cond_pos = self.pairs[i]
+        sample = self._target(self.target, target_pos)
+        cond_sample = self.cond_tiles[cond_pos]
+        frame = self.degradation.apply(cond_sample["pixel_values"], self.cond_tiles.bands)
+        meta = self.cond_tiles.metadata(cond_pos)
+        gsd = SatMetadata.decode(
+            cond_sample["metadata"].double().numpy(), cond_sample["metadata_mask"].numpy()
+        ).gsd
+        if gsd is not None:  # effective GSD of the (resized) tile × the degradation factor
+            meta = meta.replace(gsd=gsd * self.degradation.factor)
+        vector, mask = _encode(meta)
+        sample.update(
+            cond=frame[:, None].contiguous(), cond_metadata=vector[None], cond_metadata_mask=mask[None]
+        )
+        return self._finish(sample)
+
+
+# ---------------------------------------------------------------------------------------------- temporal
+class TemporalDataset(_TaskDataset):
+    """T other-date tiles of the same place (with their metadata) → the tile at the target date."""
+
+    task = "temporal"
+
+    def __init__(
+        self,
+        store_uri: str,
+        product: str = "rgb",
+        sequence_length: int = 3,
+        direction: Literal["both", "forward", "backward"] = "both",
+        *,
+        resolution: int | None = None,
+        item_ids: Sequence[str] | None = None,
+        exclude_item_ids: Sequence[str] | None = None,
+        storage_options: Mapping[str, Any] | None = None,
+        transform: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
+        **filters: Any,
+    ) -> None:
+        super().__init__(transform)
+        if sequence_length < 1:
+            raise ValueError(f"sequence_length must be >= 1, got {sequence_length}")
+        if direction not in ("both", "forward", "backward"):
+            raise ValueError(f"direction must be both, forward or backward, got {direction!r}")
+        self.sequence_length = sequence_length
+        self.tiles = TileDataset(
+            store_uri, product, resolution=resolution, storage_options=storage_options, **filters
+        )
+        cols = _tile_columns(store_uri, product, storage_options)
+        keep = set(_keep_items(self.tiles, item_ids, exclude_item_ids).tolist())
+        # group every (filtered) tile by place: CRS + tile transform (same window of the same pixel grid)
+        groups: dict[tuple, list[tuple[date, int, str]]] = {}
+        for pos, row in enumerate(self.tiles.indices):
+            when = _tile_date(self.tiles.metadata(pos))
+            if when is None:
+                continue
+            key = (cols["crs"][row], *np.round(cols["transform"][row], 6).tolist())
+            groups.setdefault(key, []).append((when, pos, str(cols["item_id"][row])))
+        self.sequences: list[tuple[int, list[int]]] = []
+        for members in groups.values():
+            for when, pos, item in members:
+                if pos not in keep:
+                    continue
+                others = [(w, p) for w, p, it in members if it != item and w != when]
+                if direction == "forward":
+                    others = [(w, p) for w, p in others if w < when]
+                elif direction == "backward":
+                    others = [(w, p) for w, p in others if w > when]
+                if not others:
+                    continue
+                others.sort(key=lambda wp: (abs((wp[0] - when).days), wp[0]))
+                frames = [others[k % len(others)] for k in range(sequence_length)]
+                frames.sort()  # chronological order
+                self.sequences.append((pos, [p for _, p in frames]))
+        self.sequences.sort()
+        if not self.sequences:
+            raise StoreError(
+                f"{store_uri}/{product}: no tile has another dated tile of the same place "
+                f"(direction={direction!r}); temporal prediction needs repeat acquisitions"
+            )
+        self.recipe = {
+            "task": "temporal",
+            "product": product,
+            "sequence_length": sequence_length,
+            "direction": direction,
+            "resolution": resolution,
+            "cond_bands": list(self.tiles.bands),
+            "grouping": "crs + tile transform",
+        }
+
+    @property
+    def conditioning_channels(self) -> int:
+        return len(self.tiles.bands)
+
+    def __len__(self) -> int:
+        return len(self.sequences)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        target_pos, frame_pos = self.sequences[i]
+        sample = self._target(self.tiles, target_pos)
+        frames = [self.tiles[p] for p in frame_pos]
+        sample.update(
+            cond=torch.stack([f["pixel_values"] for f in frames], dim=1),
+            cond_metadata=torch.stack([f["metadata"] for f in frames]),
+            cond_metadata_mask=torch.stack([f["metadata_mask"] for f in frames]),
+            cond_item_ids=[f["item_id"] for f in frames],
+        )
+        return self._finish(sample)
+
+
+# ---------------------------------------------------------------------------------------------- inpainting
+MaskKind = Literal["boxes", "strokes", "mixed"]
+
+
+def random_box_mask(
+    height: int,
+    width: int,
+    rng: np.random.Generator,
+    n_boxes: tuple[int, int] = (1, 3),
+    size: tuple[float, float] = (0.15, 0.5),
+) -> np.ndarray:
+    """bool (H, W): a few axis-aligned boxes, each side a ``size`` fraction of the tile."""
+    mask = np.zeros((height, width), dtype=bool)
+    for _ in range(rng.integers(n_boxes[0], n_boxes[1] + 1)):
+        h = max(1, int(rng.uniform(*size) * height))
+        w = max(1, int(rng.uniform(*size) * width))
+        y, x = rng.integers(0, height - h + 1), rng.integers(0, width - w + 1)
+        mask[y : y + h, x : x + w] = True
+    return mask
+
+
+def random_stroke_mask(
+    height: int,
+    width: int,
+    rng: np.random.Generator,
+    n_strokes: tuple[int, int] = (1, 4),
+    max_vertices: int = 6,
+    width_frac: tuple[float, float] = (0.04, 0.12),
+) -> np.ndarray:
+    """bool (H, W): free-form brush strokes (random polylines of thick discs), as in LaMa / DeepFill v2."""
+    mask = np.zeros((height, width), dtype=bool)
+    yy, xx = np.mgrid[:height, :width]
+    side = min(height, width)
+    for _ in range(rng.integers(n_strokes[0], n_strokes[1] + 1)):
+        y, x = rng.uniform(0, height), rng.uniform(0, width)
+        radius = max(1.0, rng.uniform(*width_frac) * side)
+        for _ in range(rng.integers(2, max_vertices + 1)):
+            angle = rng.uniform(0, 2 * np.pi)
+            length = rng.uniform(0.1, 0.4) * side
+            ny = float(np.clip(y + length * np.sin(angle), 0, height - 1))
+            nx = float(np.clip(x + length * np.cos(angle), 0, width - 1))
+            for t in np.linspace(0.0, 1.0, max(2, int(length / radius) * 2 + 2)):
+                cy, cx = y + t * (ny - y), x + t * (nx - x)
+                mask |= (yy - cy) ** 2 + (xx - cx) ** 2 <= radius**2
+            y, x = ny, nx
+    return mask
+
+
+def make_mask(kind: MaskKind, height: int, width: int, rng: np.random.Generator) -> np.ndarray:
+    """A random hole of the given kind; never empty and never the whole tile."""
+    for _ in range(16):
+        if kind == "boxes":
+            mask = random_box_mask(height, width, rng)
+        elif kind == "strokes":
+            mask = random_stroke_mask(height, width, rng)
+        elif kind == "mixed":
+            mask = (
+                random_box_mask(height, width, rng)
+                if rng.random() < 0.5
+                else random_stroke_mask(height, width, rng)
+            )
+        else:
+            raise ValueError(f"unknown mask kind {kind!r}; choose boxes, strokes or mixed")
+        if mask.any() and not mask.all():
+            return mask
+    mask = np.zeros((height, width), dtype=bool)
+    mask[height // 4 : 3 * height // 4, width // 4 : 3 * width // 4] = True
+    return mask
+
+
+class InpaintingDataset(_TaskDataset):
+    """Image with a hole (+ the mask as a channel) → the full image (see module docstring)."""
+
+    task = "inpaint"
+
+    def __init__(
+        self,
+        store_uri: str,
+        product: str = "rgb",
+        mask_kind: MaskKind = "mixed",
+        *,
+        seed: int = 0,
+        resolution: int | None = None,
+        item_ids: Sequence[str] | None = None,
+        exclude_item_ids: Sequence[str] | None = None,
+        storage_options: Mapping[str, Any] | None = None,
+        transform: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
+        **filters: Any,
+    ) -> None:
+        super().__init__(transform)
+        if mask_kind not in ("boxes", "strokes", "mixed"):
+            raise ValueError(f"unknown mask kind {mask_kind!r}; choose boxes, strokes or mixed")
+        self.mask_kind = mask_kind
+        self.seed = seed
+        self.tiles = TileDataset(
+            store_uri, product, resolution=resolution, storage_options=storage_options, **filters
+        )
+        self.positions = _keep_items(self.tiles, item_ids, exclude_item_ids)
+        if len(self.positions) == 0:
+            raise StoreError(f"{store_uri}/{product}: no tiles left for inpainting after filtering")
+        self.recipe = {
+            "task": "inpaint",
+            "product": product,
+            "mask_kind": mask_kind,
+            "mask_seed": seed,
+            "resolution": resolution,
+            "cond_bands": [*self.tiles.bands, "mask"],
+            "mask_convention": "1 = missing (to fill); masked pixels are 0 in the conditioning",
+        }
+
+    @property
+    def conditioning_channels(self) -> int:
+        return len(self.tiles.bands) + 1
+
+    def __len__(self) -> int:
+        return len(self.positions)
+
+    def mask_for(self, i: int, height: int, width: int) -> torch.Tensor:
+        """float32 (1, H, W) hole of sample ``i`` (1 = missing), the same every time."""
+        row = int(self.tiles.indices[self.positions[i]])
+        rng = np.random.default_rng([self.seed, row])
+        return torch.from_numpy(make_mask(self.mask_kind, height, width, rng).astype(np.float32))[None]
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        pos = int(self.positions[i])
+        raw = self.tiles[pos]
+        image = raw["pixel_values"]
+        mask = self.mask_for(i, *image.shape[-2:])
+        sample = dict(raw, pixel_values=_rgb_view(image, self.tiles.bands))
+        cond = torch.cat([image * (1.0 - mask), mask], dim=0)
+        sample.update(
+            cond=cond[:, None].contiguous(),
+            cond_metadata=raw["metadata"][None].clone(),
+            cond_metadata_mask=raw["metadata_mask"][None].clone(),
+            mask=mask,
+        )
+        return self._finish(sample)
+
+
+# ---------------------------------------------------------------------------------------------- factory
+@dataclass
+class TaskSpec:
+    """Everything `make_task_dataset` needs; the trainer builds it from its config."""
+
+    task: Task
+    store_uri: str
+    product: str = "rgb"
+    cond_product: str = "multispectral"
+    resolution: int | None = None
+    degradation: dict[str, Any] = field(default_factory=dict)
+    sequence_length: int = 3
+    direction: Literal["both", "forward", "backward"] = "both"
+    mask_kind: MaskKind = "mixed"
+    seed: int = 0
+    item_ids: list[str] | None = None
+    exclude_item_ids: list[str] | None = None
+    storage_options: dict[str, Any] | None = None
+    filters: dict[str, Any] = field(default_factory=dict)
+
+
+def make_task_dataset(spec: TaskSpec) -> SuperResolutionDataset | TemporalDataset | InpaintingDataset:
+    """The dataset of ``spec.task`` (``sr`` / ``temporal`` / ``inpaint``)."""
+    common = dict(
+        resolution=spec.resolution,
+        item_ids=spec.item_ids,
+        exclude_item_ids=spec.exclude_item_ids,
+        storage_options=spec.storage_options,
+        **spec.filters,
+    )
+    if spec.task == "sr":
+        return SuperResolutionDataset(
+            spec.store_uri, spec.product, spec.cond_product, DegradationRecipe(**spec.degradation), **common
+        )
+    if spec.task == "temporal":
+        return TemporalDataset(spec.store_uri, spec.product, spec.sequence_length, spec.direction, **common)
+    if spec.task == "inpaint":
+        return InpaintingDataset(spec.store_uri, spec.product, spec.mask_kind, seed=spec.seed, **common)
+    raise ValueError(f"unknown task {spec.task!r}; choose one of {TASKS}")
+
+
+def collate_task_batch(samples: list[dict[str, Any]]) -> dict[str, Any]:
+    """Stack tensors, keep lists of everything else (captions, item ids)."""
+    out: dict[str, Any] = {}
+    for key in samples[0]:
+        values = [s[key] for s in samples]
+        out[key] = torch.stack(values) if isinstance(values[0], torch.Tensor) else values
+    return out
+
+
+__all__ = [
+    "TASKS",
+    "DegradationRecipe",
+    "InpaintingDataset",
+    "SuperResolutionDataset",
+    "TaskSpec",
+    "TemporalDataset",
+    "collate_task_batch",
+    "gaussian_blur",
+    "make_mask",
+    "make_task_dataset",
+    "random_box_mask",
+    "random_stroke_mask",
+]

@@ -1,0 +1,560 @@
+"""`ControlNet3D`: DiffusionSat's ControlNet over a sequence of conditioning images (spec §2).
+
+A trainable copy of the frozen `SatUNet`'s encoder (conv_in, time embedding, metadata embedding, down blocks,
+mid block; the parts of diffusers' `ControlNetModel`) that reads a conditioning sequence (B, C, T, H, W):
+
+1. A Conv3d embedder (channels 16/32/96/256, spatial stride (1, 2, 2) in log2(vae_scale_factor) stages, then
+   a zero-initialised conv) maps each frame to latent size and `block_out_channels[0]` channels.
+2. The noisy target latent is repeated over T and added to it; frames run through the 2D encoder as a B*T
+   batch. Each frame's embedding = timestep emb + target metadata emb + that frame's metadata emb.
+   Frame metadata goes through its own embedding (``cond_metadata_embedding``, initialised from the
+   UNet's): with one shared embedding the sum would be symmetric in the target and frame dates, so
+   "predict forwards" and "predict backwards" would look the same to the model.
+3. At the residual positions in ``temporal_layers`` a diffusers `TransformerTemporalModel` mixes features
+   over T, blended as α·attn(x) + (1 − α)·x with a learned gate α initialised at 0 and clamped to [0, 1]
+   (straight-through, so a gate pushed below 0 still gets gradients; `clamp_temporal_gates_` projects the
+   stored values back after an optimizer step).
+4. Every residual (the UNet's skip connections and its mid block) goes through a zero-initialised 1×1×1
+   Conv3d, is averaged over T (so T may differ between training and inference) and scaled by
+   ``conditioning_scale``; the frozen UNet adds them as ``down_block_additional_residuals`` /
+   ``mid_block_additional_residual``.
+
+A freshly built ControlNet3D outputs exact zeros, so the controlled UNet starts as the base UNet.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from diffusers import ControlNetModel
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.models.modeling_utils import ModelMixin
+from diffusers.models.transformers.transformer_temporal import TransformerTemporalModel
+from torch import nn
+
+from .metadata_embedding import MetadataEmbedding
+
+# UNet config keys the ControlNet encoder copies (the same list diffusers' `ControlNetModel.from_unet` uses).
+ENCODER_CONFIG_KEYS: tuple[str, ...] = (
+    "in_channels",
+    "flip_sin_to_cos",
+    "freq_shift",
+    "down_block_types",
+    "mid_block_type",
+    "only_cross_attention",
+    "block_out_channels",
+    "layers_per_block",
+    "downsample_padding",
+    "mid_block_scale_factor",
+    "act_fn",
+    "norm_num_groups",
+    "norm_eps",
+    "cross_attention_dim",
+    "transformer_layers_per_block",
+    "attention_head_dim",
+    "num_attention_heads",
+    "use_linear_projection",
+    "upcast_attention",
+    "resnet_time_scale_shift",
+)
+# UNet features a ControlNet3D cannot mirror (value other than the default → clear error).
+_UNSUPPORTED_UNET_FEATURES: dict[str, Any] = {
+    "addition_embed_type": None,
+    "encoder_hid_dim": None,
+    "class_embed_type": None,
+    "num_class_embeds": None,
+    "time_cond_proj_dim": None,
+    "timestep_post_act": None,
+    "time_embedding_dim": None,
+    "time_embedding_type": "positional",
+    "conv_in_kernel": 3,
+}
+
+
+def zero_module(module: nn.Module) -> nn.Module:
+    for param in module.parameters():
+        nn.init.zeros_(param)
+    return module
+
+
+def straight_through_clamp(value: torch.Tensor, low: float = 0.0, high: float = 1.0) -> torch.Tensor:
+    """``value.clamp(low, high)`` in the forward pass, identity in the backward pass."""
+    return value + (value.clamp(low, high) - value).detach()
+
+
+def residual_layout(block_out_channels: Sequence[int], layers_per_block: int) -> tuple[list[int], list[int]]:
+    """Channels of each down residual of an SD-style UNet, and the positions that follow a downsampler.
+
+    Residual 0 is conv_in's output; block i adds ``layers_per_block`` residuals and, except the last block,
+    one after its downsampler (SD 2.1: 12 residuals, downsamplers at 3, 6, 9).
+    """
+    channels = [block_out_channels[0]]
+    after_downsample = []
+    for i, width in enumerate(block_out_channels):
+        channels += [width] * layers_per_block
+        if i < len(block_out_channels) - 1:
+            channels.append(width)
+            after_downsample.append(len(channels) - 1)
+    return channels, after_downsample
+
+
+def default_temporal_layers(block_out_channels: Sequence[int], layers_per_block: int) -> list[int]:
+    """The reference's placement: after conv_in and after each downsampler (SD 2.1: 0, 3, 6, 9 of 12)."""
+    return [0, *residual_layout(block_out_channels, layers_per_block)[1]]
+
+
+class ConditioningEmbedding3D(nn.Module):
+    """Conv3d stack (B, C, T, H, W) → (B, out_channels, T, H / f, W / f), f = 2**num_downsamples.
+
+    Each of the ``len(channels) - 1`` stages is a (k, 3, 3) conv then a (1, 3, 3) conv whose spatial
+    stride is 2 for the first ``num_downsamples`` stages and 1 after; the output conv is zero-initialised.
+    The temporal kernel k (``temporal_kernel``, 3 as in the reference) lets neighbouring frames mix (so
+    frame order matters); k = 1 embeds every frame on its own.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        channels: Sequence[int],
+        num_downsamples: int,
+        temporal_kernel: int = 3,
+    ):
+        super().__init__()
+        if temporal_kernel < 1 or temporal_kernel % 2 == 0:
+            raise ValueError(f"temporal_kernel must be a positive odd number, got {temporal_kernel}")
+        kernel, pad = (temporal_kernel, 3, 3), (temporal_kernel // 2, 1, 1)
+        if num_downsamples > len(channels) - 1:
+            raise ValueError(
+                f"conditioning embedder with channels {tuple(channels)} has {len(channels) - 1} stages, "
+                f"fewer than the {num_downsamples} stride-2 stages the VAE factor needs"
+            )
+        self.conv_in = nn.Conv3d(in_channels, channels[0], kernel_size=kernel, padding=pad)
+        self.blocks = nn.ModuleList()
+        for i in range(len(channels) - 1):
+            stride = (1, 2, 2) if i < num_downsamples else (1, 1, 1)
+            self.blocks.append(nn.Conv3d(channels[i], channels[i], kernel_size=kernel, padding=pad))
+            self.blocks.append(
+                nn.Conv3d(
+                    channels[i], channels[i + 1], kernel_size=(1, 3, 3), padding=(0, 1, 1), stride=stride
+                )
+            )
+        self.conv_out = zero_module(nn.Conv3d(channels[-1], out_channels, kernel_size=kernel, padding=pad))
+
+    def forward(self, cond: torch.Tensor) -> torch.Tensor:
+        x = F.silu(self.conv_in(cond))
+        for block in self.blocks:
+            x = F.silu(block(x))
+        return self.conv_out(x)
+
+
+class ControlNet3D(ModelMixin, ConfigMixin):
+    """ControlNet over T conditioning frames with per-frame metadata; build it with `from_unet`.
+
+    Call it as ``down, mid = controlnet(sample, t, text, metadata, metadata_mask, cond, cond_metadata,
+    cond_metadata_mask)`` and pass ``down`` / ``mid`` to the frozen `SatUNet` (see `controlled_unet_forward`).
+    """
+
+    _supports_gradient_checkpointing = True
+    _keep_in_fp32_modules = ["metadata_embedding", "cond_metadata_embedding"]
+
+    @register_to_config
+    def __init__(
+        self,
+        conditioning_channels: int = 3,
+        conditioning_embedding_channels: Sequence[int] = (16, 32, 96, 256),
+        vae_scale_factor: int = 8,
+        temporal_layers: Sequence[int] | None = None,
+        temporal_attention_head_dim: int = 64,
+        conditioning_temporal_kernel: int = 3,
+        use_metadata: bool = True,
+        num_metadata_fields: int = 7,
+        # the UNet encoder (same meaning as in `UNet2DConditionModel`)
+        in_channels: int = 4,
+        flip_sin_to_cos: bool = True,
+        freq_shift: int = 0,
+        down_block_types: Sequence[str] = (
+            "CrossAttnDownBlock2D",
+            "CrossAttnDownBlock2D",
+            "CrossAttnDownBlock2D",
+            "DownBlock2D",
+        ),
+        mid_block_type: str | None = "UNetMidBlock2DCrossAttn",
+        only_cross_attention: bool | Sequence[bool] = False,
+        block_out_channels: Sequence[int] = (320, 640, 1280, 1280),
+        layers_per_block: int = 2,
+        downsample_padding: int = 1,
+        mid_block_scale_factor: float = 1.0,
+        act_fn: str = "silu",
+        norm_num_groups: int | None = 32,
+        norm_eps: float = 1e-5,
+        cross_attention_dim: int = 1024,
+        transformer_layers_per_block: int | Sequence[int] = 1,
+        attention_head_dim: int | Sequence[int] = 8,
+        num_attention_heads: int | Sequence[int] | None = None,
+        use_linear_projection: bool = False,
+        upcast_attention: bool = False,
+        resnet_time_scale_shift: str = "default",
+    ):
+        super().__init__()
+        if conditioning_channels < 1:
+            raise ValueError(f"conditioning_channels must be >= 1, got {conditioning_channels}")
+        if vae_scale_factor < 1 or vae_scale_factor & (vae_scale_factor - 1):
+            raise ValueError(f"vae_scale_factor must be a power of two, got {vae_scale_factor}")
+        if not isinstance(layers_per_block, int):
+            raise ValueError(f"ControlNet3D needs an int layers_per_block, got {layers_per_block!r}")
+        # The encoder: built by diffusers' ControlNetModel, whose 2D conditioning path we replace below.
+        encoder = ControlNetModel(
+            conditioning_channels=1,
+            conditioning_embedding_out_channels=(16,),
+            in_channels=in_channels,
+            flip_sin_to_cos=flip_sin_to_cos,
+            freq_shift=freq_shift,
+            down_block_types=tuple(down_block_types),
+            mid_block_type=mid_block_type,
+            only_cross_attention=only_cross_attention
+            if isinstance(only_cross_attention, bool)
+            else tuple(only_cross_attention),
+            block_out_channels=tuple(block_out_channels),
+            layers_per_block=layers_per_block,
+            downsample_padding=downsample_padding,
+            mid_block_scale_factor=mid_block_scale_factor,
+            act_fn=act_fn,
+            norm_num_groups=norm_num_groups,
+            norm_eps=norm_eps,
+            cross_attention_dim=cross_attention_dim,
+            transformer_layers_per_block=transformer_layers_per_block
+            if isinstance(transformer_layers_per_block, int)
+            else tuple(transformer_layers_per_block),
+            attention_head_dim=attention_head_dim
+            if isinstance(attention_head_dim, int) or attention_head_dim is None
+            else tuple(attention_head_dim),
+            num_attention_heads=num_attention_heads
+            if isinstance(num_attention_heads, int | None)
+            else tuple(num_attention_heads),
+            use_linear_projection=use_linear_projection,
+            upcast_attention=upcast_attention,
+            resnet_time_scale_shift=resnet_time_scale_shift,
+        )
+        self.conv_in = encoder.conv_in
+        self.time_proj = encoder.time_proj
+        self.time_embedding = encoder.time_embedding
+        self.down_blocks = encoder.down_blocks
+        self.mid_block = encoder.mid_block
+        del encoder
+        time_embed_dim = self.time_embedding.linear_2.out_features
+
+        self.metadata_embedding: MetadataEmbedding | None = None
+        self.cond_metadata_embedding: MetadataEmbedding | None = None
+        if use_metadata:
+            kwargs = dict(
+                num_fields=num_metadata_fields,
+                embed_dim=block_out_channels[0],
+                time_embed_dim=time_embed_dim,
+                flip_sin_to_cos=flip_sin_to_cos,
+                freq_shift=freq_shift,
+            )
+            self.metadata_embedding = MetadataEmbedding(**kwargs)
+            self.cond_metadata_embedding = MetadataEmbedding(**kwargs)
+
+        self.cond_embedding = ConditioningEmbedding3D(
+            conditioning_channels,
+            block_out_channels[0],
+            tuple(conditioning_embedding_channels),
+            int(math.log2(vae_scale_factor)),
+            conditioning_temporal_kernel,
+        )
+
+        channels, _ = residual_layout(block_out_channels, layers_per_block)
+        if temporal_layers is None:
+            temporal_layers = default_temporal_layers(block_out_channels, layers_per_block)
+        temporal_layers = sorted({int(p) for p in temporal_layers})
+        bad = [p for p in temporal_layers if not 0 <= p < len(channels)]
+        if bad:
+            raise ValueError(
+                f"temporal_layers {bad} outside the {len(channels)} residual positions 0..{len(channels) - 1}"
+            )
+        self.register_to_config(temporal_layers=temporal_layers)
+        self.temporal_blocks = nn.ModuleDict()
+        self.temporal_gates = nn.ParameterDict()
+        for pos in temporal_layers:
+            width = channels[pos]
+            head_dim = min(temporal_attention_head_dim, width)
+            if width % head_dim:
+                raise ValueError(
+                    f"residual {pos} has {width} channels, not a multiple of head dim {head_dim}"
+                )
+            self.temporal_blocks[str(pos)] = TransformerTemporalModel(
+                num_attention_heads=width // head_dim,
+                attention_head_dim=head_dim,
+                in_channels=width,
+                num_layers=1,
+                norm_num_groups=norm_num_groups or 32,
+            )
+            self.temporal_gates[str(pos)] = nn.Parameter(torch.zeros(()))
+
+        self.controlnet_down_blocks = nn.ModuleList(
+            zero_module(nn.Conv3d(width, width, kernel_size=1)) for width in channels
+        )
+        self.controlnet_mid_block = zero_module(nn.Conv3d(block_out_channels[-1], block_out_channels[-1], 1))
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_unet(
+        cls,
+        unet: nn.Module,
+        conditioning_channels: int,
+        conditioning_embedding_channels: Sequence[int] = (16, 32, 96, 256),
+        temporal_layers: Sequence[int] | None = None,
+        *,
+        vae_scale_factor: int = 8,
+        temporal_attention_head_dim: int = 64,
+        conditioning_temporal_kernel: int = 3,
+        load_weights_from_unet: bool = True,
+    ) -> ControlNet3D:
+        """A ControlNet3D whose encoder copies ``unet``'s config and (by default) weights.
+
+        ``temporal_layers``: residual positions followed by a temporal transformer (None → after conv_in and
+        after each downsampler, as the reference; ``()`` → none). ``vae_scale_factor``: pixels per latent.
+        ``conditioning_temporal_kernel``: temporal size of the embedder's convs (3 = reference; 1 = frames
+        embedded independently, which makes the residuals invariant to the order of the frames).
+        The UNet itself is not modified (freeze it with `freeze`).
+        """
+        config = unet.config
+        for key, default in _UNSUPPORTED_UNET_FEATURES.items():
+            if config.get(key, default) != default:
+                raise ValueError(f"ControlNet3D cannot mirror a UNet with {key}={config.get(key)!r}")
+        metadata_embedding = getattr(unet, "metadata_embedding", None)
+        encoder_kwargs = {k: config[k] for k in ENCODER_CONFIG_KEYS if k in config}
+        controlnet = cls(
+            conditioning_channels=conditioning_channels,
+            conditioning_embedding_channels=tuple(conditioning_embedding_channels),
+            vae_scale_factor=vae_scale_factor,
+            temporal_layers=temporal_layers,
+            temporal_attention_head_dim=temporal_attention_head_dim,
+            conditioning_temporal_kernel=conditioning_temporal_kernel,
+            use_metadata=metadata_embedding is not None,
+            num_metadata_fields=config.get("num_metadata_fields", 7),
+            **encoder_kwargs,
+        )
+        if load_weights_from_unet:
+            for name in ("conv_in", "time_proj", "time_embedding", "down_blocks", "mid_block"):
+                getattr(controlnet, name).load_state_dict(getattr(unet, name).state_dict())
+            if metadata_embedding is not None:
+                controlnet.metadata_embedding.load_state_dict(metadata_embedding.state_dict())
+                controlnet.cond_metadata_embedding.load_state_dict(metadata_embedding.state_dict())
+        param = next(unet.parameters())
+        return controlnet.to(device=param.device)
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def num_residuals(self) -> int:
+        """Number of down-block residuals (SD 2.1: 12); the mid residual comes on top."""
+        return len(self.controlnet_down_blocks)
+
+    def temporal_gate_values(self) -> dict[int, float]:
+        """Effective (clamped) gate α of each temporal layer."""
+        return {int(k): float(v.detach().clamp(0.0, 1.0)) for k, v in self.temporal_gates.items()}
+
+    @torch.no_grad()
+    def clamp_temporal_gates_(self) -> None:
+        """Project the stored gates into [0, 1] (call after each optimizer step)."""
+        for gate in self.temporal_gates.values():
+            gate.clamp_(0.0, 1.0)
+
+    # ------------------------------------------------------------------ forward
+    def _embed_metadata(
+        self,
+        module: MetadataEmbedding | None,
+        values: torch.Tensor | None,
+        mask: torch.Tensor | None,
+        rows: int,
+        device: torch.device,
+    ) -> torch.Tensor | None:
+        if module is None:
+            return None
+        fields = self.config.num_metadata_fields
+        if values is None:
+            values = torch.zeros(rows, fields, device=device)
+            mask = torch.zeros(rows, fields, dtype=torch.bool, device=device)
+        values = values.reshape(-1, fields).to(device)
+        mask = None if mask is None else mask.reshape(-1, fields).to(device)
+        if values.shape[0] != rows:
+            raise ValueError(f"metadata has {values.shape[0]} rows, expected {rows}")
+        return module(values, mask)
+
+    def forward(
+        self,
+        sample: torch.Tensor,
+        timestep: torch.Tensor | float | int,
+        encoder_hidden_states: torch.Tensor,
+        metadata: torch.Tensor | None = None,
+        metadata_mask: torch.Tensor | None = None,
+        cond: torch.Tensor | None = None,
+        cond_metadata: torch.Tensor | None = None,
+        cond_metadata_mask: torch.Tensor | None = None,
+        conditioning_scale: float = 1.0,
+        cross_attention_kwargs: dict[str, Any] | None = None,
+    ) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
+        """Residuals for the frozen UNet.
+
+        Args:
+            sample: noisy target latents (B, 4, h, w).
+            timestep: scalar or (B,) diffusion timesteps.
+            encoder_hidden_states: text states (B, L, cross_attention_dim).
+            metadata / metadata_mask: the target's encoded metadata (B, 7) and presence mask (None → missing).
+            cond: the conditioning sequence (B, C, T, H, W) with H = h·vae_scale_factor
+                ((B, C, H, W) → T = 1).
+            cond_metadata / cond_metadata_mask: each frame's metadata (B, T, 7) and mask (None → missing).
+            conditioning_scale: multiplies every residual.
+
+        Returns:
+            ``(down_residuals, mid_residual)``: `num_residuals` tensors (B, c_i, h_i, w_i) and one
+            (B, c, h', w').
+        """
+        if cond is None:
+            raise ValueError("ControlNet3D needs a conditioning sequence `cond` (B, C, T, H, W)")
+        if cond.ndim == 4:
+            cond = cond.unsqueeze(2)
+        if cond.ndim != 5:
+            raise ValueError(f"cond must be (B, C, T, H, W), got shape {tuple(cond.shape)}")
+        batch, channels, frames, height, width = cond.shape
+        if batch != sample.shape[0]:
+            raise ValueError(f"cond batch {batch} != sample batch {sample.shape[0]}")
+        if channels != self.config.conditioning_channels:
+            raise ValueError(
+                f"cond has {channels} channels, this ControlNet3D takes {self.config.conditioning_channels}"
+            )
+        factor = self.config.vae_scale_factor
+        if (height, width) != (sample.shape[2] * factor, sample.shape[3] * factor):
+            raise ValueError(
+                f"cond frames are {height}x{width}; latents {tuple(sample.shape[2:])} × vae_scale_factor "
+                f"{factor} need {sample.shape[2] * factor}x{sample.shape[3] * factor}"
+            )
+        if cond_metadata is not None and cond_metadata.ndim == 2:  # one vector for every frame
+            cond_metadata = cond_metadata[:, None].expand(-1, frames, -1)
+            if cond_metadata_mask is not None:
+                cond_metadata_mask = cond_metadata_mask[:, None].expand(-1, frames, -1)
+        device, dtype = sample.device, sample.dtype
+
+        # 1. per-frame embedding: timestep + target metadata (per sample) + frame metadata (per frame)
+        timesteps = timestep if torch.is_tensor(timestep) else torch.tensor([timestep], device=device)
+        timesteps = (
+            timesteps.reshape(-1).to(device).expand(batch) if timesteps.numel() == 1 else timesteps.to(device)
+        )
+        emb = self.time_embedding(self.time_proj(timesteps).to(dtype=dtype))
+        target_md = self._embed_metadata(self.metadata_embedding, metadata, metadata_mask, batch, device)
+        if target_md is not None:
+            emb = emb + target_md.to(dtype)
+        emb = emb.repeat_interleave(frames, dim=0)
+        frame_md = self._embed_metadata(
+            self.cond_metadata_embedding, cond_metadata, cond_metadata_mask, batch * frames, device
+        )
+        if frame_md is not None:
+            emb = emb + frame_md.to(dtype)
+        text = encoder_hidden_states.repeat_interleave(frames, dim=0)
+
+        # 2. latents repeated over T + embedded conditioning frames
+        hidden = self.conv_in(sample).repeat_interleave(frames, dim=0)
+        cond_emb = self.cond_embedding(cond.to(dtype))  # (B, c0, T, h, w)
+        hidden = hidden + cond_emb.transpose(1, 2).reshape(
+            batch * frames, *cond_emb.shape[1:2], *cond_emb.shape[3:]
+        )
+
+        # 3. encoder on B*T frames
+        residuals: tuple[torch.Tensor, ...] = (hidden,)
+        for block in self.down_blocks:
+            if getattr(block, "has_cross_attention", False):
+                hidden, res = block(
+                    hidden_states=hidden,
+                    temb=emb,
+                    encoder_hidden_states=text,
+                    cross_attention_kwargs=cross_attention_kwargs,
+                )
+            else:
+                hidden, res = block(hidden_states=hidden, temb=emb)
+            residuals += res
+        if self.mid_block is not None:
+            if getattr(self.mid_block, "has_cross_attention", False):
+                hidden = self.mid_block(
+                    hidden, emb, encoder_hidden_states=text, cross_attention_kwargs=cross_attention_kwargs
+                )
+            else:
+                hidden = self.mid_block(hidden, emb)
+
+        # 4. temporal mixing, zero convs, mean over T
+        down = []
+        for pos, (res, zero_conv) in enumerate(zip(residuals, self.controlnet_down_blocks, strict=True)):
+            key = str(pos)
+            if key in self.temporal_blocks:
+                alpha = straight_through_clamp(self.temporal_gates[key]).to(res.dtype)
+                mixed = self.temporal_blocks[key](
+                    res, num_frames=frames, cross_attention_kwargs=cross_attention_kwargs
+                ).sample
+                res = alpha * mixed + (1 - alpha) * res
+            down.append(self._to_residual(res, zero_conv, batch, frames) * conditioning_scale)
+        mid = self._to_residual(hidden, self.controlnet_mid_block, batch, frames) * conditioning_scale
+        return tuple(down), mid
+
+    @staticmethod
+    def _to_residual(x: torch.Tensor, zero_conv: nn.Conv3d, batch: int, frames: int) -> torch.Tensor:
+        x = x.reshape(batch, frames, *x.shape[1:]).transpose(1, 2)  # (B, C, T, h, w)
+        return zero_conv(x).mean(dim=2)
+
+
+def freeze(module: nn.Module) -> nn.Module:
+    """``requires_grad_(False)`` and eval mode (the base UNet under a ControlNet)."""
+    module.requires_grad_(False)
+    return module.eval()
+
+
+def controlled_unet_forward(
+    unet: nn.Module,
+    controlnet: ControlNet3D,
+    sample: torch.Tensor,
+    timestep: torch.Tensor | float | int,
+    encoder_hidden_states: torch.Tensor,
+    metadata: torch.Tensor | None,
+    metadata_mask: torch.Tensor | None,
+    cond: torch.Tensor,
+    cond_metadata: torch.Tensor | None = None,
+    cond_metadata_mask: torch.Tensor | None = None,
+    conditioning_scale: float = 1.0,
+) -> torch.Tensor:
+    """The base `SatUNet`'s prediction with the ControlNet3D residuals added (training and sampling)."""
+    down, mid = controlnet(
+        sample,
+        timestep,
+        encoder_hidden_states,
+        metadata,
+        metadata_mask,
+        cond,
+        cond_metadata,
+        cond_metadata_mask,
+        conditioning_scale=conditioning_scale,
+    )
+    unet_dtype = next(unet.parameters()).dtype
+    return unet(
+        sample,
+        timestep,
+        encoder_hidden_states,
+        metadata=metadata,
+        metadata_mask=metadata_mask,
+        down_block_additional_residuals=tuple(r.to(unet_dtype) for r in down),
+        mid_block_additional_residual=mid.to(unet_dtype),
+        return_dict=False,
+    )[0]
+
+
+__all__ = [
+    "ConditioningEmbedding3D",
+    "ControlNet3D",
+    "controlled_unet_forward",
+    "default_temporal_layers",
+    "freeze",
+    "residual_layout",
+]

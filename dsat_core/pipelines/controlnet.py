@@ -1,0 +1,309 @@
+"""`SatControlNetPipeline`: a conditioning sequence (+ per-frame metadata, target metadata, optional caption)
+→ image, through a frozen `SatUNet` steered by a `ControlNet3D` (spec §2).
+
+Also does masked inpainting (``mask=``, 1 = fill): at every step the known region of the latents is replaced
+by the known image's latents noised to the next timestep (RePaint-style blending), and after decoding the
+unmasked pixels are pasted back from the input image, so they come out exactly as given (up to the
+output's uint8 rounding for PIL / numpy-uint8 output).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers.utils.torch_utils import randn_tensor
+
+from ..metadata import SatMetadata, encode_batch
+from ..models.controlnet3d import ControlNet3D
+from ..models.sat_unet import SatUNet
+from ..models.text_encoders import TextEncoder
+from ..models.vae import decode_latents, encode_latents
+from .diffusionsat import DiffusionSatPipeline, DiffusionSatPipelineOutput
+
+FrameMetadata = Sequence[SatMetadata] | Sequence[Sequence[SatMetadata]] | torch.Tensor | None
+
+
+def _as_list(value: Any, kind: str, item_type: type) -> list:
+    """None → [], one value → [value], a list/tuple → list; every entry must be ``item_type``."""
+    if value is None:
+        return []
+    items = list(value) if isinstance(value, list | tuple) else [value]
+    for item in items:
+        if not isinstance(item, item_type):
+            raise TypeError(f"{kind} entries must be {item_type.__name__}, got {type(item).__name__}")
+    return items
+
+
+def inpainting_condition(image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """ControlNet input of the inpainting task: (B, C + 1, 1, H, W) = [image with holes at 0, mask]."""
+    mask = _pixel_mask(mask, image.shape[0], image.shape[-2:]).to(image)
+    return torch.cat([image * (1.0 - mask), mask], dim=1)[:, :, None]
+
+
+def _pixel_mask(mask: torch.Tensor | np.ndarray, batch: int, size: Sequence[int]) -> torch.Tensor:
+    """Any of (H, W), (1, H, W), (B, H, W), (B, 1, H, W) → float (B, 1, H, W) of 0/1 (1 = fill)."""
+    mask = torch.as_tensor(np.asarray(mask) if isinstance(mask, np.ndarray) else mask)
+    if mask.ndim == 2:
+        mask = mask[None, None]
+    elif mask.ndim == 3:
+        mask = mask[:, None]
+    if mask.ndim != 4 or mask.shape[1] != 1 or tuple(mask.shape[-2:]) != tuple(size):
+        raise ValueError(f"mask of shape {tuple(mask.shape)} does not fit images of size {tuple(size)}")
+    if mask.shape[0] == 1 and batch > 1:
+        mask = mask.expand(batch, -1, -1, -1)
+    if mask.shape[0] != batch:
+        raise ValueError(f"mask batch {mask.shape[0]} != image batch {batch}")
+    return (mask.float() > 0.5).float()
+
+
+class SatControlNetPipeline(DiffusionSatPipeline):
+    """DiffusionSat with a ControlNet3D: super-resolution, temporal prediction and inpainting.
+
+    Components: `unet` (frozen `SatUNet`), `controlnet` (`ControlNet3D` built from it), `vae`, `text_encoder`,
+    `scheduler`. Sampling helpers (scheduler switching, metadata encoding) come from `DiffusionSatPipeline`.
+    """
+
+    model_cpu_offload_seq = "text_encoder->controlnet->unet->vae"
+
+    def __init__(
+        self,
+        unet: SatUNet,
+        controlnet: ControlNet3D,
+        vae: Any,
+        text_encoder: TextEncoder,
+        scheduler: Any,
+    ):
+        super().__init__(unet=unet, vae=vae, text_encoder=text_encoder, scheduler=scheduler)
+        if not isinstance(controlnet, ControlNet3D):
+            raise TypeError(f"controlnet must be a ControlNet3D, got {type(controlnet).__name__}")
+        if tuple(controlnet.config.block_out_channels) != tuple(unet.config.block_out_channels):
+            raise ValueError(
+                f"controlnet block_out_channels {controlnet.config.block_out_channels} do not match "
+                f"the unet's {unet.config.block_out_channels}"
+            )
+        if controlnet.config.vae_scale_factor != self.vae_scale_factor:
+            raise ValueError(
+                f"controlnet expects vae_scale_factor {controlnet.config.vae_scale_factor}, the VAE "
+                f"downsamples by {self.vae_scale_factor}"
+            )
+        self.register_modules(controlnet=controlnet)
+
+    @classmethod
+    def from_diffusionsat(cls, pipe: DiffusionSatPipeline, controlnet: ControlNet3D) -> SatControlNetPipeline:
+        """Add a ControlNet3D to a DiffusionSatPipeline (same components, scheduler copied)."""
+        scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config)
+        return cls(
+            unet=pipe.unet,
+            controlnet=controlnet,
+            vae=pipe.vae,
+            text_encoder=pipe.text_encoder,
+            scheduler=scheduler,
+        )
+
+    # ------------------------------------------------------------------ inputs
+    def encode_frame_metadata(
+        self,
+        cond_metadata: FrameMetadata,
+        cond_metadata_mask: torch.Tensor | None,
+        batch: int,
+        frames: int,
+        device: torch.device,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-frame metadata → float32 (B, T, 7) values and bool (B, T, 7) mask.
+
+        Accepts None (all missing), a list of T `SatMetadata` (same for every sample), a B-list of T-lists, or
+        encoded tensors (B, T, 7) with an optional mask (None = all present).
+        """
+        fields = self.unet.config.num_metadata_fields
+        if cond_metadata is None:
+            return (
+                torch.zeros(batch, frames, fields, device=device),
+                torch.zeros(batch, frames, fields, dtype=torch.bool, device=device),
+            )
+        if isinstance(cond_metadata, torch.Tensor):
+            values = cond_metadata.to(device, torch.float32)
+            if values.ndim == 2:
+                values = values[None].expand(batch, -1, -1)
+            mask = (
+                torch.ones_like(values, dtype=torch.bool)
+                if cond_metadata_mask is None
+                else cond_metadata_mask.to(device, torch.bool).expand_as(values)
+            )
+        else:
+            rows = list(cond_metadata)
+            if rows and isinstance(rows[0], SatMetadata):
+                rows = [rows] * batch
+            if len(rows) != batch or any(len(r) != frames for r in rows):
+                raise ValueError(
+                    f"cond_metadata must give {frames} SatMetadata per frame for {batch} samples"
+                )
+            flat = [m for r in rows for m in r]
+            for m in flat:
+                if not isinstance(m, SatMetadata):
+                    raise TypeError(f"cond_metadata entries must be SatMetadata, got {type(m).__name__}")
+            vals, msk = encode_batch(flat)
+            values = torch.as_tensor(vals, dtype=torch.float32, device=device).reshape(batch, frames, fields)
+            mask = torch.as_tensor(msk, dtype=torch.bool, device=device).reshape(batch, frames, fields)
+        if values.shape != (batch, frames, fields):
+            raise ValueError(
+                f"cond_metadata must be ({batch}, {frames}, {fields}), got {tuple(values.shape)}"
+            )
+        return values, mask
+
+    # ------------------------------------------------------------------ sampling
+    @torch.no_grad()
+    def __call__(
+        self,
+        cond: torch.Tensor | None = None,
+        cond_metadata: FrameMetadata = None,
+        metadata: SatMetadata | list[SatMetadata] | None = None,
+        prompt: str | list[str] = "",
+        *,
+        cond_metadata_mask: torch.Tensor | None = None,
+        image: torch.Tensor | None = None,
+        mask: torch.Tensor | np.ndarray | None = None,
+        controlnet_conditioning_scale: float = 1.0,
+        num_inference_steps: int = 20,
+        guidance_scale: float = 1.0,
+        negative_prompt: str | list[str] | None = None,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        latents: torch.Tensor | None = None,
+        output_type: Literal["pil", "np", "pt", "latent"] = "pil",
+        return_dict: bool = True,
+    ) -> DiffusionSatPipelineOutput | tuple:
+        """Generate one image per conditioning sequence.
+
+        Args:
+            cond: conditioning frames (B, C, T, H, W) in [-1, 1] ((B, C, H, W) is taken as T = 1).
+                For inpainting it may be omitted: it is then `inpainting_condition(image, mask)`.
+            cond_metadata: each frame's `SatMetadata` (see `encode_frame_metadata`); None = unknown.
+            metadata: the target's `SatMetadata` (one, or one per sample); None = unknown.
+            prompt: caption(s) (one, or one per sample).
+            image, mask: inpainting: the known image (B, 3, H, W) in [-1, 1] and the hole (1 = fill, any of
+                (H, W), (B, H, W), (B, 1, H, W)). Unmasked pixels of the output equal ``image``.
+            controlnet_conditioning_scale: multiplies the ControlNet residuals (0 = the base model alone).
+            guidance_scale: classifier-free guidance over the caption (≤ 1: off, as for the paper's metrics).
+            output_type: "pil", "np" (N, H, W, 3 in [0, 1]), "pt" (N, 3, H, W in [0, 1]) or "latent".
+        """
+        if output_type not in ("pil", "np", "pt", "latent"):
+            raise ValueError(f"output_type must be pil, np, pt or latent, got {output_type!r}")
+        device = self._execution_device
+        dtype = self.unet.dtype
+        if (mask is None) != (image is None):
+            raise ValueError("inpainting needs both `image` and `mask`")
+        if cond is None:
+            if mask is None:
+                raise ValueError("give a conditioning sequence `cond` (or `image` + `mask` for inpainting)")
+            cond = inpainting_condition(image, mask)
+        if cond.ndim == 4:
+            cond = cond[:, :, None]  # (B, C, H, W) → T = 1
+        if cond.ndim != 5:
+            raise ValueError(f"cond must be (B, C, T, H, W), got {tuple(cond.shape)}")
+        batch, _, frames, height, width = cond.shape
+        factor = self.vae_scale_factor
+        if height % factor or width % factor:
+            raise ValueError(f"cond frames {height}x{width} are not multiples of the VAE factor {factor}")
+        cond = cond.to(device=device, dtype=dtype)
+
+        prompts = _as_list(prompt, "prompt", str) or [""]
+        items = _as_list(metadata, "metadata", SatMetadata) or [SatMetadata()]
+        if len(prompts) not in (1, batch) or len(items) not in (1, batch):
+            raise ValueError(
+                f"{len(prompts)} prompts / {len(items)} metadata for {batch} conditioning sequences"
+            )
+        prompts = prompts * (batch // len(prompts))
+        items = items * (batch // len(items))
+        negatives = _as_list(negative_prompt, "negative_prompt", str) or [""]
+        negatives = negatives * (batch // len(negatives)) if len(negatives) in (1, batch) else negatives
+        if len(negatives) != batch:
+            raise ValueError(f"{len(negatives)} negative prompts for {batch} samples")
+
+        do_cfg = guidance_scale > 1.0
+        states = self.text_encoder.encode(prompts + (negatives if do_cfg else []), device).to(dtype)
+        values, md_mask = self.encode_metadata(items, device)
+        frame_values, frame_mask = self.encode_frame_metadata(
+            cond_metadata, cond_metadata_mask, batch, frames, device
+        )
+        branches = 2 if do_cfg else 1
+
+        def rep(x: torch.Tensor) -> torch.Tensor:
+            return torch.cat([x] * branches) if branches > 1 else x
+
+        values, md_mask, cond_in = rep(values), rep(md_mask), rep(cond)
+        frame_values, frame_mask = rep(frame_values), rep(frame_mask)
+
+        shape = (batch, self.unet.config.in_channels, height // factor, width // factor)
+        if latents is None:
+            latents = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
+        elif tuple(latents.shape) != shape:
+            raise ValueError(f"latents must have shape {shape}, got {tuple(latents.shape)}")
+        else:
+            latents = latents.to(device=device, dtype=dtype)
+        noise = latents.clone()
+
+        known_latents = latent_keep = pixel_mask = None
+        if mask is not None:
+            image = image.to(device=device, dtype=torch.float32)
+            if image.shape[0] != batch or tuple(image.shape[-2:]) != (height, width):
+                raise ValueError(f"image {tuple(image.shape)} does not match cond {tuple(cond.shape)}")
+            pixel_mask = _pixel_mask(mask, batch, (height, width)).to(device)
+            known_latents = encode_latents(self.vae, image).to(dtype)
+            # a latent is "known" only if every pixel it covers is known
+            latent_keep = 1.0 - F.max_pool2d(pixel_mask, factor).to(dtype)
+
+        self.scheduler.set_timesteps(num_inference_steps, device=device)
+        timesteps = self.scheduler.timesteps
+        latents = latents * self.scheduler.init_noise_sigma
+        step_kwargs = self._extra_step_kwargs(generator)
+        for i, t in enumerate(self.progress_bar(timesteps)):
+            model_input = self.scheduler.scale_model_input(rep(latents), t)
+            down, mid = self.controlnet(
+                model_input,
+                t,
+                states,
+                values,
+                md_mask,
+                cond_in,
+                frame_values,
+                frame_mask,
+                conditioning_scale=controlnet_conditioning_scale,
+            )
+            pred = self.unet(
+                model_input,
+                t,
+                states,
+                metadata=values,
+                metadata_mask=md_mask,
+                down_block_additional_residuals=tuple(d.to(dtype) for d in down),
+                mid_block_additional_residual=mid.to(dtype),
+                return_dict=False,
+            )[0]
+            if do_cfg:
+                cond_pred, uncond_pred = pred.chunk(2)
+                pred = uncond_pred + guidance_scale * (cond_pred - uncond_pred)
+            latents = self.scheduler.step(pred, t, latents, **step_kwargs, return_dict=False)[0]
+            if known_latents is not None:
+                if i + 1 < len(timesteps):
+                    known = self.scheduler.add_noise(known_latents, noise, timesteps[i + 1 : i + 2])
+                else:
+                    known = known_latents
+                latents = latent_keep * known + (1.0 - latent_keep) * latents
+
+        if output_type == "latent":
+            images: Any = latents
+        else:
+            decoded = decode_latents(self.vae, latents).float()
+            if pixel_mask is not None:
+                decoded = torch.where(pixel_mask.expand_as(decoded) > 0.5, decoded, image)
+            images = self.image_processor.postprocess(decoded, output_type=output_type)
+        self.maybe_free_model_hooks()
+        if not return_dict:
+            return images, items
+        return DiffusionSatPipelineOutput(images=images, metadata=items)
+
+
+__all__ = ["SatControlNetPipeline", "inpainting_condition"]

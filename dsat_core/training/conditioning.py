@@ -1,0 +1,47 @@
+"""Conditioning dropout for classifier-free guidance: captions (whole + per phrase) and metadata (per field).
+
+Metadata dropout only clears the presence mask, so the model uses its learned "missing" embedding for
+that field; the value itself is left alone and is never replaced by a raw 0 that looks like real data
+(the reference implementation's bug, spec §1).
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+
+# Optional phrases of a caption: comma/semicolon separated parts, or the fMoW template's
+# " of a {class}" / " in {country}" tails ("a satellite image of a port in Kenya").
+_SEPARATOR = re.compile(r"(\s*[,;]\s*|\s+(?=(?:of|in|from|over|near|with|at)\s))")
+
+
+def split_caption(caption: str) -> tuple[str, list[tuple[str, str]]]:
+    """Head phrase plus (separator, phrase) pairs of the optional phrases that follow it."""
+    parts = _SEPARATOR.split(caption)
+    head, rest = parts[0], parts[1:]
+    return head, [(rest[i], rest[i + 1]) for i in range(0, len(rest) - 1, 2)]
+
+
+def drop_caption(caption: str, p_caption: float, p_phrase: float, generator: torch.Generator) -> str:
+    """With probability `p_caption` return "" (unconditional); else drop each optional phrase with `p_phrase`."""
+    draws = torch.rand(1 + len(split_caption(caption)[1]), generator=generator).tolist()
+    if draws[0] < p_caption:
+        return ""
+    head, phrases = split_caption(caption)
+    kept = [sep + phrase for (sep, phrase), u in zip(phrases, draws[1:], strict=True) if u >= p_phrase]
+    return head + "".join(kept)
+
+
+def drop_captions(
+    captions: list[str], p_caption: float, p_phrase: float, generator: torch.Generator
+) -> list[str]:
+    return [drop_caption(c, p_caption, p_phrase, generator) for c in captions]
+
+
+def drop_metadata(mask: torch.Tensor, p: float, generator: torch.Generator) -> torch.Tensor:
+    """New bool mask with each present field independently marked missing with probability `p`."""
+    if p <= 0:
+        return mask.clone()
+    keep = torch.rand(mask.shape, generator=generator) >= p
+    return mask & keep.to(mask.device)

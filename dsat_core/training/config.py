@@ -1,0 +1,184 @@
+"""`TrainConfig`: every knob of `train_diffusionsat`, typed, JSON round-trippable and settable from the CLI."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class TrainConfig(BaseModel):
+    """Configuration of one DiffusionSat training run (defaults follow spec §1 where it gives one)."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    # data
+    store_uri: str
+    product: str = "rgb"
+    storage_options: dict[str, Any] | None = None
+    bbox: tuple[float, float, float, float] | None = None
+    start: str | None = Field(default=None, description="ISO date: keep tiles acquired on/after it")
+    end: str | None = Field(default=None, description="ISO date: keep tiles acquired on/before it")
+    platform: str | None = None
+    use_cached_latents: bool = False
+    dataloader_num_workers: int = 0
+
+    # model
+    output_dir: str
+    model_size: Literal["tiny", "small", "sd21-base"] = "tiny"
+    pretrained_sd: str | None = Field(
+        default=None, description="local SD 2.1 diffusers folder (unet/ + vae/)"
+    )
+    pretrained_diffusionsat: str | None = Field(default=None, description="DiffusionSatPipeline folder")
+    text_encoder: str = Field(default="minilm", description="text encoder spec for load_text_encoder")
+    vae: str = Field(
+        default="tiny", description="'tiny' (random tiny VAE, offline CPU) or a local VAE folder"
+    )
+    resolution: int = 32
+
+    # optimisation
+    train_batch_size: int = 4
+    gradient_accumulation_steps: int = 1
+    learning_rate: float = 1e-4
+    weight_decay: float = 1e-2
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_epsilon: float = 1e-8
+    max_grad_norm: float | None = 1.0
+    lr_scheduler: Literal["constant", "constant_with_warmup", "cosine", "linear"] = "constant_with_warmup"
+    lr_warmup_steps: int = 0
+    max_steps: int = 100
+    stop_at_step: int | None = Field(
+        default=None,
+        description="end this invocation at this step (time-boxed jobs); the schedule uses max_steps",
+    )
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    gradient_checkpointing: bool = False
+    train_text_projection: bool = True
+
+    # objective and conditioning dropout
+    snr_gamma: float | None = 5.0
+    caption_dropout: float = 0.1
+    caption_phrase_dropout: float = 0.1
+    metadata_dropout: float = 0.1
+    use_metadata: bool = True
+
+    # EMA
+    use_ema: bool = True
+    ema_decay: float = 0.9999
+    ema_warmup: bool = True
+
+    # checkpoints
+    checkpointing_steps: int = 500
+    checkpoints_total_limit: int | None = None
+    resume_from_checkpoint: str | None = Field(default=None, description="'latest' or a checkpoint folder")
+    seed: int = 0
+
+    # validation samples
+    validation_steps: int | None = None
+    num_validation_samples: int = 4
+    validation_prompts: list[str] | None = None
+    validation_inference_steps: int = 20
+    validation_guidance_scale: float = 3.0
+
+    # logging
+    log_every: int = 1
+    use_mlflow: bool = True
+    mlflow_tracking_uri: str | None = Field(
+        default=None,
+        description="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite in output_dir)",
+    )
+    mlflow_experiment: str = "diffusionsat"
+    mlflow_run_name: str | None = None
+    registered_model_name: str | None = None
+    save_pipeline: bool = True
+
+    @model_validator(mode="after")
+    def _check(self) -> TrainConfig:
+        for name in ("caption_dropout", "caption_phrase_dropout", "metadata_dropout"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
+        if self.pretrained_sd and self.pretrained_diffusionsat:
+            raise ValueError("give at most one of pretrained_sd and pretrained_diffusionsat")
+        if self.resolution % 8:
+            raise ValueError(f"resolution must be a multiple of 8, got {self.resolution}")
+        if self.checkpoints_total_limit is not None and self.checkpoints_total_limit < 1:
+            raise ValueError("checkpoints_total_limit must be >= 1")
+        if not 0.0 < self.ema_decay < 1.0:
+            raise ValueError(f"ema_decay must be in (0, 1), got {self.ema_decay}")
+        return self
+
+    # ------------------------------------------------------------------ I/O
+    @classmethod
+    def from_json(cls, path: str | Path) -> TrainConfig:
+        path = Path(path)
+        try:
+            return cls.model_validate_json(path.read_text())
+        except FileNotFoundError as err:
+            raise FileNotFoundError(f"training config {path} does not exist") from err
+
+    def to_json(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(self.model_dump_json(indent=2))
+        return path
+
+    def flat_params(self) -> dict[str, str]:
+        """Flattened string params for MLflow (nested values as JSON, capped at MLflow's 6000 chars)."""
+        out = {}
+        for key, value in self.model_dump().items():
+            text = value if isinstance(value, str) else json.dumps(value)
+            out[key] = text[:6000]
+        return out
+
+    # ------------------------------------------------------------------ CLI
+    @classmethod
+    def add_cli_arguments(cls, parser: argparse.ArgumentParser) -> None:
+        """One `--field` flag per config field (lists/dicts/tuples take JSON)."""
+        for name, field in cls.model_fields.items():
+            parser.add_argument(
+                f"--{name}",
+                f"--{name.replace('_', '-')}",
+                dest=name,
+                default=None,
+                type=str,
+                help=field.description or f"(default {field.default!r})",
+            )
+
+    @classmethod
+    def from_cli(cls, argv: list[str] | None = None) -> TrainConfig:
+        """`--config cfg.json` plus `--field value` overrides."""
+        parser = argparse.ArgumentParser(
+            description="Train DiffusionSat (see dsat_core.training.TrainConfig)"
+        )
+        parser.add_argument("--config", type=str, default=None, help="JSON file with TrainConfig fields")
+        cls.add_cli_arguments(parser)
+        args = parser.parse_args(argv)
+        data: dict[str, Any] = json.loads(Path(args.config).read_text()) if args.config else {}
+        for name, field in cls.model_fields.items():
+            raw = getattr(args, name)
+            if raw is not None:
+                data[name] = _parse_cli_value(raw, field.annotation)
+        return cls.model_validate(data)
+
+
+def _parse_cli_value(raw: str, annotation: Any) -> Any:
+    """Strings stay strings; everything else is read as JSON when it parses (pydantic coerces the rest)."""
+    args = typing.get_args(annotation)
+    origin = typing.get_origin(annotation)
+    is_union = origin in (typing.Union, types.UnionType)
+    if raw.lower() in ("none", "null") and (is_union and type(None) in args):
+        return None
+    if annotation is str or (is_union and str in args and len(args) == 2):
+        return raw
+    if origin is Literal:
+        return raw
+    try:
+        return json.loads(raw)
+    except json.JSONDecodeError:
+        return raw

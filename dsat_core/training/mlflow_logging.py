@@ -1,0 +1,173 @@
+"""MLflow tracking for training: params, per-step metrics, sample grids, lineage and the final pipeline.
+
+Only the main process creates a `MlflowTracker`; the other ranks use `NullTracker`.
+The pipeline is logged as an MLflow pyfunc model built from code (`mlflow_pyfunc_model.py`, no
+cloudpickle) with the `save_pretrained` folder as its `pipeline` artifact, and registered under
+`registered_model_name`.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+PYFUNC_CODE = Path(__file__).with_name("mlflow_pyfunc_model.py")
+
+
+def image_grid(
+    images: np.ndarray | list[np.ndarray], columns: int | None = None, pad: int = 2
+) -> Image.Image:
+    """(N, H, W, C) floats in [0, 1] or uint8 → one RGB grid image."""
+    arr = np.stack([np.asarray(i) for i in images]) if isinstance(images, list) else np.asarray(images)
+    if arr.dtype != np.uint8:
+        arr = (np.clip(arr, 0.0, 1.0) * 255).round().astype(np.uint8)
+    if arr.ndim == 3:
+        arr = arr[..., None]
+    if arr.shape[-1] == 1:
+        arr = np.repeat(arr, 3, axis=-1)
+    arr = arr[..., :3]
+    n, h, w, _ = arr.shape
+    columns = columns or int(np.ceil(np.sqrt(n)))
+    rows = int(np.ceil(n / columns))
+    grid = np.full((rows * (h + pad) + pad, columns * (w + pad) + pad, 3), 255, dtype=np.uint8)
+    for k in range(n):
+        r, c = divmod(k, columns)
+        grid[pad + r * (h + pad) : pad + r * (h + pad) + h, pad + c * (w + pad) : pad + c * (w + pad) + w] = (
+            arr[k]
+        )
+    return Image.fromarray(grid)
+
+
+class NullTracker:
+    """Tracker of non-main processes (and of runs with MLflow switched off): does nothing."""
+
+    run_id: str | None = None
+
+    def log_params(self, params: Mapping[str, Any]) -> None: ...
+    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None: ...
+    def log_image(self, image: Image.Image, key: str, step: int) -> None: ...
+    def log_lineage(self, lineage: Mapping[str, Any]) -> None: ...
+    def log_dict(self, data: Mapping[str, Any], artifact_file: str) -> None: ...
+    def set_tags(self, tags: Mapping[str, Any]) -> None: ...
+
+    def log_pipeline(
+        self, pipeline_dir: str | Path, registered_model_name: str | None, **_: Any
+    ) -> str | None:
+        return None
+
+    def end(self, status: str = "FINISHED") -> None: ...
+
+
+class MlflowTracker(NullTracker):
+    """One MLflow run (new, or continued when `run_id` is given, e.g. after resume)."""
+
+    def __init__(
+        self,
+        tracking_uri: str,
+        experiment: str,
+        run_name: str | None = None,
+        run_id: str | None = None,
+    ):
+        import mlflow
+
+        self._mlflow = mlflow
+        mlflow.set_tracking_uri(tracking_uri)
+        self.tracking_uri = tracking_uri
+        if run_id is None:
+            mlflow.set_experiment(experiment)
+            run = mlflow.start_run(run_name=run_name)
+        else:
+            run = mlflow.start_run(run_id=run_id)
+        self.run_id = run.info.run_id
+
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        client = self._mlflow.MlflowClient()
+        existing = client.get_run(self.run_id).data.params
+        new = {k: str(v) for k, v in params.items() if k not in existing}
+        changed = {k: str(v) for k, v in params.items() if k in existing and existing[k] != str(v)}
+        if new:
+            self._mlflow.log_params(new)
+        if changed:  # params are immutable in MLflow: record what a resumed run changed as tags
+            self._mlflow.set_tags({f"resume.{k}": v for k, v in changed.items()})
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
+        self._mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
+
+    def log_image(self, image: Image.Image, key: str, step: int) -> None:
+        self._mlflow.log_image(image, key=key, step=step)
+
+    def log_dict(self, data: Mapping[str, Any], artifact_file: str) -> None:
+        self._mlflow.log_dict(dict(data), artifact_file)
+
+    def set_tags(self, tags: Mapping[str, Any]) -> None:
+        self._mlflow.set_tags({k: str(v) for k, v in tags.items()})
+
+    def log_lineage(self, lineage: Mapping[str, Any]) -> None:
+        """Store URI / content hash / item count as tags; the full record (with item ids) as lineage.json."""
+        self.set_tags(lineage_tags(lineage))
+        self.log_dict(lineage, "lineage/lineage.json")
+
+    def log_pipeline(
+        self,
+        pipeline_dir: str | Path,
+        registered_model_name: str | None,
+        *,
+        lineage: Mapping[str, Any] | None = None,
+        pip_requirements: Iterable[str] | None = None,
+    ) -> str | None:
+        """Log the pipeline folder as an MLflow pyfunc model named `pipeline`; register it when a name is given.
+
+        Returns the registered model version (str) or None.
+        """
+        import mlflow.pyfunc
+
+        info = mlflow.pyfunc.log_model(
+            name="pipeline",
+            python_model=str(PYFUNC_CODE),
+            artifacts={"pipeline": str(pipeline_dir)},
+            pip_requirements=list(pip_requirements or _pip_requirements()),
+            registered_model_name=registered_model_name,
+            tags=lineage_tags(lineage) if lineage else None,
+        )
+        self.set_tags({"dsat.model_uri": info.model_uri})
+        version = getattr(info, "registered_model_version", None)
+        if registered_model_name and version is not None and lineage:
+            client = self._mlflow.MlflowClient()
+            for key, value in lineage_tags(lineage).items():
+                client.set_model_version_tag(registered_model_name, str(version), key, value)
+        return None if version is None else str(version)
+
+    def end(self, status: str = "FINISHED") -> None:
+        self._mlflow.end_run(status=status)
+
+
+def lineage_tags(lineage: Mapping[str, Any]) -> dict[str, str]:
+    return {
+        "dsat.store_uri": str(lineage.get("store_uri")),
+        "dsat.store_content_hash": str(lineage.get("content_hash")),
+        "dsat.product": str(lineage.get("product")),
+        "dsat.n_items": str(len(lineage.get("item_ids", []))),
+        "dsat.n_tiles": str(lineage.get("n_tiles")),
+    }
+
+
+def _pip_requirements() -> list[str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    reqs = []
+    for name in ("torch", "diffusers", "transformers", "safetensors", "numpy", "pandas"):
+        try:
+            reqs.append(f"{name}=={version(name)}")
+        except PackageNotFoundError:
+            continue
+    return reqs
+
+
+def default_tracking_uri(output_dir: str | Path) -> str:
+    """`MLFLOW_TRACKING_URI` if set, else a sqlite database in the output folder."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path(output_dir).resolve() / 'mlflow.db'}"

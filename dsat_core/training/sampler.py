@@ -1,0 +1,67 @@
+"""Deterministic, resumable, rank-sharded batch order.
+
+Epoch `e` is a permutation seeded by `(seed, e)`; rank `r` of `w` takes every `w`-th index of it
+(padded by wrapping, like `DistributedSampler`); batches drop the incomplete tail so every rank makes
+the same number of steps. Because the order is a pure function of (seed, epoch, rank), resuming at
+micro-batch `k` is just starting the iterator there — no state to save.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+from torch.utils.data import Sampler
+
+
+class ResumableBatchSampler(Sampler[list[int]]):
+    """Infinite stream of index batches for one rank, starting after `start_batch` batches."""
+
+    def __init__(
+        self,
+        num_items: int,
+        batch_size: int,
+        *,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        start_batch: int = 0,
+        shuffle: bool = True,
+    ):
+        if num_items < 1:
+            raise ValueError("the training dataset is empty (check the store URI, product and filters)")
+        per_rank = -(-num_items // world_size)
+        if per_rank < batch_size:
+            raise ValueError(
+                f"{num_items} tiles over {world_size} process(es) gives {per_rank} per process, "
+                f"fewer than train_batch_size={batch_size}"
+            )
+        self.num_items = num_items
+        self.batch_size = batch_size
+        self.seed = seed
+        self.rank = rank
+        self.world_size = world_size
+        self.start_batch = start_batch
+        self.shuffle = shuffle
+        self.batches_per_epoch = per_rank // batch_size
+
+    def epoch_indices(self, epoch: int) -> list[int]:
+        if self.shuffle:
+            gen = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            order = torch.randperm(self.num_items, generator=gen).tolist()
+        else:
+            order = list(range(self.num_items))
+        total = -(-self.num_items // self.world_size) * self.world_size
+        order = (order * (total // len(order) + 1))[:total]
+        return order[self.rank :: self.world_size]
+
+    def __iter__(self) -> Iterator[list[int]]:
+        epoch, offset = divmod(self.start_batch, self.batches_per_epoch)
+        while True:
+            indices = self.epoch_indices(epoch)
+            for b in range(offset, self.batches_per_epoch):
+                yield indices[b * self.batch_size : (b + 1) * self.batch_size]
+            epoch, offset = epoch + 1, 0
+
+    def __len__(self) -> int:  # one epoch; the iterator itself never ends
+        return self.batches_per_epoch

@@ -1,0 +1,638 @@
+"""Train a DiffusionSat 3D ControlNet (spec §2) for super-resolution, temporal prediction or inpainting.
+
+    python -m dsat_core.training.train_controlnet --config cfg.json [--task sr --max_steps 1000 ...]
+    torchrun --standalone --nproc_per_node 2 -m dsat_core.training.train_controlnet --config cfg.json
+
+The base model (a saved `DiffusionSatPipeline` or `SatUNet` folder, an SD folder, or a fresh tiny one for
+smoke runs) is FROZEN; only the `ControlNet3D` trains. The machinery is the DiffusionSat trainer's: the same
+`TrainConfig` fields, v-prediction with min-SNR-γ, caption / metadata dropout (mask only; here also for each
+conditioning frame's metadata), EMA, pickle-free checkpoints with exact resume (`checkpoint-N/unet/` holds
+the ControlNet3D weights: the shared checkpoint layout names the trained model's folder `unet/`), resumable
+rank-sharded batches, MLflow (params incl. the task recipe, e.g. the SR degradation; loss; sample grids;
+lineage) and, at the end, the whole `SatControlNetPipeline` saved with the EMA weights, logged as an MLflow
+artifact and registered in the model registry.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from diffusers import DDIMScheduler
+from diffusers.optimization import get_scheduler
+from pydantic import Field, model_validator
+from torch import nn
+from torch.utils.data import DataLoader
+
+from dsat_core.data.store import DatasetStore
+from dsat_core.data.tasks import TaskSpec, collate_task_batch, make_task_dataset
+from dsat_core.evaluation.image_ops import to_rgb
+from dsat_core.models import (
+    SatUNet,
+    encode_latents,
+    load_text_encoder,
+    load_vae,
+    make_tiny_vae,
+    scheduler_config,
+)
+from dsat_core.models.controlnet3d import ControlNet3D, controlled_unet_forward, freeze
+from dsat_core.pipelines import DiffusionSatPipeline
+from dsat_core.pipelines.controlnet import SatControlNetPipeline
+from dsat_core.training.checkpointing import load_checkpoint, resolve_checkpoint, save_checkpoint
+from dsat_core.training.conditioning import drop_captions, drop_metadata
+from dsat_core.training.config import TrainConfig
+from dsat_core.training.ema import EMA
+from dsat_core.training.losses import diffusion_loss, diffusion_target, make_noise_scheduler
+from dsat_core.training.mlflow_logging import MlflowTracker, NullTracker, default_tracking_uri, image_grid
+from dsat_core.training.sampler import ResumableBatchSampler
+from dsat_core.training.train_diffusionsat import (
+    Components,
+    TrainResult,
+    _micro_batch_seed,
+    _state_hash,
+    build_components,
+)
+
+logger = logging.getLogger("dsat_core.training.controlnet")
+PIPELINE_ARTIFACT = "controlnet_pipeline"
+
+
+class TrainControlNetConfig(TrainConfig):
+    """`TrainConfig` plus the task, the base model and the ControlNet3D's shape.
+
+    ``product`` is the target product; ``base_model`` a saved DiffusionSatPipeline folder (VAE and text
+    encoder come with it) or a SatUNet folder (VAE / text encoder from ``vae`` / ``text_encoder``); without it
+    the base comes from ``pretrained_diffusionsat`` / ``pretrained_sd`` or is a fresh ``model_size`` UNet
+    (smoke runs).
+    """
+
+    task: Literal["sr", "temporal", "inpaint"]
+    base_model: str | None = Field(
+        default=None, description="DiffusionSatPipeline or SatUNet folder (frozen)"
+    )
+    init_controlnet: str | None = Field(default=None, description="ControlNet3D folder to start from")
+
+    # task data
+    cond_product: str = Field(default="multispectral", description="sr: the low-resolution input product")
+    degradation: dict[str, Any] = Field(
+        default_factory=lambda: {"factor": 4, "blur_sigma": 1.0, "bands": None, "upsample": "bicubic"},
+        description="sr: DegradationRecipe fields",
+    )
+    sequence_length: int = Field(default=3, ge=1, description="temporal: frames per sequence")
+    direction: Literal["both", "forward", "backward"] = "both"
+    mask_kind: Literal["boxes", "strokes", "mixed"] = "mixed"
+    item_ids: list[str] | None = Field(default=None, description="keep only targets from these items")
+    exclude_item_ids: list[str] | None = Field(default=None, description="hold these items out")
+
+    # ControlNet3D
+    conditioning_embedding_channels: tuple[int, ...] = (16, 32, 96, 256)
+    temporal_layers: list[int] | None = Field(
+        default=None, description="residual positions; None = reference"
+    )
+    cond_metadata_dropout: float = Field(default=0.1, description="per-field dropout of frame metadata")
+    controlnet_conditioning_scale: float = 1.0
+
+    validation_guidance_scale: float = 1.0
+    mlflow_experiment: str = "diffusionsat-controlnet"
+
+    @model_validator(mode="after")
+    def _check_controlnet(self) -> TrainControlNetConfig:
+        if self.use_cached_latents:
+            raise ValueError(
+                "use_cached_latents is not supported for ControlNet training (targets are paired)"
+            )
+        if not 0.0 <= self.cond_metadata_dropout <= 1.0:
+            raise ValueError(f"cond_metadata_dropout must be in [0, 1], got {self.cond_metadata_dropout}")
+        return self
+
+    def task_spec(self) -> TaskSpec:
+        filters = {
+            k: v
+            for k, v in (
+                ("bbox", self.bbox),
+                ("start", self.start),
+                ("end", self.end),
+                ("platform", self.platform),
+            )
+            if v is not None
+        }
+        return TaskSpec(
+            task=self.task,
+            store_uri=self.store_uri,
+            product=self.product,
+            cond_product=self.cond_product,
+            resolution=self.resolution,
+            degradation=dict(self.degradation),
+            sequence_length=self.sequence_length,
+            direction=self.direction,
+            mask_kind=self.mask_kind,
+            seed=self.seed,
+            item_ids=self.item_ids,
+            exclude_item_ids=self.exclude_item_ids,
+            storage_options=self.storage_options,
+            filters=filters,
+        )
+
+
+# ---------------------------------------------------------------------------- building blocks
+def build_base(config: TrainControlNetConfig) -> Components:
+    """The frozen base: UNet, VAE, text encoder (all requires_grad False, eval mode)."""
+    if config.base_model:
+        path = Path(config.base_model)
+        if (path / "model_index.json").is_file():
+            pipe = DiffusionSatPipeline.from_pretrained(str(path))
+            parts = Components(pipe.unet, pipe.vae, pipe.text_encoder, None)
+        elif (path / "config.json").is_file():
+            unet = SatUNet.from_pretrained(str(path))
+            with torch.random.fork_rng():
+                torch.manual_seed(config.seed)
+                vae = make_tiny_vae(seed=config.seed) if config.vae == "tiny" else load_vae(config.vae)
+                text_encoder = load_text_encoder(
+                    config.text_encoder, cross_attention_dim=unet.config.cross_attention_dim
+                )
+            parts = Components(unet, vae, text_encoder, None)
+        else:
+            raise FileNotFoundError(
+                f"base_model {path}: neither a DiffusionSatPipeline (model_index.json) "
+                "nor a SatUNet folder (config.json)"
+            )
+    else:
+        parts = build_components(config)
+        parts.text_projection = None
+    if not isinstance(parts.unet, SatUNet):
+        raise TypeError(f"base model UNet must be a SatUNet, got {type(parts.unet).__name__}")
+    for module in (parts.unet, parts.vae, parts.text_encoder):
+        freeze(module)
+    return parts
+
+
+def build_controlnet(
+    config: TrainControlNetConfig, unet: SatUNet, vae: nn.Module, channels: int
+) -> ControlNet3D:
+    """A new ControlNet3D from the base UNet (seeded), or the one in ``init_controlnet``."""
+    from dsat_core.models import vae_scale_factor
+
+    factor = vae_scale_factor(vae)
+    if config.init_controlnet:
+        controlnet = ControlNet3D.from_pretrained(config.init_controlnet)
+        if (
+            controlnet.config.conditioning_channels != channels
+            or controlnet.config.vae_scale_factor != factor
+        ):
+            raise ValueError(
+                f"init_controlnet {config.init_controlnet} takes {controlnet.config.conditioning_channels}"
+                f" channels at VAE factor {controlnet.config.vae_scale_factor}; the {config.task} data "
+                f"gives {channels} at {factor}"
+            )
+    else:
+        with torch.random.fork_rng():
+            torch.manual_seed(config.seed + 1)
+            controlnet = ControlNet3D.from_unet(
+                unet,
+                channels,
+                config.conditioning_embedding_channels,
+                config.temporal_layers,
+                vae_scale_factor=factor,
+            )
+    controlnet.train()
+    if config.gradient_checkpointing:
+        controlnet.enable_gradient_checkpointing()
+    return controlnet
+
+
+def _task_lineage(config: TrainControlNetConfig, dataset: Any) -> dict[str, Any]:
+    store = DatasetStore.open(config.store_uri, storage_options=config.storage_options, read_only=True)
+    items = set()
+    for i in range(len(dataset)):  # item ids only: cheap columns, no pixels
+        items.update(_sample_items(dataset, i))
+    return {
+        "store_uri": config.store_uri,
+        "product": config.product,
+        "content_hash": store.content_hash,
+        "store_version": store.version,
+        "task": config.task,
+        "recipe": dataset.recipe,
+        "filters": {
+            "bbox": config.bbox,
+            "start": config.start,
+            "end": config.end,
+            "platform": config.platform,
+            "item_ids": config.item_ids,
+            "exclude_item_ids": config.exclude_item_ids,
+        },
+        "n_tiles": len(dataset),
+        "item_ids": sorted(items),
+        "ingested_items": sorted(store.ingested_items()),
+    }
+
+
+def _sample_items(dataset: Any, i: int) -> list[str]:
+    """Item ids of sample ``i``'s target and conditioning frames, without reading pixels."""
+    if dataset.task == "sr":
+        target_pos, cond_pos = dataset.pairs[i]
+        return [str(dataset.target._item_ids[target_pos]), str(dataset.cond_tiles._item_ids[cond_pos])]
+    if dataset.task == "temporal":
+        target_pos, frames = dataset.sequences[i]
+        return [str(dataset.tiles._item_ids[p]) for p in (target_pos, *frames)]
+    return [str(dataset.tiles._item_ids[dataset.positions[i]])]
+
+
+def _flat_recipe(recipe: dict[str, Any], prefix: str = "task.") -> dict[str, str]:
+    out = {}
+    for key, value in recipe.items():
+        if isinstance(value, dict):
+            out.update(_flat_recipe(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value if isinstance(value, str) else json.dumps(value)
+    return out
+
+
+# ---------------------------------------------------------------------------- validation samples
+def _cond_preview(sample: dict[str, Any], dataset: Any) -> torch.Tensor:
+    """RGB view (3, H, W) in [-1, 1] of a sample's last conditioning frame (the mask shown as holes)."""
+    frame = sample["cond"][:, -1]
+    if dataset.task == "inpaint":
+        frame = frame[:-1]
+    bands = list(dataset.recipe.get("cond_bands", []))[: frame.shape[0]] or None
+    try:
+        return to_rgb(frame, bands if bands and len(bands) == frame.shape[0] else None)
+    except ValueError:
+        return frame[:1].repeat(3, 1, 1)
+
+
+@torch.no_grad()
+def sample_grid(
+    controlnet: ControlNet3D, parts: Components, dataset: Any, picks: list[int], config: TrainControlNetConfig
+):
+    """Rows of [conditioning | sample | target] for the dataset samples ``picks`` (DDIM)."""
+    pipe = SatControlNetPipeline(
+        unet=parts.unet,
+        controlnet=controlnet,
+        vae=parts.vae,
+        text_encoder=parts.text_encoder,
+        scheduler=DDIMScheduler.from_config(scheduler_config()),
+    )
+    pipe.set_progress_bar_config(disable=True)
+    samples = [dataset[i] for i in picks]
+    batch = collate_task_batch(samples)
+    from dsat_core.metadata import SatMetadata
+
+    targets = [
+        SatMetadata.decode(v.double().numpy(), m.numpy())
+        for v, m in zip(batch["metadata"], batch["metadata_mask"], strict=True)
+    ]
+    extra = {"image": batch["pixel_values"], "mask": batch["mask"]} if "mask" in batch else {}
+    out = pipe(
+        batch["cond"],
+        batch["cond_metadata"],
+        targets,
+        list(batch["caption"]),
+        cond_metadata_mask=batch["cond_metadata_mask"],
+        num_inference_steps=config.validation_inference_steps,
+        guidance_scale=config.validation_guidance_scale,
+        generator=torch.Generator().manual_seed(config.seed),
+        controlnet_conditioning_scale=config.controlnet_conditioning_scale,
+        output_type="pt",
+        **extra,
+    ).images
+    rows = []
+    for k, sample in enumerate(samples):
+        rows += [(_cond_preview(sample, dataset) + 1) / 2, out[k].cpu(), (sample["pixel_values"] + 1) / 2]
+    images = torch.stack(rows).clamp(0, 1).permute(0, 2, 3, 1).numpy()
+    return image_grid(images, columns=3)
+
+
+def _log_samples(base, ema, parts, dataset, picks, config, tracker, output_dir, step) -> None:
+    was_training = base.training
+    base.eval()
+    with ema.swapped_in(base) if ema is not None else nullcontext():
+        grid = sample_grid(base, parts, dataset, picks, config)
+    base.train(was_training)
+    (output_dir / "samples").mkdir(exist_ok=True)
+    grid.save(output_dir / "samples" / f"step-{step:06d}.png")
+    tracker.log_image(grid, key="samples", step=step)
+
+
+def _save_pipeline(base, ema, parts: Components, pipeline_dir: Path) -> None:
+    """save_pretrained of the SatControlNetPipeline with the EMA ControlNet weights (all safetensors)."""
+    with ema.swapped_in(base) if ema is not None else nullcontext():
+        pipe = SatControlNetPipeline(
+            unet=parts.unet,
+            controlnet=base,
+            vae=parts.vae,
+            text_encoder=parts.text_encoder,
+            scheduler=DDIMScheduler.from_config(scheduler_config()),
+        )
+        pipe.save_pretrained(str(pipeline_dir), safe_serialization=True)
+
+
+def _register_pipeline(
+    tracker: Any, pipeline_dir: Path, name: str | None, lineage: dict[str, Any]
+) -> str | None:
+    """Log the pipeline folder as run artifacts and register it (a model version pointing at them)."""
+    if not isinstance(tracker, MlflowTracker):
+        return None
+    import mlflow
+
+    mlflow.log_artifacts(str(pipeline_dir), PIPELINE_ARTIFACT)
+    tracker.set_tags({"dsat.model_uri": f"runs:/{tracker.run_id}/{PIPELINE_ARTIFACT}"})
+    if not name:
+        return None
+    from dsat_core.training.mlflow_logging import lineage_tags
+
+    client = mlflow.MlflowClient()
+    try:
+        client.get_registered_model(name)
+    except mlflow.exceptions.MlflowException:
+        client.create_registered_model(
+            name, description="DiffusionSat ControlNet3D pipeline (SatControlNetPipeline)"
+        )
+    source = mlflow.get_run(tracker.run_id).info.artifact_uri.rstrip("/") + f"/{PIPELINE_ARTIFACT}"
+    version = client.create_model_version(name, source, run_id=tracker.run_id, tags=lineage_tags(lineage))
+    return str(version.version)
+
+
+# ---------------------------------------------------------------------------- training
+def train(config: TrainControlNetConfig) -> TrainResult:
+    """Run (or resume) ControlNet training as configured."""
+    # cpu=True without CUDA: accelerate only sets up gloo for torchrun's CPU processes when told it is on CPU
+    accelerator = Accelerator(mixed_precision=config.mixed_precision, cpu=not torch.cuda.is_available())
+    device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
+    output_dir = Path(config.output_dir)
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        config.to_json(output_dir / "train_config.json")
+    logging.basicConfig(
+        level=logging.INFO if accelerator.is_main_process else logging.WARNING,
+        format="%(asctime)s %(name)s %(message)s",
+        stream=sys.stdout,
+        force=True,
+    )
+    set_seed(config.seed)
+
+    dataset = make_task_dataset(config.task_spec())
+    parts = build_base(config)
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(config.mixed_precision, torch.float32)
+    frozen_dtype = weight_dtype if device.type == "cuda" else torch.float32
+    for module in (parts.vae, parts.text_encoder, parts.unet):
+        module.to(device)
+        if frozen_dtype != torch.float32:
+            module.to(dtype=frozen_dtype)
+    controlnet = build_controlnet(config, parts.unet, parts.vae, dataset.conditioning_channels)
+    noise_scheduler = make_noise_scheduler()
+
+    trainable = [p for p in controlnet.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(
+        trainable,
+        lr=config.learning_rate,
+        betas=(config.adam_beta1, config.adam_beta2),
+        eps=config.adam_epsilon,
+        weight_decay=config.weight_decay,
+    )
+    lr_scheduler = get_scheduler(
+        config.lr_scheduler,
+        optimizer,
+        num_warmup_steps=config.lr_warmup_steps,
+        num_training_steps=config.max_steps,
+    )
+    model, optimizer = accelerator.prepare(controlnet, optimizer)
+    base = accelerator.unwrap_model(model)
+    ema = EMA(base, config.ema_decay, use_warmup=config.ema_warmup) if config.use_ema else None
+
+    global_step, last_loss, run_id = 0, float("nan"), None
+    checkpoint = resolve_checkpoint(output_dir, config.resume_from_checkpoint)
+    if checkpoint is not None:
+        state = load_checkpoint(
+            checkpoint,
+            unet=base,
+            optimizer=optimizer,
+            lr_scheduler=lr_scheduler,
+            ema=ema,
+            text_projection=None,
+            scaler=accelerator.scaler,
+            process_index=rank,
+            device=device,
+        )
+        if state.get("task", config.task) != config.task:
+            raise ValueError(
+                f"checkpoint {checkpoint} is a {state['task']!r} ControlNet, config asks for {config.task!r}"
+            )
+        global_step, last_loss, run_id = (
+            state["global_step"],
+            state.get("last_loss", last_loss),
+            state.get("mlflow_run_id"),
+        )
+        logger.info("resumed from %s at step %d", checkpoint, global_step)
+    elif config.resume_from_checkpoint:
+        logger.info(
+            "resume_from_checkpoint=%r: no checkpoint yet, starting at step 0", config.resume_from_checkpoint
+        )
+
+    accum = config.gradient_accumulation_steps
+    sampler = ResumableBatchSampler(
+        len(dataset),
+        config.train_batch_size,
+        seed=config.seed,
+        rank=rank,
+        world_size=world,
+        start_batch=global_step * accum,
+    )
+    loader = DataLoader(
+        dataset,
+        batch_sampler=sampler,
+        num_workers=config.dataloader_num_workers,
+        collate_fn=collate_task_batch,
+        persistent_workers=config.dataloader_num_workers > 0,
+    )
+    batches = iter(loader)
+    end_step = min(config.max_steps, config.stop_at_step or config.max_steps)
+
+    tracker: NullTracker = NullTracker()
+    lineage = _task_lineage(config, dataset)
+    if accelerator.is_main_process and config.use_mlflow:
+        tracker = MlflowTracker(
+            config.mlflow_tracking_uri or default_tracking_uri(output_dir),
+            config.mlflow_experiment,
+            run_name=config.mlflow_run_name,
+            run_id=run_id,
+        )
+        tracker.log_params(
+            {
+                **config.flat_params(),
+                **_flat_recipe(dataset.recipe),
+                "world_size": world,
+                "n_train_samples": len(dataset),
+                "conditioning_channels": dataset.conditioning_channels,
+                "controlnet_parameters": sum(p.numel() for p in trainable),
+            }
+        )
+        tracker.log_lineage(lineage)
+    picks = None
+    if config.validation_steps:
+        n = min(config.num_validation_samples, len(dataset))
+        picks = np.linspace(0, len(dataset) - 1, n).round().astype(int).tolist()
+
+    def checkpoint_now() -> None:
+        save_checkpoint(
+            output_dir,
+            global_step,
+            unet=base,
+            optimizer=optimizer,
+            lr_scheduler=lr_scheduler,
+            ema=ema,
+            text_projection=None,
+            scaler=accelerator.scaler,
+            extra_state={
+                "last_loss": last_loss,
+                "mlflow_run_id": tracker.run_id,
+                "world_size": world,
+                "micro_batches_seen": global_step * accum,
+                "store_content_hash": lineage["content_hash"],
+                "task": config.task,
+                "recipe": dataset.recipe,
+                "model": "ControlNet3D",
+            },
+            is_main_process=accelerator.is_main_process,
+            process_index=rank,
+            device=device,
+            wait_for_everyone=accelerator.wait_for_everyone,
+            total_limit=config.checkpoints_total_limit,
+        )
+
+    status = "FAILED"
+    try:
+        last_saved = global_step
+        while global_step < end_step:
+            tic = time.perf_counter()
+            losses = []
+            for micro in range(accum):
+                batch = next(batches)
+                gen = torch.Generator().manual_seed(_micro_batch_seed(config.seed, rank, global_step, micro))
+                with accelerator.no_sync(model) if micro < accum - 1 else nullcontext():
+                    loss = _loss(
+                        batch, gen, model, parts, noise_scheduler, config, device, frozen_dtype, accelerator
+                    )
+                    accelerator.backward(loss / accum)
+                losses.append(loss.detach())
+            if config.max_grad_norm:
+                accelerator.clip_grad_norm_(trainable, config.max_grad_norm)
+            optimizer.step()
+            lr_scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            base.clamp_temporal_gates_()
+            global_step += 1
+            if ema is not None:
+                ema.step(base)
+            last_loss = float(accelerator.reduce(torch.stack(losses).mean(), reduction="mean").item())
+            if not math.isfinite(last_loss):
+                raise FloatingPointError(f"loss is {last_loss} at step {global_step}")
+            if global_step % config.log_every == 0 or global_step == end_step:
+                metrics = {
+                    "loss": last_loss,
+                    "lr": lr_scheduler.get_last_lr()[0],
+                    "step_time_s": time.perf_counter() - tic,
+                    **{f"temporal_gate_{k}": v for k, v in base.temporal_gate_values().items()},
+                }
+                tracker.log_metrics(metrics, step=global_step)
+                logger.info("step %d loss %.5f lr %.3g", global_step, last_loss, metrics["lr"])
+            if config.checkpointing_steps and global_step % config.checkpointing_steps == 0:
+                checkpoint_now()
+                last_saved = global_step
+            if picks and config.validation_steps and global_step % config.validation_steps == 0:
+                if accelerator.is_main_process:
+                    _log_samples(base, ema, parts, dataset, picks, config, tracker, output_dir, global_step)
+                accelerator.wait_for_everyone()
+        if global_step != last_saved:
+            checkpoint_now()
+
+        pipeline_dir, version = None, None
+        if world > 1:  # evidence that every rank holds the same ControlNet weights
+            (output_dir / "rank_weights").mkdir(parents=True, exist_ok=True)
+            (output_dir / "rank_weights" / f"rank{rank}.sha256").write_text(_state_hash(base))
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process and global_step >= config.max_steps and config.save_pipeline:
+            pipeline_dir = output_dir / "pipeline"
+            _save_pipeline(base, ema, parts, pipeline_dir)
+            version = _register_pipeline(tracker, pipeline_dir, config.registered_model_name, lineage)
+        result = TrainResult(
+            str(output_dir),
+            global_step,
+            last_loss,
+            tracker.run_id,
+            str(pipeline_dir) if pipeline_dir else None,
+            version,
+            world,
+        )
+        if accelerator.is_main_process:
+            result.to_json(output_dir / "train_result.json")
+        status = "FINISHED"
+        return result
+    finally:
+        tracker.end(status)
+        accelerator.end_training()
+
+
+def _loss(
+    batch: dict[str, Any],
+    gen: torch.Generator,
+    model: nn.Module,
+    parts: Components,
+    noise_scheduler: Any,
+    config: TrainControlNetConfig,
+    device: torch.device,
+    frozen_dtype: torch.dtype,
+    accelerator: Accelerator,
+) -> torch.Tensor:
+    """Min-SNR weighted v-prediction loss of the controlled UNet on one micro-batch (randomness: `gen`)."""
+    latents = encode_latents(parts.vae, batch["pixel_values"].to(device, frozen_dtype)).float()
+    bsz = latents.shape[0]
+    noise = torch.randn(latents.shape, generator=gen).to(device)
+    timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (bsz,), generator=gen).to(device)
+    captions = drop_captions(
+        list(batch["caption"]), config.caption_dropout, config.caption_phrase_dropout, gen
+    )
+    mask = drop_metadata(batch["metadata_mask"], config.metadata_dropout, gen).to(device)
+    cond_mask = drop_metadata(batch["cond_metadata_mask"], config.cond_metadata_dropout, gen).to(device)
+    noisy = noise_scheduler.add_noise(latents, noise, timesteps)
+    target = diffusion_target(noise_scheduler, latents, noise, timesteps)
+    with accelerator.autocast():
+        states = parts.text_encoder.encode(captions, device)
+        pred = controlled_unet_forward(
+            parts.unet,
+            model,
+            noisy.to(frozen_dtype),
+            timesteps,
+            states.to(frozen_dtype),
+            batch["metadata"].to(device, torch.float32),
+            mask,
+            batch["cond"].to(device),
+            batch["cond_metadata"].to(device, torch.float32),
+            cond_mask,
+        )
+    return diffusion_loss(pred, target, timesteps, noise_scheduler, config.snr_gamma)
+
+
+def main(argv: list[str] | None = None) -> int:
+    config = TrainControlNetConfig.from_cli(argv)
+    result = train(config)
+    if os.environ.get("RANK", "0") == "0":
+        print(json.dumps(asdict(result)))
+    return 0
+
+
+__all__ = ["TrainControlNetConfig", "build_base", "build_controlnet", "sample_grid", "train"]
+
+if __name__ == "__main__":
+    sys.exit(main())

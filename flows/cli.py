@@ -1,0 +1,136 @@
+"""`dsat`: the command line. Each command is a thin layer over the functions the flows call.
+
+Commands that run Prefect flows (`refresh`, `demo`) live here rather than in `dsat_core`, which never
+imports Prefect; every other command calls `dsat_core` directly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+
+def _bbox(text: str) -> tuple[float, float, float, float]:
+    values = [float(v) for v in text.split(",")]
+    if len(values) != 4:
+        raise argparse.ArgumentTypeError("bbox is 'lon_min,lat_min,lon_max,lat_max'")
+    return tuple(values)  # type: ignore[return-value]
+
+
+def _cmd_ingest(args: argparse.Namespace) -> int:
+    from dsat_core.data.catalog import load_catalog
+    from dsat_core.data.ingest import ingest_items, ingest_report_markdown
+    from dsat_core.data.stac import search_items
+
+    config = load_catalog(args.catalog).with_overrides(stac_api=args.stac_api)
+    items = search_items(config, bbox=args.bbox, datetime=args.datetime, max_items=args.max_items)
+    report = ingest_items(
+        items,
+        config,
+        args.store,
+        aoi_bbox=args.bbox,
+        scheduler_address=args.dask_address,
+        n_workers=args.workers,
+        progress=True,
+    )
+    print(ingest_report_markdown(report))
+    return 0
+
+
+def _cmd_refresh(args: argparse.Namespace) -> int:
+    from flows.refresh_dataset import RefreshParams, refresh_dataset
+
+    params = RefreshParams(
+        catalog=args.catalog,
+        store_uri=args.store,
+        stac_api=args.stac_api,
+        bbox=args.bbox,
+        datetime=args.datetime,
+        max_items=args.max_items,
+        use_dask=args.dask,
+        dask_address=args.dask_address,
+        n_workers=args.workers,
+    )
+    print(refresh_dataset(params).model_dump_json(indent=2))
+    return 0
+
+
+def _cmd_stac_serve(args: argparse.Namespace) -> int:
+    import time
+
+    from dsat_core.data.stac_server import serve_static_catalog
+
+    with serve_static_catalog(args.catalog, args.collection, host=args.host, port=args.port) as url:
+        print(f"STAC API over {args.catalog} at {url} (collection {args.collection!r}); Ctrl-C stops it")
+        try:
+            while True:
+                time.sleep(3600)
+        except KeyboardInterrupt:
+            return 0
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from flows.demo import run_demo
+
+    run_demo(Path(args.output), steps=args.steps)
+    return 0
+
+
+def _add_source_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--catalog", default="local-samples", help="catalogs/<name>.yaml or a YAML path")
+    parser.add_argument("--store", required=True, help="store URI: a local path or s3://bucket/prefix")
+    parser.add_argument("--stac-api", help="override the catalog's STAC API URL")
+    parser.add_argument("--bbox", type=_bbox, help="AOI as lon_min,lat_min,lon_max,lat_max (WGS84)")
+    parser.add_argument("--datetime", help="STAC datetime range, e.g. 2024-01-01/2024-06-30")
+    parser.add_argument("--max-items", type=int)
+    parser.add_argument("--dask-address", default=os.environ.get("DASK_SCHEDULER_ADDRESS"))
+    parser.add_argument(
+        "--workers", type=int, default=2, help="LocalCluster workers when no address is given"
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dsat", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    ingest = sub.add_parser("ingest", help="search a STAC source and write new items to the store (Dask)")
+    _add_source_args(ingest)
+    ingest.set_defaults(func=_cmd_ingest)
+
+    refresh = sub.add_parser("refresh", help="run the refresh-dataset Prefect flow once")
+    _add_source_args(refresh)
+    refresh.add_argument("--dask", action="store_true", help="run per-item tasks on Dask")
+    refresh.set_defaults(func=_cmd_refresh)
+
+    stac = sub.add_parser("stac", help="STAC utilities").add_subparsers(dest="stac_command", required=True)
+    serve = stac.add_parser("serve", help="serve a static STAC catalog as a STAC API on 127.0.0.1")
+    serve.add_argument("--catalog", default="catalogs/samples/catalog/catalog.json")
+    serve.add_argument("--collection", default="local-samples")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=7826)
+    serve.set_defaults(func=_cmd_stac_serve)
+
+    demo = sub.add_parser("demo", help="the main job end to end on the shipped sample scenes (CPU, minutes)")
+    demo.add_argument("--output", default="demo-output")
+    demo.add_argument("--steps", type=int, default=None, help="training steps (default: the demo's own)")
+    demo.set_defaults(func=_cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"dsat {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,132 @@
+"""`ingest_items` on a real 2-worker Dask LocalCluster with the synthetic reader."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import cloudpickle
+import pytest
+from distributed import Client, LocalCluster
+
+from dsat_core.data.ingest import ingest_items, ingest_report_markdown
+from dsat_core.data.store import DatasetStore
+from dsat_core.data.synthetic import (
+    make_synthetic_store,
+    synthetic_catalog,
+    synthetic_item,
+    synthetic_reader,
+)
+
+CONFIG = synthetic_catalog(("rgb",), size=16)
+cloudpickle.register_pickle_by_value(sys.modules[__name__])  # so workers can run the readers defined here
+
+
+def raising_reader(item, config, *, aoi_bbox=None, storage_options=None):
+    if item["properties"]["synthetic:index"] == 1:
+        raise OSError("connection reset by peer")
+    return synthetic_reader(item, config, aoi_bbox=aoi_bbox, storage_options=storage_options)
+
+
+@pytest.fixture(scope="module")
+def client() -> Iterator[Client]:
+    with (
+        LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster,
+        Client(cluster) as dask_client,
+    ):
+        yield dask_client
+
+
+def test_ingest_matches_direct_store_and_refresh_adds_only_new(client: Client, tmp_path: Path) -> None:
+    uri = str(tmp_path / "s.zarr")
+    items = [synthetic_item(i, tiles=3) for i in range(5)]
+    report = ingest_items(items, CONFIG, uri, client=client, reader=synthetic_reader)
+    assert report.added_tiles == {"rgb": 15} and report.version == 1
+    assert sorted(report.items_added) == sorted(i["id"] for i in items) and report.skipped_items == []
+    # same content hash as the scenes written directly through the store API, in one process
+    direct = make_synthetic_store(str(tmp_path / "direct.zarr"), n_scenes=5, tiles_per_scene=3, size=16)
+    assert report.content_hash == DatasetStore.open(direct).content_hash
+    # both workers did some of the staging
+    assert len(client.scheduler_info(n_workers=-1)["workers"]) == 2
+
+    new = [synthetic_item(i, tiles=3) for i in (5, 6)]
+    refresh = ingest_items(items + new, CONFIG, uri, client=client, reader=synthetic_reader)
+    assert sorted(refresh.skipped_items) == sorted(i["id"] for i in items)
+    assert refresh.added_tiles == {"rgb": 6} and refresh.version == 2 and refresh.total_tiles == {"rgb": 21}
+    assert sorted(refresh.items_added) == sorted(i["id"] for i in new)
+
+    nothing = ingest_items(items + new, CONFIG, uri, client=client, reader=synthetic_reader)
+    assert nothing.added_tiles == {} and nothing.version == 2 and nothing.content_hash == refresh.content_hash
+    store = DatasetStore.open(uri)
+    assert store.staged() == [] and store.n_tiles("rgb") == 21
+
+
+def test_rejections_are_reported_and_stored(client: Client, tmp_path: Path) -> None:
+    uri = str(tmp_path / "s.zarr")
+    items = [
+        synthetic_item(0, tiles=2, rejected_tiles=1),
+        synthetic_item(1, tiles=2),
+        synthetic_item(2, fail="eo:cloud_cover 93 > 50"),
+        {"type": "Feature", "properties": {}},  # no id
+    ]
+    report = ingest_items(items, CONFIG, uri, client=client, reader=raising_reader, max_in_flight=1)
+    reasons = {(r.item_id, r.tile_index): r.reason for r in report.rejected}
+    assert reasons[(items[0]["id"], 2)].startswith("nodata")
+    assert reasons[(items[1]["id"], -1)] == "reader error: OSError: connection reset by peer"
+    assert reasons[(items[2]["id"], -1)] == "eo:cloud_cover 93 > 50"
+    assert reasons[("None", -1)] == "STAC item has no string 'id'"
+    assert report.added_tiles == {"rgb": 2} and report.items_added == [items[0]["id"]]
+    store = DatasetStore.open(uri)
+    assert len(store.rejected()) == 4
+    # scene-level failures are retried on the next refresh; the good item is skipped
+    retry = ingest_items(items[:3], CONFIG, uri, client=client, reader=synthetic_reader)
+    assert retry.skipped_items == [items[0]["id"]] and retry.added_tiles == {"rgb": 2}
+    assert [r.item_id for r in retry.rejected] == [items[2]["id"]] and len(store.refresh().rejected()) == 5
+
+    md = ingest_report_markdown(report)
+    assert "| rgb | 2 | 0 | 2 |" in md and "eo:cloud_cover 93 > 50" in md and "reader error" in md
+    assert items[2]["id"] in md
+
+
+def test_commit_every_and_scheduler_address(client: Client, tmp_path: Path) -> None:
+    uri = str(tmp_path / "s.zarr")
+    items = [synthetic_item(i, tiles=1) for i in range(5)]
+    report = ingest_items(
+        items,
+        CONFIG,
+        uri,
+        scheduler_address=client.scheduler.address,
+        reader=synthetic_reader,
+        commit_every=2,
+    )
+    store = DatasetStore.open(uri)
+    assert report.version == 3 and [v["n_tiles"]["rgb"] for v in store.attrs["versions"]] == [2, 4, 5]
+    assert report.added_tiles == {"rgb": 5} and len(report.items_added) == 5
+
+
+def test_default_local_cluster(tmp_path: Path) -> None:
+    report = ingest_items(
+        [synthetic_item(0, tiles=2)], CONFIG, str(tmp_path / "s.zarr"), n_workers=1, reader=synthetic_reader
+    )
+    assert report.added_tiles == {"rgb": 2}
+
+
+def test_real_scenes_with_real_reader(client: Client, real_items: dict[str, dict], tmp_path: Path) -> None:
+    """The real `read_item` on the six real scenes (skipped when ../shared/data/real is absent)."""
+    from dsat_core.data.catalog import load_catalog
+    from dsat_core.data.dataset import TileDataset
+
+    config = load_catalog("local-samples")
+    uri = str(tmp_path / "real.zarr")
+    report = ingest_items(list(real_items.values()), config, uri, client=client)
+    assert report.added_tiles["rgb"] > 100 and report.added_tiles["multispectral"] > 0
+    rejected_scenes = {r.item_id for r in report.rejected if r.tile_index == -1 and r.product == "rgb"}
+    assert rejected_scenes == {i for i in real_items if "T33UUU" in i}  # single-band B03: no red band
+    ds = TileDataset(uri, "rgb", bbox=(-80.0, 23.0, -76.0, 26.0))  # the Bahamas
+    assert len(ds) > 0 and all(ds[i]["item_id"] == "landsat7-etm-bahamas-rgb" for i in range(len(ds)))
+    sample = ds[0]
+    assert sample["pixel_values"].shape == (3, 64, 64) and sample["metadata_mask"][:3].all()
+    assert "Bahamas" in sample["caption"] or "satellite" in sample["caption"]
+    again = ingest_items(list(real_items.values()), config, uri, client=client)
+    assert again.added_tiles == {} and again.content_hash == report.content_hash

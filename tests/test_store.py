@@ -1,0 +1,263 @@
+"""The versioned Zarr store: layout, idempotence, order-independent hash, crash safety, rejections."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import xarray as xr
+import zarr
+
+from dsat_core.data.store import DatasetStore, StoreError, has_latents, write_latents
+from dsat_core.data.synthetic import (
+    make_scene_tiles,
+    make_synthetic_store,
+    synthetic_catalog,
+    synthetic_scene,
+)
+from dsat_core.data.tiles import Rejection, SceneTiles
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _new(tmp_path: Path, name: str = "s.zarr") -> DatasetStore:
+    return DatasetStore.open(str(tmp_path / name), create=True, catalog=synthetic_catalog())
+
+
+def _ingest(store: DatasetStore, scenes: list[SceneTiles]):
+    return store.commit([store.stage(s) for s in scenes])
+
+
+def test_layout_readable_by_xarray(tmp_path: Path) -> None:
+    uri = make_synthetic_store(str(tmp_path / "s.zarr"), n_scenes=2, tiles_per_scene=4, size=16)
+    ds = xr.open_zarr(uri, group="rgb", consolidated=False)
+    assert ds.images.dims == ("tile", "band", "y", "x")
+    assert ds.images.dtype == np.uint8 and ds.sizes["tile"] == 8
+    assert list(ds.band.values) == ["red", "green", "blue"]
+    for name in (
+        "lon",
+        "lat",
+        "gsd",
+        "cloud_cover",
+        "year",
+        "month",
+        "day",
+        "caption",
+        "item_id",
+        "tile_hash",
+    ):
+        assert ds[name].dims == ("tile",), name
+    assert ds.transform.shape == (8, 6) and ds.window.shape == (8, 4) and ds.scale_min.shape == (8, 3)
+    # odd synthetic scenes have unknown cloud cover: NaN, never 0
+    assert np.isnan(ds.cloud_cover.values[4:]).all() and not np.isnan(ds.cloud_cover.values[:4]).any()
+    assert ds.caption.values[0].startswith("a satellite image of")
+    images = zarr.open_group(uri, mode="r", path="rgb", use_consolidated=False)["images"]
+    assert images.chunks == (1, 3, 16, 16) and images.shards == (64, 3, 16, 16)
+    store = DatasetStore.open(uri)
+    attrs = store.attrs
+    assert attrs["schema_version"] == 1 and attrs["catalog"]["name"] == "synthetic"
+    assert (
+        attrs["n_tiles"] == {"rgb": 8} and len(attrs["items"]) == 2 and attrs["versions"][0]["version"] == 1
+    )
+    assert store.root["rgb"].attrs["n_tiles"] == 8 and store.root["rgb"].attrs["bands"] == [
+        "red",
+        "green",
+        "blue",
+    ]
+    # the images read back exactly
+    scene = synthetic_scene(0, 4, 16)
+    np.testing.assert_array_equal(ds.images.values[:4], scene.products["rgb"].images)
+    assert store.open_xarray("rgb").attrs["content_hash"] == store.content_hash
+
+
+def test_open_missing_store_names_it(tmp_path: Path) -> None:
+    with pytest.raises(StoreError, match="no dataset store"):
+        DatasetStore.open(str(tmp_path / "nothing.zarr"))
+
+
+def test_catalog_mismatch_is_refused(tmp_path: Path) -> None:
+    uri = str(tmp_path / "s.zarr")
+    DatasetStore.open(uri, create=True, catalog=synthetic_catalog(size=32))
+    with pytest.raises(StoreError, match="tile_size"):
+        DatasetStore.open(uri, catalog=synthetic_catalog(size=64))
+
+
+def test_idempotent_commit(tmp_path: Path) -> None:
+    store = _new(tmp_path)
+    scenes = [synthetic_scene(i, 3, 16) for i in range(2)]
+    first = _ingest(store, scenes)
+    assert first.added_tiles == {"rgb": 6} and first.version == 1
+    again = _ingest(store, scenes)
+    assert again.added_tiles == {} and again.skipped_duplicates == {"rgb": 6}
+    assert again.content_hash == first.content_hash and store.version == 1
+    assert store.n_tiles("rgb") == 6
+    assert store.staged() == []  # staging cleaned up
+
+
+def test_hash_is_order_independent_and_content_sensitive(tmp_path: Path) -> None:
+    scenes = [synthetic_scene(i, 2, 16) for i in range(3)]
+    a, b = _new(tmp_path, "a.zarr"), _new(tmp_path, "b.zarr")
+    _ingest(a, scenes)
+    for scene in reversed(scenes):  # other order, one commit per scene
+        _ingest(b, [scene])
+    assert a.content_hash == b.content_hash and b.version == 3
+    assert list(a.open_xarray("rgb").item_id.values) != list(b.open_xarray("rgb").item_id.values)
+    c = _new(tmp_path, "c.zarr")
+    changed = synthetic_scene(0, 2, 16)
+    changed.products["rgb"].images[0, 0, 0, 0] ^= 1  # one pixel differs
+    _ingest(c, [changed, *scenes[1:]])
+    assert c.content_hash != a.content_hash
+
+
+def test_crash_mid_commit_is_invisible_then_completed(tmp_path: Path) -> None:
+    from dsat_core.data.dataset import TileDataset
+
+    store = _new(tmp_path)
+    _ingest(store, [synthetic_scene(0, 4, 16)])
+    hash_before = store.content_hash
+    staged = [store.stage(synthetic_scene(i, 4, 16)) for i in (1, 2)]
+
+    def crash() -> None:
+        raise RuntimeError("power cut")
+
+    store._crash_hook = crash
+    with pytest.raises(RuntimeError, match="power cut"):
+        store.commit(staged)
+    reopened = DatasetStore.open(store.uri)
+    assert reopened.root["rgb"]["images"].shape[0] > 4  # the arrays did grow...
+    assert (
+        reopened.n_tiles("rgb") == 4 and reopened.content_hash == hash_before
+    )  # ...but nothing is committed
+    assert (
+        reopened.open_xarray("rgb").sizes["tile"] == 4 and len(TileDataset(store.uri, resolution=None)) == 4
+    )
+    result = reopened.commit()  # the staged scenes survived the crash
+    assert result.added_tiles == {"rgb": 8}
+    ds = reopened.open_xarray("rgb")
+    identities = {(i, tuple(w)) for i, w in zip(ds.item_id.values, ds.window.values.tolist(), strict=True)}
+    assert len(identities) == 12 == reopened.root["rgb"]["images"].shape[0]
+    clean = _new(tmp_path, "clean.zarr")
+    _ingest(clean, [synthetic_scene(i, 4, 16) for i in range(3)])
+    assert reopened.content_hash == clean.content_hash
+
+
+def test_sigkill_mid_commit(tmp_path: Path) -> None:
+    """A commit killed with SIGKILL after writing tiles: readers see the old version; a rerun fixes it."""
+    uri = str(tmp_path / "s.zarr")
+    make_synthetic_store(uri, n_scenes=1, tiles_per_scene=4, size=16)
+    script = textwrap.dedent(f"""
+        import os, signal
+        from dsat_core.data.store import DatasetStore
+        from dsat_core.data.synthetic import synthetic_scene
+        store = DatasetStore.open({uri!r})
+        staged = [store.stage(synthetic_scene(i, 4, 16)) for i in (1, 2)]
+        store._crash_hook = lambda: os.kill(os.getpid(), signal.SIGKILL)
+        store.commit(staged)
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, timeout=120)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()[-2000:]
+    store = DatasetStore.open(uri)
+    assert store.n_tiles("rgb") == 4 and store.version == 1 and len(store.staged()) == 2
+    assert store.commit().added_tiles == {"rgb": 8}
+    assert store.n_tiles("rgb") == 12 and store.root["rgb"]["images"].shape[0] == 12 and store.version == 2
+
+
+def test_rejections_appended_across_commits(tmp_path: Path) -> None:
+    store = _new(tmp_path)
+    _ingest(store, [make_scene_tiles("a", n_tiles=2, size=16, rejected_tiles=2)])
+    failed = SceneTiles("b", rejected=[Rejection("b", "HTTP 503 reading B04.tif")])
+    result = _ingest(store, [failed, make_scene_tiles("c", n_tiles=1, size=16, rejected_tiles=1)])
+    assert result.rejected == 2
+    rejected = store.rejected()
+    assert [(r.item_id, r.tile_index) for r in rejected] == [("a", 2), ("a", 3), ("b", -1), ("c", 1)]
+    assert rejected[0].product == "rgb" and rejected[2].reason == "HTTP 503 reading B04.tif"
+    # a scene rejected whole is retried later (not recorded as ingested); its new failure is appended too
+    assert store.ingested_items() == {"a", "c"}
+    _ingest(store, [failed])
+    assert len(store.rejected()) == 5
+    # re-committing an already ingested item does not repeat its tile rejections
+    _ingest(store, [make_scene_tiles("a", n_tiles=2, size=16, rejected_tiles=2)])
+    assert len(store.rejected()) == 5
+
+
+def test_mismatched_scene_becomes_rejection(tmp_path: Path) -> None:
+    store = _new(tmp_path)
+    _ingest(store, [make_scene_tiles("a", n_tiles=2, size=16)])
+    wrong = make_scene_tiles("b", n_tiles=2, size=24)
+    result = _ingest(store, [wrong])
+    assert result.added_tiles == {} and "tile size" in store.rejected()[-1].reason
+    assert store.rejected()[-1].item_id == "b"
+
+
+def test_uint16_and_several_products(tmp_path: Path) -> None:
+    uri = make_synthetic_store(
+        str(tmp_path / "s.zarr"), n_scenes=2, tiles_per_scene=2, size=16, products=("rgb", "multispectral")
+    )
+    store = DatasetStore.open(uri)
+    ms = store.open_xarray("multispectral")
+    assert ms.images.dtype == np.uint16 and list(ms.band.values) == ["blue", "green", "red", "nir08"]
+    assert ms.images.values.max() > 255
+    assert store.attrs["n_tiles"] == {"rgb": 4, "multispectral": 4}
+
+
+def test_latents_roundtrip_and_grow_with_commits(tmp_path: Path) -> None:
+    uri = make_synthetic_store(str(tmp_path / "s.zarr"), n_scenes=1, tiles_per_scene=4, size=16)
+    assert not has_latents(uri, "rgb")
+    latents = np.random.default_rng(0).standard_normal((4, 4, 2, 2)).astype(np.float32)
+    write_latents(uri, "rgb", latents[:2], 0, {"vae_id": "tiny-vae", "scaling_factor": 0.18215})
+    write_latents(uri, "rgb", latents[2:], 2)
+    assert has_latents(uri, "rgb")
+    with pytest.raises(StoreError, match="outside"):
+        write_latents(uri, "rgb", latents, 2)
+    store = DatasetStore.open(uri)
+    _ingest(store, [synthetic_scene(1, 4, 16)])
+    arr = store.root["rgb"]["latents"]
+    assert arr.shape == (8, 4, 2, 2) and arr.attrs["vae_id"] == "tiny-vae"
+    np.testing.assert_allclose(arr[:4], latents.astype(np.float16))
+    assert np.isnan(arr[4:]).all()
+    assert store.open_xarray("rgb").latents.dims == ("tile", "latent_channel", "latent_y", "latent_x")
+
+
+def test_concurrent_staging_from_processes(tmp_path: Path) -> None:
+    """Several processes stage different items into one store at once; one commit takes them all."""
+    uri = str(tmp_path / "s.zarr")
+    DatasetStore.open(uri, create=True, catalog=synthetic_catalog(size=16))
+    script = textwrap.dedent(f"""
+        import sys
+        from dsat_core.data.store import DatasetStore
+        from dsat_core.data.synthetic import synthetic_scene
+        store = DatasetStore.open({uri!r})
+        for i in range(int(sys.argv[1]), int(sys.argv[1]) + 3):
+            store.stage(synthetic_scene(i, 2, 16))
+    """)
+    procs = [subprocess.Popen([sys.executable, "-c", script, str(k)], cwd=REPO) for k in (0, 3)]
+    assert [p.wait(timeout=120) for p in procs] == [0, 0]
+    store = DatasetStore.open(uri)
+    assert len(store.staged()) == 6
+    assert store.commit().added_tiles == {"rgb": 12} and len(store.ingested_items()) == 6
+    assert store.staged() == [] and list(store.root["_staging"].group_keys()) == []
+
+
+def test_transaction_appends_invisibly_until_finish(tmp_path: Path) -> None:
+    store = _new(tmp_path)
+    scenes = [synthetic_scene(i, 50, 8) for i in range(3)]  # 150 tiles: crosses shard boundaries (64)
+    staged = [store.stage(s) for s in scenes]
+    transaction = store.begin_commit(batch_tiles=64)
+    transaction.add(staged[0])
+    transaction.add(staged[1])
+    assert store.root["rgb"]["images"].shape[0] == 64  # whole shards are written early...
+    assert DatasetStore.open(store.uri).n_tiles("rgb") == 0  # ...but nothing is visible yet
+    transaction.add(staged[2])
+    result = transaction.finish()
+    assert result.added_tiles == {"rgb": 150} and store.n_tiles("rgb") == 150
+    reference = _new(tmp_path, "ref.zarr")
+    _ingest(reference, scenes)
+    assert store.content_hash == reference.content_hash
+    np.testing.assert_array_equal(
+        store.open_xarray("rgb").images.values, reference.open_xarray("rgb").images.values
+    )
