@@ -9,8 +9,12 @@
    store at `--resolution` px with the Stable Diffusion 2.1 VAE architecture (random weights), with
    cached latents vs encoding on the fly. Target: cached >= 1.4x faster.
 
+Step times are medians with the three models interleaved step by step (all three on the device at once:
+sd21-base with AdamW needs ~16 GiB each); peak memory is measured with each model alone.
+
 CPU (short):  python bench/train_step.py
-GPU:          python bench/train_step.py --device cuda --size sd21-base --resolution 256 --mixed-precision bf16
+GPU:          python bench/train_step.py --device cuda --size sd21-base --resolution 256 \
+                  --mixed-precision bf16
 
 Peak memory: CUDA = torch.cuda.max_memory_allocated during the timed steps; CPU = growth of the peak RSS
 during the steps, measured in a fresh process per model (CPU has no allocator statistics).
@@ -155,40 +159,49 @@ def cpu_peak_memory(variant: str, args: argparse.Namespace) -> int:
     return int(value)
 
 
+def cuda_peak_memory(variant: str, args: argparse.Namespace) -> float:
+    """Peak CUDA memory (GiB) of a few steps, with this model alone on the GPU."""
+    runner = StepRunner(variant, args)
+    for _ in range(args.warmup):
+        runner.step()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    for _ in range(3):
+        runner.step()
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() / 2**30
+    del runner
+    gc.collect()
+    torch.cuda.empty_cache()
+    return peak
+
+
 def bench_steps(args: argparse.Namespace) -> dict[str, dict[str, float]]:
-    results: dict[str, dict[str, float]] = {}
-    if args.device == "cuda":
-        for variant in VARIANTS:  # one model on the GPU at a time
-            runner = StepRunner(variant, args)
-            for _ in range(args.warmup):
-                runner.step()
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            times = [runner.timed_step() for _ in range(args.steps)]
-            results[variant] = {
-                "step_s": statistics.median(times),
-                "steps_per_s": 1.0 / statistics.median(times),
-                "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30,
-            }
-            del runner
-            gc.collect()
-            torch.cuda.empty_cache()
-        return results
+    """Median step time with the variants interleaved step by step (so clock/load drift hits all alike),
+    then peak memory of each variant measured alone (CUDA: in this process; CPU: a fresh process each)."""
+    memory: dict[str, float] = {}
+    if args.device == "cuda" and not args.skip_memory:
+        memory = {v: cuda_peak_memory(v, args) for v in VARIANTS}
     runners = {v: StepRunner(v, args) for v in VARIANTS}
     for runner in runners.values():
         for _ in range(args.warmup):
             runner.step()
     times: dict[str, list[float]] = {v: [] for v in VARIANTS}
-    for _ in range(args.steps):  # interleaved, so machine load hits every variant alike
+    for _ in range(args.steps):
         for variant, runner in runners.items():
             times[variant].append(runner.timed_step())
     del runners
     gc.collect()
+    if args.device == "cuda":
+        torch.cuda.empty_cache()
+    elif not args.skip_memory:
+        memory = {v: cpu_peak_memory(v, args) / 2**30 for v in VARIANTS}
+    results: dict[str, dict[str, float]] = {}
     for variant in VARIANTS:
         med = statistics.median(times[variant])
         results[variant] = {"step_s": med, "steps_per_s": 1.0 / med}
-        if not args.skip_memory:
-            results[variant]["peak_mem_gib"] = cpu_peak_memory(variant, args) / 2**30
+        if variant in memory:
+            results[variant]["peak_mem_gib"] = memory[variant]
     return results
 
 
@@ -230,8 +243,13 @@ def bench_epoch(args: argparse.Namespace) -> dict[str, float]:
     scheduler = make_noise_scheduler()
 
     def epoch(cached: bool) -> float:
-        config = TrainConfig(store_uri=uri, output_dir=str(tmp), resolution=res, use_cached_latents=cached,
-                             mixed_precision=args.mixed_precision)  # fmt: skip
+        config = TrainConfig(
+            store_uri=uri,
+            output_dir=str(tmp),
+            resolution=res,
+            use_cached_latents=cached,
+            mixed_precision=args.mixed_precision,
+        )
         tiles = TileDataset(uri, "rgb", resolution=res)
         dataset = CachedLatentDataset(tiles) if cached else tiles  # what train() uses for each setting
         loader = DataLoader(dataset, batch_size=args.batch_size, shuffle=False, drop_last=True)
@@ -272,8 +290,12 @@ def verdict(ok: bool) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
-    p.add_argument("--size", default=None, choices=("tiny", "small", "sd21-base"),
-                   help="UNet size (default: small on CPU, sd21-base on CUDA)")  # fmt: skip
+    p.add_argument(
+        "--size",
+        default=None,
+        choices=("tiny", "small", "sd21-base"),
+        help="UNet size (default: small on CPU, sd21-base on CUDA)",
+    )
     p.add_argument("--resolution", type=int, default=256, help="pixels (latents are /8)")
     p.add_argument("--batch-size", type=int, default=None, help="default 2 on CPU, 16 on CUDA")
     p.add_argument("--steps", type=int, default=None, help="timed steps per model (default 5 CPU, 20 CUDA)")
@@ -312,13 +334,14 @@ def main(argv: list[str] | None = None) -> int:
     if not args.skip_steps:
         steps = bench_steps(args)
         out["steps"] = steps
-        print(f"\nstep benchmark: size={args.size} {args.resolution}px (latents {args.resolution // 8}), "
-              f"batch {args.batch_size}, {args.mixed_precision}, {args.device}")  # fmt: skip
+        print(
+            f"\nstep benchmark: size={args.size} {args.resolution}px (latents {args.resolution // 8}), "
+            f"batch {args.batch_size}, {args.mixed_precision}, {args.device}"
+        )
         for variant, r in steps.items():
             mem = f"{r['peak_mem_gib']:.3f} GiB" if "peak_mem_gib" in r else "n/a"
-            print(
-                f"  {variant:22s} {r['step_s'] * 1000:9.1f} ms/step  {r['steps_per_s']:7.2f} steps/s  peak {mem}"
-            )
+            ms, sps = r["step_s"] * 1000, r["steps_per_s"]
+            print(f"  {variant:22s} {ms:9.1f} ms/step  {sps:7.2f} steps/s  peak {mem}")
         sat = steps["satunet"]
         for base in ("satunet_no_metadata", "diffusers_unet"):
             ratio = sat["step_s"] / steps[base]["step_s"]
@@ -331,9 +354,8 @@ def main(argv: list[str] | None = None) -> int:
                 mok = mratio <= 1 + MAX_OVERHEAD
                 failed |= not mok
                 out[f"memory_ratio_vs_{base}"] = mratio
-                print(
-                    f"  memory SatUNet / {base:20s} = {mratio:.3f}  (<= {1 + MAX_OVERHEAD:.2f}) {verdict(mok)}"
-                )
+                limit = 1 + MAX_OVERHEAD
+                print(f"  memory SatUNet / {base:20s} = {mratio:.3f}  (<= {limit:.2f}) {verdict(mok)}")
     if not args.skip_epoch:
         ep = bench_epoch(args)
         out["epoch"] = ep
@@ -343,8 +365,10 @@ def main(argv: list[str] | None = None) -> int:
             f"\nepoch benchmark: {ep['tiles']} tiles at {args.resolution}px, SD 2.1 VAE architecture (random)"
         )
         print(f"  VAE on the fly  {ep['epoch_s_vae_on_the_fly']:8.2f} s")
-        print(f"  cached latents  {ep['epoch_s_cached_latents']:8.2f} s   (one-off precompute "
-              f"{ep['precompute_s_once']:.2f} s)")  # fmt: skip
+        print(
+            f"  cached latents  {ep['epoch_s_cached_latents']:8.2f} s   (one-off precompute "
+            f"{ep['precompute_s_once']:.2f} s)"
+        )
         print(f"  speedup = {ep['speedup']:.2f}x  (>= {MIN_CACHE_SPEEDUP}x) {verdict(ok)}")
     if args.json:
         args.json.write_text(json.dumps(out, indent=1))

@@ -115,7 +115,11 @@ def _task_runner(params: RefreshParams):
         return DaskTaskRunner(address=address)
     return DaskTaskRunner(
         cluster_class="distributed.LocalCluster",
-        cluster_kwargs={"n_workers": params.n_workers, "threads_per_worker": 1, "dashboard_address": ":0"},
+        cluster_kwargs={
+            "n_workers": params.n_workers,
+            "threads_per_worker": 1,
+            "dashboard_address": "127.0.0.1:0",  # ":0" would serve the dashboard on every interface
+        },
     )
 
 

@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
 import subprocess
+import sys
 import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+from dsat_core.data.stac_server import StacServer, free_port
+from dsat_core.data.stac_server import start_rustac as _start_rustac
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -24,32 +27,11 @@ SAMPLES = REPO / "catalogs" / "samples"
 REAL_COLLECTION = "real-samples"
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def start_rustac(args: list[str], cwd: Path, port: int, timeout: float = 20.0) -> subprocess.Popen:
-    """Start `rustac serve ARGS --addr 127.0.0.1:PORT` in `cwd` and wait until it answers."""
-    exe = shutil.which("rustac")
-    if exe is None:
+def start_rustac(args: list[str], cwd: Path) -> StacServer:
+    """`rustac serve ARGS` in `cwd` on a free 127.0.0.1 port (skips when the rustac CLI is missing)."""
+    if shutil.which("rustac") is None and not (Path(sys.executable).parent / "rustac").exists():
         pytest.skip("the rustac CLI is not installed")
-    log = open(cwd / f"rustac-{port}.log", "w")  # noqa: SIM115 - closed with the process
-    proc = subprocess.Popen(
-        [exe, "serve", *args, "--addr", f"127.0.0.1:{port}"], cwd=cwd, stdout=log, stderr=subprocess.STDOUT
-    )
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"rustac exited with {proc.returncode}: {(cwd / log.name).read_text()}")
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=1):
-                return proc
-        except OSError:
-            time.sleep(0.1)
-    proc.terminate()
-    raise RuntimeError(f"rustac did not answer on port {port} within {timeout} s")
+    return _start_rustac(args, cwd)
 
 
 def stop(proc: subprocess.Popen) -> None:
@@ -84,21 +66,17 @@ def stac_api(real_items: dict[str, dict], tmp_path_factory: pytest.TempPathFacto
         item = {**item, "collection": REAL_COLLECTION, "links": []}
         lines.append(json.dumps(item))
     (folder / "items.ndjson").write_text("\n".join(lines) + "\n")
-    port = free_port()
-    proc = start_rustac(["items.ndjson", "--create-collections"], folder, port)
-    yield f"http://127.0.0.1:{port}"
-    stop(proc)
+    server = start_rustac(["items.ndjson", "--create-collections"], folder)
+    yield server.url
+    server.stop()
 
 
 @pytest.fixture(scope="session")
 def samples_api() -> Iterator[str]:
     """rustac started from catalogs/samples the way the demo does (relative hrefs)."""
-    port = free_port()
-    proc = start_rustac(["collection.json", "items.ndjson"], SAMPLES, port)
-    yield f"http://127.0.0.1:{port}"
-    stop(proc)
-    for log in SAMPLES.glob(f"rustac-{port}.log"):
-        log.unlink()
+    server = start_rustac(["collection.json", "items.ndjson"], SAMPLES)
+    yield server.url
+    server.stop()
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -158,3 +136,131 @@ def prefect_api() -> Iterator[None]:
 
     with prefect_test_harness(server_startup_timeout=120):
         yield
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Evaluation (dsat_core.evaluation.runner / report, flows/evaluate.py): a real MLflow server, a small store
+# with repeat acquisitions in two products, and tiny saved pipelines
+# ------------------------------------------------------------------------------------------------------------
+EVAL_PLACES = (("havelland", 12.73, 52.83), ("porto-velho", -63.93, -8.74), ("andros", -77.77, 24.56))
+EVAL_DATES = ("2019-03-04", "2019-07-21", "2020-01-15")
+EVAL_HOLDOUT = 0.25  # of 36 tiles: 9 held out (deterministic, see TileDataset split)
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real `mlflow server` (sqlite backend, served artifacts) on a free 127.0.0.1 port; yields its URL."""
+    exe = shutil.which("mlflow")
+    if exe is None:
+        pytest.skip("the mlflow CLI is not installed")
+    folder = tmp_path_factory.mktemp("mlflow-server")
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    log = open(folder / "server.log", "w")  # noqa: SIM115 - closed with the process
+    cmd = [exe, "server", "--backend-store-uri", f"sqlite:///{folder / 'mlflow.db'}",
+           "--artifacts-destination", str(folder / "artifacts"),
+           "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]  # fmt: skip
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.monotonic() + 90
+    while True:
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=1) as response:
+                if response.status == 200:
+                    break
+        except OSError as err:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                _stop_group(proc)
+                log.close()
+                raise RuntimeError(
+                    f"mlflow server did not start on {url}: {(folder / 'server.log').read_text()[-2000:]}"
+                ) from err
+        time.sleep(0.25)
+    yield url
+    _stop_group(proc)
+    log.close()
+
+
+def _stop_group(proc: subprocess.Popen) -> None:
+    """Stop a server started in its own session, with the workers it forked (gunicorn / uvicorn)."""
+    import os
+    import signal
+
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=15)
+    except ProcessLookupError:
+        return
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=5)
+
+
+@pytest.fixture(scope="session")
+def eval_store(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """3 places × 3 dates × 4 tiles (16 px), each as `rgb` and `multispectral` (same field, same grid)."""
+    from dsat_core.data.store import DatasetStore
+    from dsat_core.data.synthetic import make_scene_tiles, synthetic_catalog
+    from dsat_core.data.tiles import SceneTiles
+
+    path = str(tmp_path_factory.mktemp("eval-store") / "store.zarr")
+    store = DatasetStore.open(path, create=True, catalog=synthetic_catalog(("rgb", "multispectral"), 16))
+    staged = []
+    for name, lon, lat in EVAL_PLACES:
+        for when in EVAL_DATES:
+            item_id = f"{name}-{when}"
+            scene = SceneTiles(item_id=item_id)
+            for product, bands, dtype in (
+                ("rgb", ("red", "green", "blue"), "uint8"),
+                ("multispectral", ("blue", "green", "red", "nir08"), "uint16"),
+            ):
+                part = make_scene_tiles(
+                    item_id, 4, 16, bands, product, lon=lon, lat=lat, date=when, dtype=dtype
+                )
+                scene.products[product] = part.products[product]
+            staged.append(store.stage(scene))
+    store.commit(staged)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_pipelines(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Saved tiny pipelines (16 px): `generation` (DiffusionSatPipeline with a non-zero metadata path) and
+    one SatControlNetPipeline per task (`sr`: 4 channels, `temporal`: 3, `inpaint`: 3 + mask)."""
+    import torch
+
+    from dsat_core.models.controlnet3d import ControlNet3D
+    from dsat_core.pipelines import SatControlNetPipeline, make_tiny_pipeline
+
+    root = tmp_path_factory.mktemp("tiny-pipelines")
+    pipe = make_tiny_pipeline(sample_size=8, vae_downsample=2, seed=0)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        with torch.no_grad():
+            for p in pipe.unet.metadata_embedding.parameters():  # "trained": metadata changes the output
+                p.normal_(0, 0.05)
+        paths = {"generation": root / "generation"}
+        pipe.save_pretrained(str(paths["generation"]), safe_serialization=True)
+        for task, channels in (("sr", 4), ("temporal", 3), ("inpaint", 4)):
+            controlnet = ControlNet3D.from_unet(pipe.unet, channels, (8, 16), vae_scale_factor=2)
+            with torch.no_grad():
+                for name, p in controlnet.named_parameters():
+                    if "controlnet_" in name or "cond_embedding.conv_out" in name:
+                        p.normal_(0, 0.02)
+            paths[task] = root / task
+            SatControlNetPipeline.from_diffusionsat(pipe, controlnet).save_pretrained(
+                str(paths[task]), safe_serialization=True
+            )
+    return paths
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Torch: tiny models run fastest single-threaded on the 2-core CI machines (no oversubscription)
+# ------------------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="session", autouse=True)
+def _torch_single_thread() -> Iterator[None]:
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

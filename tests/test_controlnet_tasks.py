@@ -247,5 +247,10 @@ def test_factory_and_collate(paired_store: str, temporal_store: str) -> None:
         assert batch["cond"].shape[:3] == (2, channels, frames)
         assert batch["cond_metadata"].shape == (2, frames, 7) and batch["pixel_values"].shape[:2] == (2, 3)
         assert isinstance(batch["caption"], list) and len(batch["caption"]) == 2
+    s = sr[0]  # 32 px tiles resized to 16 (effective GSD × 2), then degraded × 2: the frame GSD is 4× native
+    frame = SatMetadata.decode(s["cond_metadata"][0].double().numpy(), s["cond_metadata_mask"][0].numpy())
+    target = SatMetadata.decode(s["metadata"].double().numpy(), s["metadata_mask"].numpy())
+    assert target.gsd == pytest.approx(2 * sr.cond_tiles.metadata(0).gsd)
+    assert frame.gsd == pytest.approx(2 * target.gsd)
     with pytest.raises(ValueError, match="unknown task"):
         make_task_dataset(TaskSpec("colourise", paired_store))  # type: ignore[arg-type]

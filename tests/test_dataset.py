@@ -133,3 +133,45 @@ def test_store_ordering_consistent_with_xarray(store_uri: str) -> None:
     np.testing.assert_allclose(
         (ds[3]["pixel_values"].numpy() + 1) / 2 * 255, xds.images.values[row], atol=1e-3
     )
+
+
+def test_train_holdout_split_is_deterministic_disjoint_and_stable(store_uri: str, tmp_path: Path) -> None:
+    import hashlib
+
+    from dsat_core.data.dataset import holdout_score
+
+    full = TileDataset(store_uri)
+    train = TileDataset(store_uri, split="train", holdout_fraction=0.3)
+    held = TileDataset(store_uri, split="holdout", holdout_fraction=0.3)
+    rows_train, rows_held = set(train.indices.tolist()), set(held.indices.tolist())
+    assert rows_train.isdisjoint(rows_held) and rows_train | rows_held == set(full.indices.tolist())
+    assert 0 < len(held) < len(full)
+    # the rule, recomputed by hand from the store's identity columns: sha256("item:x,y,w,h") < fraction
+    group = DatasetStore.open(store_uri).product_group("rgb")
+    for row in range(len(full)):
+        identity = f"{group['item_id'][row]}:{','.join(str(int(v)) for v in group['window'][row])}"
+        score = int.from_bytes(hashlib.sha256(identity.encode()).digest()[:8], "big") / 2.0**64
+        assert score == holdout_score(str(group["item_id"][row]), group["window"][row])
+        assert (row in rows_held) == (score < 0.3)
+    # combined with other filters, and the extremes
+    assert set(
+        TileDataset(store_uri, split="holdout", holdout_fraction=0.3, platform="landsat-8").indices
+    ) <= (rows_held)
+    assert len(TileDataset(store_uri, split="holdout", holdout_fraction=0.0)) == 0
+    assert len(TileDataset(store_uri, split="train", holdout_fraction=1.0)) == 0
+    # a store holding the same scenes plus another, written in another order, holds out the same tiles
+    from dsat_core.data.synthetic import synthetic_catalog
+
+    def held_identities(uri: str) -> set[str]:
+        grp = DatasetStore.open(uri).product_group("rgb")
+        rows = TileDataset(uri, split="holdout", holdout_fraction=0.3).indices
+        return {f"{grp['item_id'][r]}:{list(grp['window'][r])}" for r in rows}
+
+    other = str(tmp_path / "other.zarr")
+    store = DatasetStore.open(other, create=True, catalog=synthetic_catalog(("rgb", "multispectral"), 16))
+    store.commit([store.stage(synthetic_scene(i, 4, 16, ("rgb", "multispectral"))) for i in (5, 3, 2, 1, 0)])
+    assert held_identities(store_uri) <= held_identities(other)
+    with pytest.raises(ValueError, match="split"):
+        TileDataset(store_uri, split="test")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="holdout_fraction"):
+        TileDataset(store_uri, split="holdout", holdout_fraction=1.5)

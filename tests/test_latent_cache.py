@@ -59,12 +59,22 @@ def test_training_with_cached_latents_matches_vae_on_the_fly(tmp_path: Path) -> 
     from dsat_core.training.train_diffusionsat import train
 
     uri = make_synthetic_store(str(tmp_path / "s.zarr"), n_scenes=2, tiles_per_scene=4)
-    base = dict(store_uri=uri, model_size="tiny", text_encoder="hash", resolution=32, train_batch_size=2,
-                learning_rate=1e-3, max_steps=3, use_mlflow=False, save_pipeline=False, seed=3)  # fmt: skip
-    cached = train(TrainConfig(output_dir=str(tmp_path / "cached"), use_cached_latents=True, **base))
+    base = dict(
+        store_uri=uri,
+        model_size="tiny",
+        text_encoder="hash",
+        resolution=32,
+        train_batch_size=2,
+        learning_rate=1e-3,
+        max_steps=3,
+        use_mlflow=False,
+        save_pipeline=False,
+        seed=3,
+    )
+    train(TrainConfig(output_dir=str(tmp_path / "cached"), use_cached_latents=True, **base))
     info = latent_cache_info(uri, "rgb")
     assert info is not None and info["encoded_tiles"] == 8 and info["resolution"] == 32
-    fresh = train(TrainConfig(output_dir=str(tmp_path / "fresh"), use_cached_latents=False, **base))
+    train(TrainConfig(output_dir=str(tmp_path / "fresh"), use_cached_latents=False, **base))
     losses = [
         [json.loads(line)["loss"] for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
         for name in ("cached", "fresh")

@@ -250,6 +250,22 @@ def test_use_metadata_false_is_plain_unet() -> None:
         )
 
 
+def test_precomputed_metadata_embeds() -> None:
+    unet = SatUNet(**unet_config("tiny")).eval()
+    _randomize(unet.metadata_embedding, seed=5)
+    sample, t, states = _unet_inputs()
+    values, mask = _metadata([FULL, FULL.replace(gsd=None)])
+    embeds = unet.embed_metadata(values, mask, 2, sample.device)
+    assert embeds.shape == (2, unet.time_embedding.linear_2.out_features) and embeds.dtype == torch.float32
+    with torch.no_grad():
+        expected = unet(sample, t, states, metadata=values, metadata_mask=mask).sample
+        torch.testing.assert_close(unet(sample, t, states, metadata_embeds=embeds).sample, expected)
+        # one metadata row is broadcast over the batch
+        single = unet(sample, t, states, metadata=values[:1], metadata_mask=mask[:1]).sample
+        torch.testing.assert_close(unet(sample, t, states, metadata_embeds=embeds[:1]).sample, single)
+    assert SatUNet(use_metadata=False, **unet_config("tiny")).embed_metadata(values, mask, 2, "cpu") is None
+
+
 def test_sat_unet_rejects_class_labels_and_bad_batch() -> None:
     unet = SatUNet(**unet_config("tiny"))
     sample, t, states = _unet_inputs()

@@ -73,9 +73,16 @@ def test_resume_matches_uninterrupted_run(store: str, tmp_path: Path) -> None:
     from dsat_core.training.train_diffusionsat import train
 
     common = dict(
-        max_steps=8, checkpointing_steps=4, gradient_accumulation_steps=2, lr_scheduler="cosine",
-        lr_warmup_steps=2, use_ema=True, ema_decay=0.9, caption_dropout=0.3, metadata_dropout=0.5,
-    )  # fmt: skip
+        max_steps=8,
+        checkpointing_steps=4,
+        gradient_accumulation_steps=2,
+        lr_scheduler="cosine",
+        lr_warmup_steps=2,
+        use_ema=True,
+        ema_decay=0.9,
+        caption_dropout=0.3,
+        metadata_dropout=0.5,
+    )
     interrupted = tiny_config(store, tmp_path / "a", stop_at_step=4, **common)
     first = train(interrupted)
     assert first.global_step == 4
@@ -86,8 +93,12 @@ def test_resume_matches_uninterrupted_run(store: str, tmp_path: Path) -> None:
     assert straight.global_step == 8
 
     a, b = tmp_path / "a" / "checkpoint-8", tmp_path / "b" / "checkpoint-8"
-    for name in ("unet/diffusion_pytorch_model.safetensors", "ema.safetensors", "optimizer.safetensors",
-                 "unet_ema/diffusion_pytorch_model.safetensors"):  # fmt: skip
+    for name in (
+        "unet/diffusion_pytorch_model.safetensors",
+        "ema.safetensors",
+        "optimizer.safetensors",
+        "unet_ema/diffusion_pytorch_model.safetensors",
+    ):
         ta, tb = load_file(a / name), load_file(b / name)
         assert ta.keys() == tb.keys() and ta, name
         for key in ta:
@@ -111,7 +122,6 @@ def bahamas_store(path: Path, tile: int = 32, max_tiles: int = 48) -> str:
     """Tiles of the real Landsat 7 Bahamas RGB scene, cut with rasterio and written through the store API."""
     import rasterio
     from pyproj import Transformer
-    from rasterio.windows import Window
 
     from dsat_core.data.store import DatasetStore
     from dsat_core.data.tiles import ProductTiles, SceneTiles
@@ -132,19 +142,30 @@ def bahamas_store(path: Path, tile: int = 32, max_tiles: int = 48) -> str:
                 images.append(block)
                 metas.append(SatMetadata(lon=lon, lat=lat, gsd=abs(src.res[0])))  # date/cloud unknown
                 windows.append((row, col, tile, tile))
-                transforms.append(tuple(src.window_transform(Window(col, row, tile, tile)))[:6])
+                t = src.transform
+                transforms.append(
+                    (t.a, t.b, t.c + col * t.a + row * t.b, t.d, t.e, t.f + col * t.d + row * t.e)
+                )
         crs = src.crs.to_string()
     step = max(1, len(images) // max_tiles)
     keep = list(range(0, len(images), step))[:max_tiles]
     n = len(keep)
     tiles = ProductTiles(
-        product="rgb", bands=["red", "green", "blue"], images=np.stack([images[i] for i in keep]),
-        metadata=[metas[i] for i in keep], caption=["a satellite image of coast, in The Bahamas, landsat 7"] * n,
-        item_id=[item_id] * n, asset_href=[str(REAL_TIF)] * n, crs=[crs] * n, scene_datetime=[""] * n,
-        platform=["landsat-7"] * n, transform=np.array([transforms[i] for i in keep], dtype=np.float64),
-        window=np.array([windows[i] for i in keep], dtype=np.int64), scale_min=np.zeros((n, 3)),
+        product="rgb",
+        bands=["red", "green", "blue"],
+        images=np.stack([images[i] for i in keep]),
+        metadata=[metas[i] for i in keep],
+        caption=["a satellite image of coast, in The Bahamas, landsat 7"] * n,
+        item_id=[item_id] * n,
+        asset_href=[str(REAL_TIF)] * n,
+        crs=[crs] * n,
+        scene_datetime=[""] * n,
+        platform=["landsat-7"] * n,
+        transform=np.array([transforms[i] for i in keep], dtype=np.float64),
+        window=np.array([windows[i] for i in keep], dtype=np.int64),
+        scale_min=np.zeros((n, 3)),
         scale_max=np.full((n, 3), 255.0),
-    )  # fmt: skip
+    )
     store = DatasetStore.open(str(path), create=True)
     store.commit([store.stage(SceneTiles(item_id=item_id, products={"rgb": tiles})).key])
     return str(path)
@@ -155,8 +176,16 @@ def test_loss_falls_on_real_tiles(tmp_path: Path) -> None:
     from dsat_core.training.train_diffusionsat import train
 
     uri = bahamas_store(tmp_path / "bahamas.zarr")
-    config = tiny_config(uri, tmp_path / "run", max_steps=100, train_batch_size=4, use_ema=False,
-                         lr_scheduler="constant", learning_rate=2e-3, caption_dropout=0.1)  # fmt: skip
+    config = tiny_config(
+        uri,
+        tmp_path / "run",
+        max_steps=100,
+        train_batch_size=4,
+        use_ema=False,
+        lr_scheduler="constant",
+        learning_rate=2e-3,
+        caption_dropout=0.1,
+    )
     result = train(config)
     losses = [
         json.loads(line)["loss"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
@@ -168,10 +197,19 @@ def test_loss_falls_on_real_tiles(tmp_path: Path) -> None:
 
 # ---------------------------------------------------------------------------- (3) two processes (gloo)
 def test_torchrun_two_processes_keeps_weights_in_sync(store: str, tmp_path: Path) -> None:
-    config = tiny_config(store, tmp_path / "ddp", max_steps=3, checkpointing_steps=3, metadata_dropout=0.2)
+    """gloo DDP on CPU; MiniLM so the text projection (outside DDP, grads averaged by hand) is checked too."""
+    config = tiny_config(
+        store,
+        tmp_path / "ddp",
+        max_steps=3,
+        checkpointing_steps=3,
+        metadata_dropout=0.2,
+        text_encoder="minilm",
+    )
     config_path = config.to_json(tmp_path / "cfg.json")
-    cmd = build_launch_command("dsat_core.training.train_diffusionsat", str(config_path), nproc_per_node=2,
-                               launcher="torchrun")  # fmt: skip
+    cmd = build_launch_command(
+        "dsat_core.training.train_diffusionsat", str(config_path), nproc_per_node=2, launcher="torchrun"
+    )
     assert "--standalone" in cmd and "--nproc_per_node=2" in cmd
     lines: list[str] = []
     env = {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "CUDA_VISIBLE_DEVICES": ""}
@@ -183,16 +221,21 @@ def test_torchrun_two_processes_keeps_weights_in_sync(store: str, tmp_path: Path
     assert set(hashes) == {"rank0.sha256", "rank1.sha256"}
     assert hashes["rank0.sha256"] == hashes["rank1.sha256"]
     # the saved checkpoint holds exactly those weights, and each rank saved its own RNG state
-    from dsat_core.models import SatUNet
-    from dsat_core.training.train_diffusionsat import _state_hash
+    from dsat_core.training.train_diffusionsat import weights_sha256
 
     ckpt = tmp_path / "ddp" / "checkpoint-3"
-    assert _state_hash(SatUNet.from_pretrained(ckpt / "unet")) == hashes["rank0.sha256"]
+    saved = {
+        f"unet.{k}": v for k, v in load_file(ckpt / "unet" / "diffusion_pytorch_model.safetensors").items()
+    }
+    saved.update(
+        {f"text_projection.{k}": v for k, v in load_file(ckpt / "text_projection.safetensors").items()}
+    )
+    assert weights_sha256(saved) == hashes["rank0.sha256"]
     assert (ckpt / "rng_rank0.safetensors").is_file() and (ckpt / "rng_rank1.safetensors").is_file()
 
 
 def test_sampler_shards_ranks_and_resumes_mid_epoch() -> None:
-    """Ranks see disjoint tiles (so equal DDP weights mean synced grads); resuming continues the same order."""
+    """Ranks see disjoint tiles (so equal DDP weights mean synced grads); resume continues the same order."""
     from dsat_core.training.sampler import ResumableBatchSampler
 
     def take(sampler, n):
@@ -217,8 +260,9 @@ def test_build_launch_command_variants() -> None:
         assert f"--nproc_per_node={torch.cuda.device_count()}" in auto
     else:
         assert auto == single
-    multi = build_launch_command("m.train", "c.json", nproc_per_node=4, nnodes=2, node_rank=1,
-                                 rdzv_endpoint="10.0.0.1:29500")  # fmt: skip
+    multi = build_launch_command(
+        "m.train", "c.json", nproc_per_node=4, nnodes=2, node_rank=1, rdzv_endpoint="10.0.0.1:29500"
+    )
     assert (
         "--rdzv_endpoint=10.0.0.1:29500" in multi and "--node_rank=1" in multi and "--standalone" not in multi
     )
@@ -227,8 +271,9 @@ def test_build_launch_command_variants() -> None:
     with pytest.raises(ValueError, match="rdzv_endpoint"):
         build_launch_command("m.train", "c.json", nproc_per_node=2, nnodes=2)
     lines: list[str] = []
-    code = run_training_subprocess([sys.executable, "-c", "print('a'); print('b'); raise SystemExit(3)"],
-                                   lines.append)  # fmt: skip
+    code = run_training_subprocess(
+        [sys.executable, "-c", "print('a'); print('b'); raise SystemExit(3)"], lines.append
+    )
     assert code == 3 and lines == ["a", "b"]
 
 
@@ -270,7 +315,6 @@ def test_min_snr_weight_formula_and_meaning() -> None:
 # ---------------------------------------------------------------------------- (7) conditioning dropout
 def test_metadata_dropout_masks_and_never_zeroes_values() -> None:
     gen = torch.Generator().manual_seed(0)
-    values = torch.rand(4000, 7) * 1000 + 1.0
     mask = torch.ones(4000, 7, dtype=torch.bool)
     mask[::3, 4:] = False  # some fields already missing
     dropped = drop_metadata(mask, 0.1, gen)
@@ -300,8 +344,17 @@ def test_training_step_passes_dropout_as_mask_not_zero(store: str, tmp_path: Pat
             return (sample * 0 + torch.zeros((), requires_grad=True),)
 
     batch = torch.utils.data.default_collate([TileDataset(store, "rgb")[i] for i in range(8)])
-    loss = _loss(batch, torch.Generator().manual_seed(1), Spy(), parts, make_noise_scheduler(), config,
-                 torch.device("cpu"), torch.float32, Accelerator())  # fmt: skip
+    loss = _loss(
+        batch,
+        torch.Generator().manual_seed(1),
+        Spy(),
+        parts,
+        make_noise_scheduler(),
+        config,
+        torch.device("cpu"),
+        torch.float32,
+        Accelerator(),
+    )
     assert torch.isfinite(loss)
     torch.testing.assert_close(seen["metadata"], batch["metadata"])
     assert not (seen["mask"] & ~batch["metadata_mask"]).any()
@@ -330,8 +383,22 @@ def test_config_cli_and_json_round_trip(tmp_path: Path) -> None:
         config.metadata_dropout == 0.1 and config.caption_dropout == 0.1 and config.text_encoder == "minilm"
     )
     path = config.to_json(tmp_path / "c.json")
-    cli = TrainConfig.from_cli(["--config", str(path), "--max_steps", "7", "--bbox", "[0,1,2,3]",
-                                "--use_ema", "false", "--mixed_precision", "bf16", "--stop_at_step", "none"])  # fmt: skip
+    cli = TrainConfig.from_cli(
+        [
+            "--config",
+            str(path),
+            "--max_steps",
+            "7",
+            "--bbox",
+            "[0,1,2,3]",
+            "--use_ema",
+            "false",
+            "--mixed_precision",
+            "bf16",
+            "--stop_at_step",
+            "none",
+        ]
+    )
     assert cli.max_steps == 7 and cli.bbox == (0, 1, 2, 3) and cli.use_ema is False
     assert cli.mixed_precision == "bf16" and cli.stop_at_step is None
     assert TrainConfig.from_json(path) == config
@@ -350,10 +417,20 @@ def test_mlflow_logs_params_metrics_images_lineage_and_registers_pipeline(store:
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     config = tiny_config(
-        store, tmp_path / "run", text_encoder="minilm", max_steps=4, validation_steps=2, num_validation_samples=2,
-        validation_inference_steps=2, use_mlflow=True, mlflow_tracking_uri=uri, mlflow_experiment="dsat-test",
-        mlflow_run_name="tiny", registered_model_name="dsat-tiny", save_pipeline=True,
-    )  # fmt: skip
+        store,
+        tmp_path / "run",
+        text_encoder="minilm",
+        max_steps=4,
+        validation_steps=2,
+        num_validation_samples=2,
+        validation_inference_steps=2,
+        use_mlflow=True,
+        mlflow_tracking_uri=uri,
+        mlflow_experiment="dsat-test",
+        mlflow_run_name="tiny",
+        registered_model_name="dsat-tiny",
+        save_pipeline=True,
+    )
     result = train(config)
     client = MlflowClient(tracking_uri=uri)
     run = client.get_run(result.mlflow_run_id)
@@ -378,8 +455,10 @@ def test_mlflow_logs_params_metrics_images_lineage_and_registers_pipeline(store:
     # the registered model serves images, and the saved pipeline loads back
     mlflow.set_tracking_uri(uri)
     model = mlflow.pyfunc.load_model("models:/dsat-tiny/1")
-    out = model.predict([{"prompt": "a satellite image of forest", "lon": 12.7, "lat": 52.8, "year": 2020}],
-                        params={"num_inference_steps": 2, "seed": 0})  # fmt: skip
+    out = model.predict(
+        [{"prompt": "a satellite image of forest", "lon": 12.7, "lat": 52.8, "year": 2020}],
+        params={"num_inference_steps": 2, "seed": 0},
+    )
     assert out.shape == (1, 32, 32, 3) and out.dtype == np.uint8
     pipe = DiffusionSatPipeline.from_pretrained(result.pipeline_dir)
     assert pipe.unet.config.use_metadata

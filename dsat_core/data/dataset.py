@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Callable, Mapping, Sequence
 from datetime import date, datetime
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -25,12 +26,33 @@ def _as_date(value: str | date | datetime | None) -> tuple[int, int, int] | None
     return (value.year, value.month, value.day)
 
 
+def holdout_score(item_id: str, window: Sequence[int]) -> float:
+    """A tile's place in [0, 1) for the train / holdout split: sha256 of its identity (item id + window).
+
+    Stable across processes, machines and store order (unlike Python's salted ``hash``), and independent of
+    every other tile, so adding scenes to the store never moves an existing tile between the splits.
+    """
+    identity = f"{item_id}:{','.join(str(int(v)) for v in window)}"
+    digest = hashlib.sha256(identity.encode("utf-8")).digest()
+    return int.from_bytes(digest[:8], "big") / 2.0**64
+
+
+def holdout_mask(item_ids: Sequence[str], windows: np.ndarray, fraction: float) -> np.ndarray:
+    """bool (N,): True where a tile is held out (its `holdout_score` is below ``fraction``)."""
+    if not 0.0 <= fraction <= 1.0:
+        raise ValueError(f"holdout_fraction must be in [0, 1], got {fraction}")
+    scores = [holdout_score(str(i), w) for i, w in zip(np.asarray(item_ids).tolist(), windows, strict=True)]
+    return np.asarray(scores, dtype=np.float64) < fraction
+
+
 class TileDataset(Dataset):
     """Tiles of ``product`` from the store at ``store_uri``, optionally filtered.
 
     Filters (computed once at construction from the small per-tile arrays): ``bbox`` (lon_min, lat_min,
     lon_max, lat_max) on the tile centre, ``start`` / ``end`` (inclusive dates; tiles without a date are
-    dropped when either is given), ``platform`` (one name or several).
+    dropped when either is given), ``platform`` (one name or several), ``split`` ("train" / "holdout": a
+    deterministic split by tile identity, a tile is held out when its `holdout_score` < ``holdout_fraction``;
+    training uses "train", evaluation "holdout").
 
     Each sample is a dict: ``pixel_values`` float32 (C, H, W) in [-1, 1] (resized to ``resolution`` when
     given, and then ``metadata`` carries the effective GSD), ``metadata`` float32 (7,) (`SatMetadata.encode`),
@@ -54,6 +76,8 @@ class TileDataset(Dataset):
         transform: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
         storage_options: Mapping[str, Any] | None = None,
         return_latents: bool = False,
+        split: Literal["train", "holdout"] | None = None,
+        holdout_fraction: float = 0.1,
     ) -> None:
         self.store_uri = store_uri
         self.product = product
@@ -61,6 +85,10 @@ class TileDataset(Dataset):
         self.transform = transform
         self.storage_options = dict(storage_options or {})
         self.return_latents = return_latents
+        if split not in (None, "train", "holdout"):
+            raise ValueError(f"split must be 'train', 'holdout' or None, got {split!r}")
+        self.split = split
+        self.holdout_fraction = holdout_fraction
         store = DatasetStore.open(store_uri, storage_options=storage_options, read_only=True)
         group = store.product_group(product)
         n = store.n_tiles(product)
@@ -88,6 +116,9 @@ class TileDataset(Dataset):
         if platform is not None:
             wanted = [platform] if isinstance(platform, str) else list(platform)
             keep &= np.isin(platforms.astype(object), wanted)
+        if split is not None:
+            held = holdout_mask(group["item_id"][:n], np.asarray(group["window"][:n]), holdout_fraction)
+            keep &= held if split == "holdout" else ~held
         self.indices = np.nonzero(keep)[0]
         self._meta = {name: values[self.indices] for name, values in meta.items()}
         self._captions = group["caption"][:n][self.indices]
@@ -162,4 +193,4 @@ class TileDataset(Dataset):
         )
 
 
-__all__ = ["TileDataset"]
+__all__ = ["TileDataset", "holdout_mask", "holdout_score"]

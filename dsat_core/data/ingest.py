@@ -140,7 +140,10 @@ def ingest_items(
                     client = own_client = Client(scheduler_address)
                 else:
                     own_cluster = LocalCluster(
-                        n_workers=n_workers, threads_per_worker=1, processes=True, dashboard_address=":0"
+                        n_workers=n_workers,
+                        threads_per_worker=1,
+                        processes=True,
+                        dashboard_address="127.0.0.1:0",  # ":0" binds every interface
                     )
                     client = own_client = Client(own_cluster)
             workers = max(1, len(client.scheduler_info(n_workers=-1).get("workers", {})) or n_workers)

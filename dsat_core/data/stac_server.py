@@ -12,7 +12,7 @@ import time
 import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pystac
@@ -55,6 +55,7 @@ class StacServer:
     url: str
     process: subprocess.Popen
     workdir: Path
+    extra_dirs: list[Path] = field(default_factory=list)
 
     def stop(self) -> None:
         if self.process.poll() is None:
@@ -63,25 +64,30 @@ class StacServer:
                 self.process.wait(timeout=10)
             except subprocess.TimeoutExpired:
                 self.process.kill()
-        shutil.rmtree(self.workdir, ignore_errors=True)
+        for folder in (self.workdir, *self.extra_dirs):
+            shutil.rmtree(folder, ignore_errors=True)
 
 
-def start_stac_server(
-    items: list[dict], *, host: str = "127.0.0.1", port: int | None = None, timeout: float = 30.0
+def start_rustac(
+    args: list[str],
+    cwd: str | Path,
+    *,
+    host: str = "127.0.0.1",
+    port: int | None = None,
+    timeout: float = 30.0,
 ) -> StacServer:
-    """Serve `items` (each with a `collection`) as a STAC API; returns once `/collections` answers."""
+    """Run `rustac serve ARGS --addr HOST:PORT` in `cwd`; returns once `/collections` answers."""
     port = port or free_port(host)
     workdir = Path(tempfile.mkdtemp(prefix="dsat-stac-"))
-    ndjson = workdir / "items.ndjson"
-    ndjson.write_text("".join(json.dumps(item) + "\n" for item in items))
-    log = (workdir / "rustac.log").open("w")
-    cmd = [_rustac(), "serve", str(ndjson), "--create-collections", "--addr", f"{host}:{port}"]
-    process = subprocess.Popen(cmd, cwd=workdir, stdout=log, stderr=subprocess.STDOUT)
+    log_path = workdir / "rustac.log"
+    with log_path.open("w") as log:
+        cmd = [_rustac(), "serve", *args, "--addr", f"{host}:{port}"]
+        process = subprocess.Popen(cmd, cwd=cwd, stdout=log, stderr=subprocess.STDOUT)
     server = StacServer(url=f"http://{host}:{port}", process=process, workdir=workdir)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            message = (workdir / "rustac.log").read_text()[-2000:]
+            message = log_path.read_text()[-2000:]
             server.stop()
             raise RuntimeError(f"rustac serve exited with {process.returncode}: {message}")
         try:
@@ -92,6 +98,23 @@ def start_stac_server(
             time.sleep(0.1)
     server.stop()
     raise TimeoutError(f"STAC API at {server.url} did not answer within {timeout} s")
+
+
+def start_stac_server(
+    items: list[dict], *, host: str = "127.0.0.1", port: int | None = None, timeout: float = 30.0
+) -> StacServer:
+    """Serve `items` (each with a `collection`) as a STAC API."""
+    folder = Path(tempfile.mkdtemp(prefix="dsat-items-"))
+    (folder / "items.ndjson").write_text("".join(json.dumps(item) + "\n" for item in items))
+    try:
+        server = start_rustac(
+            ["items.ndjson", "--create-collections"], folder, host=host, port=port, timeout=timeout
+        )
+    except Exception:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
+    server.extra_dirs.append(folder)
+    return server
 
 
 @contextmanager

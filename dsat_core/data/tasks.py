@@ -49,7 +49,7 @@ from torch.utils.data import Dataset
 from dsat_core.data.dataset import TileDataset
 from dsat_core.data.store import DatasetStore, StoreError
 from dsat_core.evaluation.image_ops import rgb_band_indices
-from dsat_core.metadata import SatMetadata
+from dsat_core.metadata import SatMetadata, effective_gsd
 
 Task = Literal["sr", "temporal", "inpaint"]
 TASKS: tuple[str, ...] = ("sr", "temporal", "inpaint")
@@ -242,6 +242,9 @@ class SuperResolutionDataset(_TaskDataset):
             store_uri, cond_product, resolution=resolution, storage_options=storage_options
         )
         recipe.band_indices(self.cond_tiles.bands)  # fail early on unknown bands
+        self.resolution = resolution
+        store = DatasetStore.open(store_uri, storage_options=storage_options, read_only=True)
+        self._cond_tile_side = int(min(store.product_group(cond_product).attrs["tile_size"]))
         tcols = _tile_columns(store_uri, target_product, storage_options)
         ccols = _tile_columns(store_uri, cond_product, storage_options)
         cond_pos = {
@@ -283,10 +286,10 @@ class SuperResolutionDataset(_TaskDataset):
         cond_sample = self.cond_tiles[cond_pos]
         frame = self.degradation.apply(cond_sample["pixel_values"], self.cond_tiles.bands)
         meta = self.cond_tiles.metadata(cond_pos)
-        gsd = SatMetadata.decode(
-            cond_sample["metadata"].double().numpy(), cond_sample["metadata_mask"].numpy()
-        ).gsd
-        if gsd is not None:  # effective GSD of the (resized) tile × the degradation factor
+        if meta.gsd is not None:  # effective GSD of the (resized) tile × the degradation factor
+            gsd = meta.gsd
+            if self.resolution is not None and self._cond_tile_side != self.resolution:
+                gsd = effective_gsd(gsd, self._cond_tile_side, self.resolution)
             meta = meta.replace(gsd=gsd * self.degradation.factor)
         vector, mask = _encode(meta)
         sample.update(

@@ -75,6 +75,11 @@ _UNSUPPORTED_UNET_FEATURES: dict[str, Any] = {
 }
 
 
+def _as_tuple(value: Any) -> Any:
+    """Lists (as JSON configs give them back) → tuples; scalars and None unchanged."""
+    return tuple(value) if isinstance(value, list | tuple) else value
+
+
 def zero_module(module: nn.Module) -> nn.Module:
     for param in module.parameters():
         nn.init.zeros_(param)
@@ -216,9 +221,7 @@ class ControlNet3D(ModelMixin, ConfigMixin):
             freq_shift=freq_shift,
             down_block_types=tuple(down_block_types),
             mid_block_type=mid_block_type,
-            only_cross_attention=only_cross_attention
-            if isinstance(only_cross_attention, bool)
-            else tuple(only_cross_attention),
+            only_cross_attention=_as_tuple(only_cross_attention),
             block_out_channels=tuple(block_out_channels),
             layers_per_block=layers_per_block,
             downsample_padding=downsample_padding,
@@ -227,15 +230,9 @@ class ControlNet3D(ModelMixin, ConfigMixin):
             norm_num_groups=norm_num_groups,
             norm_eps=norm_eps,
             cross_attention_dim=cross_attention_dim,
-            transformer_layers_per_block=transformer_layers_per_block
-            if isinstance(transformer_layers_per_block, int)
-            else tuple(transformer_layers_per_block),
-            attention_head_dim=attention_head_dim
-            if isinstance(attention_head_dim, int) or attention_head_dim is None
-            else tuple(attention_head_dim),
-            num_attention_heads=num_attention_heads
-            if isinstance(num_attention_heads, int | None)
-            else tuple(num_attention_heads),
+            transformer_layers_per_block=_as_tuple(transformer_layers_per_block),
+            attention_head_dim=_as_tuple(attention_head_dim),
+            num_attention_heads=_as_tuple(num_attention_heads),
             use_linear_projection=use_linear_projection,
             upcast_attention=upcast_attention,
             resnet_time_scale_shift=resnet_time_scale_shift,

@@ -77,26 +77,43 @@ class SatUNet(UNet2DConditionModel):
                 module.to(dtype=param.dtype)
         return sat
 
-    def get_class_embed(self, sample: torch.Tensor, class_labels: Any) -> torch.Tensor | None:
-        # `forward` passes (metadata, mask) through diffusers' class-embedding hook; the result is
-        # added to the time embedding by `UNet2DConditionModel.forward`.
+    def embed_metadata(
+        self, metadata: torch.Tensor | None, mask: torch.Tensor | None, batch: int, device: torch.device
+    ) -> torch.Tensor | None:
+        """float32 metadata embedding (batch, time_embed_dim), or None when `use_metadata=False`.
+
+        It does not depend on the timestep: samplers can compute it once and pass `metadata_embeds`.
+        """
         if self.metadata_embedding is None:
             return None
-        metadata, mask = class_labels
-        batch = sample.shape[0]
         num_fields = self.config.num_metadata_fields
         if metadata is None:
-            metadata = torch.zeros(batch, num_fields, device=sample.device)
-            mask = torch.zeros(batch, num_fields, dtype=torch.bool, device=sample.device)
-        metadata = metadata.to(sample.device)
+            metadata = torch.zeros(batch, num_fields, device=device)
+            mask = torch.zeros(batch, num_fields, dtype=torch.bool, device=device)
+        metadata = metadata.to(device)
         if mask is not None:
-            mask = mask.to(sample.device)
+            mask = mask.to(device)
         if metadata.shape[0] != batch:
             if metadata.shape[0] != 1:
                 raise ValueError(f"metadata batch {metadata.shape[0]} does not match sample batch {batch}")
             metadata = metadata.expand(batch, -1)
             mask = None if mask is None else mask.expand(batch, -1)
-        return self.metadata_embedding(metadata, mask).to(dtype=sample.dtype)
+        return self.metadata_embedding(metadata, mask)
+
+    def get_class_embed(self, sample: torch.Tensor, class_labels: Any) -> torch.Tensor | None:
+        # `forward` passes (metadata, mask, embeds) through diffusers' class-embedding hook; the result
+        # is added to the time embedding by `UNet2DConditionModel.forward`.
+        if self.metadata_embedding is None:
+            return None
+        metadata, mask, embeds = class_labels
+        batch = sample.shape[0]
+        if embeds is None:
+            embeds = self.embed_metadata(metadata, mask, batch, sample.device)
+        elif embeds.shape[0] != batch:
+            if embeds.shape[0] != 1:
+                raise ValueError(f"metadata_embeds batch {embeds.shape[0]} != sample batch {batch}")
+            embeds = embeds.expand(batch, -1)
+        return embeds.to(dtype=sample.dtype)
 
     def forward(
         self,
@@ -106,6 +123,7 @@ class SatUNet(UNet2DConditionModel):
         metadata: torch.Tensor | None = None,
         metadata_mask: torch.Tensor | None = None,
         return_dict: bool = True,
+        metadata_embeds: torch.Tensor | None = None,
         **kwargs: Any,
     ) -> UNet2DConditionOutput | tuple:
         """Predict noise / v for `sample` at `timestep`.
@@ -113,6 +131,8 @@ class SatUNet(UNet2DConditionModel):
         Args:
             metadata: encoded metadata (B, 7) as from `SatMetadata.encode`; None → all fields missing.
             metadata_mask: bool (B, 7), True where a field is present; None → all present (if metadata given).
+            metadata_embeds: precomputed `embed_metadata(...)` output (B, time_embed_dim); replaces
+                `metadata` / `metadata_mask` (saves recomputing it at every sampling step).
             kwargs: any other `UNet2DConditionModel.forward` argument (e.g. ControlNet residuals).
         """
         if "class_labels" in kwargs:
@@ -121,7 +141,7 @@ class SatUNet(UNet2DConditionModel):
             sample,
             timestep,
             encoder_hidden_states,
-            class_labels=(metadata, metadata_mask),
+            class_labels=(metadata, metadata_mask, metadata_embeds),
             return_dict=return_dict,
             **kwargs,
         )

@@ -105,8 +105,9 @@ class _ExternalWeightsEncoder(TextEncoder):
         if not path.is_dir():
             raise FileNotFoundError(f"{cls.__name__}: no such folder {path}")
         encoder = cls._load(path, **kwargs)
-        if kwargs.get("torch_dtype") is not None:
-            encoder.to(dtype=kwargs["torch_dtype"])
+        dtype = kwargs.get("torch_dtype") or kwargs.get("dtype")
+        if isinstance(dtype, torch.dtype):
+            encoder.to(dtype=dtype)
         return encoder.eval()
 
 

@@ -203,6 +203,10 @@ class DiffusionSatPipeline(DiffusionPipeline):
         else:
             latents = latents.to(device=device, dtype=unet_dtype)
 
+        # the metadata embedding does not depend on the timestep: compute it once
+        total = len(metadata_values)
+        metadata_embeds = self.unet.embed_metadata(metadata_values, metadata_mask, total, device)
+
         self.scheduler.set_timesteps(num_inference_steps, device=device)
         latents = latents * self.scheduler.init_noise_sigma
         step_kwargs = self._extra_step_kwargs(generator)
@@ -216,6 +220,7 @@ class DiffusionSatPipeline(DiffusionPipeline):
                 encoder_hidden_states,
                 metadata=metadata_values,
                 metadata_mask=metadata_mask,
+                metadata_embeds=metadata_embeds,
                 return_dict=False,
             )[0]
             chunks = pred.chunk(num_branches)

@@ -24,7 +24,10 @@ def split_caption(caption: str) -> tuple[str, list[tuple[str, str]]]:
 
 
 def drop_caption(caption: str, p_caption: float, p_phrase: float, generator: torch.Generator) -> str:
-    """With probability `p_caption` return "" (unconditional); else drop each optional phrase with `p_phrase`."""
+    """With probability `p_caption` return "" (unconditional), else drop each optional phrase with `p_phrase`.
+
+    The head phrase (e.g. "a satellite image") always stays.
+    """
     draws = torch.rand(1 + len(split_caption(caption)[1]), generator=generator).tolist()
     if draws[0] < p_caption:
         return ""

@@ -1,4 +1,4 @@
-"""`TrainConfig`: every knob of `train_diffusionsat`, typed, JSON round-trippable and settable from the CLI."""
+"""`TrainConfig`: every knob of `train_diffusionsat`, typed, JSON round-trippable, settable from the CLI."""
 
 from __future__ import annotations
 
@@ -95,6 +95,7 @@ class TrainConfig(BaseModel):
     )
     mlflow_experiment: str = "diffusionsat"
     mlflow_run_name: str | None = None
+    mlflow_parent_run_id: str | None = Field(default=None, description="nest the run under this pipeline run")
     registered_model_name: str | None = None
     save_pipeline: bool = True
 

@@ -127,8 +127,14 @@ def precompute_latents(
             raise ValueError(
                 f"{store_uri}/{product}: VAE gave non-finite latents for tiles {begin}..{rows[-1]}"
             )
-        write_latents(store_uri, product, latents, begin, {**attrs, "encoded_tiles": rows[-1] + 1},
-                      storage_options=storage_options)  # fmt: skip
+        write_latents(
+            store_uri,
+            product,
+            latents,
+            begin,
+            {**attrs, "encoded_tiles": rows[-1] + 1},
+            storage_options=storage_options,
+        )
     return LatentCacheResult(store_uri, product, vae_id, n, max(0, n - start), latent_shape)
 
 
@@ -150,12 +156,16 @@ class CachedLatentDataset(torch.utils.data.Dataset):
         arr = group["latents"]
         attrs = dict(arr.attrs)
         if vae_id is not None and attrs.get("vae_id") != vae_id:
-            raise ValueError(f"{tiles.store_uri}/{tiles.product}: latents come from VAE {attrs.get('vae_id')!r}, "
-                             f"not {vae_id!r}")  # fmt: skip
+            raise ValueError(
+                f"{tiles.store_uri}/{tiles.product}: latents come from VAE {attrs.get('vae_id')!r}, "
+                f"not {vae_id!r}"
+            )
         rows = np.asarray(tiles.indices, dtype=np.int64)
         if len(rows) and rows.max() >= int(attrs.get("encoded_tiles", 0)):
-            raise ValueError(f"{tiles.store_uri}/{tiles.product}: tiles beyond row {attrs.get('encoded_tiles', 0)} "
-                             "have no cached latents (run precompute_latents)")  # fmt: skip
+            raise ValueError(
+                f"{tiles.store_uri}/{tiles.product}: tiles beyond row {attrs.get('encoded_tiles', 0)} "
+                "have no cached latents (run precompute_latents)"
+            )
         latents = np.asarray(arr[: int(rows.max()) + 1] if len(rows) else arr[:0])[rows]
         if not np.isfinite(latents).all():
             raise ValueError(f"{tiles.store_uri}/{tiles.product}: the latent cache has non-finite rows")

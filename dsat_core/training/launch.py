@@ -1,4 +1,4 @@
-"""Build and run the multi-process launch command for training (the Prefect flow calls these; no prefect here)."""
+"""Build and run the multi-process launch command of training (the Prefect flow calls these)."""
 
 from __future__ import annotations
 
@@ -56,12 +56,23 @@ def build_launch_command(
         if nnodes == 1 and not rdzv_endpoint:
             cmd.append("--standalone")
         else:
-            cmd += [f"--node_rank={node_rank}", "--rdzv_backend=c10d", f"--rdzv_endpoint={rdzv_endpoint}",
-                    "--rdzv_id=dsat-train"]  # fmt: skip
+            cmd += [
+                f"--node_rank={node_rank}",
+                "--rdzv_backend=c10d",
+                f"--rdzv_endpoint={rdzv_endpoint}",
+                "--rdzv_id=dsat-train",
+            ]
         return [*cmd, "-m", script_module, *script_args]
     if launcher == "accelerate":
-        cmd = [python, "-m", "accelerate.commands.launch", f"--num_processes={nproc * nnodes}",
-               f"--num_machines={nnodes}", f"--machine_rank={node_rank}"]  # fmt: skip
+        cmd = [
+            python,
+            "-m",
+            "accelerate.commands.launch",
+            f"--num_processes={nproc * nnodes}",
+            f"--num_machines={nnodes}",
+            f"--machine_rank={node_rank}",
+            "--dynamo_backend=no",
+        ]
         if nproc * nnodes > 1:
             cmd.append("--multi_gpu")
         if mixed_precision:
@@ -80,7 +91,7 @@ def run_training_subprocess(
     env: Mapping[str, str] | None = None,
     cwd: str | None = None,
 ) -> int:
-    """Run `cmd`, streaming each stdout/stderr line (without newline) to `log_callback`; return the exit code."""
+    """Run `cmd`, streaming each stdout/stderr line (no newline) to `log_callback`; return the exit code."""
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     with subprocess.Popen(
         cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1, env=full_env, cwd=cwd

@@ -72,6 +72,7 @@ class MlflowTracker(NullTracker):
         experiment: str,
         run_name: str | None = None,
         run_id: str | None = None,
+        parent_run_id: str | None = None,
     ):
         import mlflow
 
@@ -80,7 +81,12 @@ class MlflowTracker(NullTracker):
         self.tracking_uri = tracking_uri
         if run_id is None:
             mlflow.set_experiment(experiment)
-            run = mlflow.start_run(run_name=run_name)
+            # Nested under a pipeline run (the UI groups them) when a parent is given.
+            tags = {"mlflow.parentRunId": parent_run_id} if parent_run_id else None
+            run = mlflow.start_run(run_name=run_name, tags=tags)
+            commit = git_commit()
+            if commit:
+                mlflow.set_tag("git_commit", commit)
         else:
             run = mlflow.start_run(run_id=run_id)
         self.run_id = run.info.run_id
@@ -120,7 +126,7 @@ class MlflowTracker(NullTracker):
         lineage: Mapping[str, Any] | None = None,
         pip_requirements: Iterable[str] | None = None,
     ) -> str | None:
-        """Log the pipeline folder as an MLflow pyfunc model named `pipeline`; register it when a name is given.
+        """Log the pipeline folder as the MLflow pyfunc model `pipeline`; register it when a name is given.
 
         Returns the registered model version (str) or None.
         """
@@ -171,3 +177,17 @@ def _pip_requirements() -> list[str]:
 def default_tracking_uri(output_dir: str | Path) -> str:
     """`MLFLOW_TRACKING_URI` if set, else a sqlite database in the output folder."""
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path(output_dir).resolve() / 'mlflow.db'}"
+
+
+def git_commit(path: str | Path | None = None) -> str | None:
+    """The commit of the code that runs (None outside a git checkout)."""
+    import subprocess
+
+    folder = Path(path) if path else Path(__file__).resolve().parent
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=folder, capture_output=True, text=True, timeout=10, check=True
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None

@@ -57,13 +57,7 @@ from dsat_core.training.ema import EMA
 from dsat_core.training.losses import diffusion_loss, diffusion_target, make_noise_scheduler
 from dsat_core.training.mlflow_logging import MlflowTracker, NullTracker, default_tracking_uri, image_grid
 from dsat_core.training.sampler import ResumableBatchSampler
-from dsat_core.training.train_diffusionsat import (
-    Components,
-    TrainResult,
-    _micro_batch_seed,
-    _state_hash,
-    build_components,
-)
+from dsat_core.training.train_diffusionsat import Components, TrainResult, build_components, weights_sha256
 
 logger = logging.getLogger("dsat_core.training.controlnet")
 PIPELINE_ARTIFACT = "controlnet_pipeline"
@@ -147,6 +141,29 @@ class TrainControlNetConfig(TrainConfig):
 
 
 # ---------------------------------------------------------------------------- building blocks
+def _micro_batch_seed(seed: int, rank: int, step: int, micro: int) -> int:
+    """Independent, reproducible seed per (run seed, rank, optimizer step, micro-batch)."""
+    return int(np.random.SeedSequence([seed, rank, step, micro]).generate_state(1, np.uint64)[0] >> 1)
+
+
+def _make_accelerator(mixed_precision: str) -> Accelerator:
+    """Accelerator with cpu=True without CUDA (only then does accelerate set up gloo under torchrun).
+
+    A single-process caller that trains again with another precision gets accelerate's process-wide state
+    reset instead of an error.
+    """
+    from accelerate.state import AcceleratorState
+
+    kwargs = {"mixed_precision": mixed_precision, "cpu": not torch.cuda.is_available()}
+    try:
+        return Accelerator(**kwargs)
+    except ValueError as err:
+        if "already been initialized" not in str(err) or AcceleratorState().num_processes != 1:
+            raise
+        AcceleratorState._reset_state()
+        return Accelerator(**kwargs)
+
+
 def build_base(config: TrainControlNetConfig) -> Components:
     """The frozen base: UNet, VAE, text encoder (all requires_grad False, eval mode)."""
     if config.base_model:
@@ -367,8 +384,7 @@ def _register_pipeline(
 # ---------------------------------------------------------------------------- training
 def train(config: TrainControlNetConfig) -> TrainResult:
     """Run (or resume) ControlNet training as configured."""
-    # cpu=True without CUDA: accelerate only sets up gloo for torchrun's CPU processes when told it is on CPU
-    accelerator = Accelerator(mixed_precision=config.mixed_precision, cpu=not torch.cuda.is_available())
+    accelerator = _make_accelerator(config.mixed_precision)
     device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
     output_dir = Path(config.output_dir)
     if accelerator.is_main_process:
@@ -467,6 +483,7 @@ def train(config: TrainControlNetConfig) -> TrainResult:
             config.mlflow_experiment,
             run_name=config.mlflow_run_name,
             run_id=run_id,
+            parent_run_id=config.mlflow_parent_run_id,
         )
         tracker.log_params(
             {
@@ -560,7 +577,7 @@ def train(config: TrainControlNetConfig) -> TrainResult:
         pipeline_dir, version = None, None
         if world > 1:  # evidence that every rank holds the same ControlNet weights
             (output_dir / "rank_weights").mkdir(parents=True, exist_ok=True)
-            (output_dir / "rank_weights" / f"rank{rank}.sha256").write_text(_state_hash(base))
+            (output_dir / "rank_weights" / f"rank{rank}.sha256").write_text(weights_sha256(base.state_dict()))
         accelerator.wait_for_everyone()
         if accelerator.is_main_process and global_step >= config.max_steps and config.save_pipeline:
             pipeline_dir = output_dir / "pipeline"

@@ -125,12 +125,20 @@ def _micro_batch_seed(seed: int, rank: int, step: int, micro: int) -> int:
     return int(np.random.SeedSequence([seed, rank, step, micro]).generate_state(1, np.uint64)[0] >> 1)
 
 
-def _state_hash(module: nn.Module) -> str:
+def weights_sha256(state: dict[str, torch.Tensor]) -> str:
+    """sha256 over a state dict (names and fp32 values), to compare weights across ranks or files."""
     digest = hashlib.sha256()
-    for name, tensor in sorted(module.state_dict().items()):
+    for name, tensor in sorted(state.items()):
         digest.update(name.encode())
         digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
     return digest.hexdigest()
+
+
+def _trained_state(unet: nn.Module, projection: nn.Module | None) -> dict[str, torch.Tensor]:
+    state = {f"unet.{k}": v for k, v in unet.state_dict().items()}
+    if projection is not None:
+        state.update({f"text_projection.{k}": v for k, v in projection.state_dict().items()})
+    return state
 
 
 def _lineage(config: TrainConfig, dataset: TileDataset) -> dict[str, Any]:
@@ -227,8 +235,12 @@ def train(config: TrainConfig) -> TrainResult:
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
         config.to_json(output_dir / "train_config.json")
-    logging.basicConfig(level=logging.INFO if accelerator.is_main_process else logging.WARNING,
-                        format="%(asctime)s %(name)s %(message)s", stream=sys.stdout, force=True)  # fmt: skip
+    logging.basicConfig(
+        level=logging.INFO if accelerator.is_main_process else logging.WARNING,
+        format="%(asctime)s %(name)s %(message)s",
+        stream=sys.stdout,
+        force=True,
+    )
     set_seed(config.seed)
 
     parts = build_components(config)
@@ -253,14 +265,26 @@ def train(config: TrainConfig) -> TrainResult:
             config.resolution,
             storage_options=config.storage_options,
         ):
-            precompute_latents(config.store_uri, config.product, parts.vae, config.train_batch_size,
-                               resolution=config.resolution, vae_id=vae_id,
-                               storage_options=config.storage_options)  # fmt: skip
+            precompute_latents(
+                config.store_uri,
+                config.product,
+                parts.vae,
+                config.train_batch_size,
+                resolution=config.resolution,
+                vae_id=vae_id,
+                storage_options=config.storage_options,
+            )
         accelerator.wait_for_everyone()
     tiles = TileDataset(
-        config.store_uri, config.product, bbox=config.bbox, start=config.start, end=config.end,
-        platform=config.platform, resolution=config.resolution, storage_options=config.storage_options,
-    )  # fmt: skip
+        config.store_uri,
+        config.product,
+        bbox=config.bbox,
+        start=config.start,
+        end=config.end,
+        platform=config.platform,
+        resolution=config.resolution,
+        storage_options=config.storage_options,
+    )
     dataset = CachedLatentDataset(tiles, vae_id) if config.use_cached_latents else tiles
 
     # optimisation
@@ -288,9 +312,16 @@ def train(config: TrainConfig) -> TrainResult:
     checkpoint = resolve_checkpoint(output_dir, config.resume_from_checkpoint)
     if checkpoint is not None:
         state = load_checkpoint(
-            checkpoint, unet=base_unet, optimizer=optimizer, lr_scheduler=lr_scheduler, ema=ema,
-            text_projection=parts.text_projection, scaler=accelerator.scaler, process_index=rank, device=device,
-        )  # fmt: skip
+            checkpoint,
+            unet=base_unet,
+            optimizer=optimizer,
+            lr_scheduler=lr_scheduler,
+            ema=ema,
+            text_projection=parts.text_projection,
+            scaler=accelerator.scaler,
+            process_index=rank,
+            device=device,
+        )
         global_step, last_loss, run_id = (
             state["global_step"],
             state.get("last_loss", last_loss),
@@ -309,10 +340,20 @@ def train(config: TrainConfig) -> TrainResult:
         )
 
     accum = config.gradient_accumulation_steps
-    sampler = ResumableBatchSampler(len(dataset), config.train_batch_size, seed=config.seed, rank=rank,
-                                    world_size=world, start_batch=global_step * accum)  # fmt: skip
-    loader = DataLoader(dataset, batch_sampler=sampler, num_workers=config.dataloader_num_workers,
-                        persistent_workers=config.dataloader_num_workers > 0)  # fmt: skip
+    sampler = ResumableBatchSampler(
+        len(dataset),
+        config.train_batch_size,
+        seed=config.seed,
+        rank=rank,
+        world_size=world,
+        start_batch=global_step * accum,
+    )
+    loader = DataLoader(
+        dataset,
+        batch_sampler=sampler,
+        num_workers=config.dataloader_num_workers,
+        persistent_workers=config.dataloader_num_workers > 0,
+    )
     batches = iter(loader)
     end_step = min(config.max_steps, config.stop_at_step or config.max_steps)
 
@@ -322,22 +363,45 @@ def train(config: TrainConfig) -> TrainResult:
     if accelerator.is_main_process and config.use_mlflow:
         tracker = MlflowTracker(
             config.mlflow_tracking_uri or default_tracking_uri(output_dir),
-            config.mlflow_experiment, run_name=config.mlflow_run_name, run_id=run_id,
-        )  # fmt: skip
-        tracker.log_params({**config.flat_params(), "world_size": world, "trainable_text_projection":
-                            parts.text_projection is not None, "n_train_tiles": len(dataset)})  # fmt: skip
+            config.mlflow_experiment,
+            run_name=config.mlflow_run_name,
+            run_id=run_id,
+            parent_run_id=config.mlflow_parent_run_id,
+        )
+        tracker.log_params(
+            {
+                **config.flat_params(),
+                "world_size": world,
+                "trainable_text_projection": parts.text_projection is not None,
+                "n_train_tiles": len(dataset),
+            }
+        )
         tracker.log_lineage(lineage)
     val_inputs = _validation_inputs(config, tiles) if config.validation_steps else None
 
     def checkpoint_now() -> None:
         save_checkpoint(
-            output_dir, global_step, unet=base_unet, optimizer=optimizer, lr_scheduler=lr_scheduler, ema=ema,
-            text_projection=parts.text_projection, scaler=accelerator.scaler,
-            extra_state={"last_loss": last_loss, "mlflow_run_id": tracker.run_id, "world_size": world,
-                         "micro_batches_seen": global_step * accum, "store_content_hash": lineage["content_hash"]},
-            is_main_process=accelerator.is_main_process, process_index=rank, device=device,
-            wait_for_everyone=accelerator.wait_for_everyone, total_limit=config.checkpoints_total_limit,
-        )  # fmt: skip
+            output_dir,
+            global_step,
+            unet=base_unet,
+            optimizer=optimizer,
+            lr_scheduler=lr_scheduler,
+            ema=ema,
+            text_projection=parts.text_projection,
+            scaler=accelerator.scaler,
+            extra_state={
+                "last_loss": last_loss,
+                "mlflow_run_id": tracker.run_id,
+                "world_size": world,
+                "micro_batches_seen": global_step * accum,
+                "store_content_hash": lineage["content_hash"],
+            },
+            is_main_process=accelerator.is_main_process,
+            process_index=rank,
+            device=device,
+            wait_for_everyone=accelerator.wait_for_everyone,
+            total_limit=config.checkpoints_total_limit,
+        )
 
     status = "FAILED"
     try:
@@ -371,8 +435,11 @@ def train(config: TrainConfig) -> TrainResult:
             if not math.isfinite(last_loss):
                 raise FloatingPointError(f"loss is {last_loss} at step {global_step}")
             if global_step % config.log_every == 0 or global_step == end_step:
-                metrics = {"loss": last_loss, "lr": lr_scheduler.get_last_lr()[0],
-                           "step_time_s": time.perf_counter() - tic}  # fmt: skip
+                metrics = {
+                    "loss": last_loss,
+                    "lr": lr_scheduler.get_last_lr()[0],
+                    "step_time_s": time.perf_counter() - tic,
+                }
                 tracker.log_metrics(metrics, step=global_step)
                 if accelerator.is_main_process:
                     with open(output_dir / "metrics.jsonl", "a") as log:
@@ -391,15 +458,24 @@ def train(config: TrainConfig) -> TrainResult:
         pipeline_dir, version = None, None
         if world > 1:  # evidence that every rank holds the same weights
             (output_dir / "rank_weights").mkdir(parents=True, exist_ok=True)
-            (output_dir / "rank_weights" / f"rank{rank}.sha256").write_text(_state_hash(base_unet))
+            (output_dir / "rank_weights" / f"rank{rank}.sha256").write_text(
+                weights_sha256(_trained_state(base_unet, parts.text_projection))
+            )
         accelerator.wait_for_everyone()
         finished = global_step >= config.max_steps
         if accelerator.is_main_process and finished and config.save_pipeline:
             pipeline_dir = output_dir / "pipeline"
             _save_pipeline(base_unet, ema, parts, pipeline_dir)
             version = tracker.log_pipeline(pipeline_dir, config.registered_model_name, lineage=lineage)
-        result = TrainResult(str(output_dir), global_step, last_loss, tracker.run_id,
-                             str(pipeline_dir) if pipeline_dir else None, version, world)  # fmt: skip
+        result = TrainResult(
+            str(output_dir),
+            global_step,
+            last_loss,
+            tracker.run_id,
+            str(pipeline_dir) if pipeline_dir else None,
+            version,
+            world,
+        )
         if accelerator.is_main_process:
             result.to_json(output_dir / "train_result.json")
         status = "FINISHED"
@@ -459,8 +535,12 @@ def _save_pipeline(base_unet, ema, parts: Components, pipeline_dir: Path) -> Non
         if dtype != torch.float32:
             module.to(torch.float32)
     with ema.swapped_in(base_unet) if ema is not None else nullcontext():
-        pipe = DiffusionSatPipeline(unet=base_unet, vae=parts.vae, text_encoder=parts.text_encoder,
-                                    scheduler=DDIMScheduler.from_config(scheduler_config()))  # fmt: skip
+        pipe = DiffusionSatPipeline(
+            unet=base_unet,
+            vae=parts.vae,
+            text_encoder=parts.text_encoder,
+            scheduler=DDIMScheduler.from_config(scheduler_config()),
+        )
         pipe.save_pretrained(str(pipeline_dir), safe_serialization=True)
     for module, dtype in dtypes.items():
         if dtype != torch.float32:

@@ -1,0 +1,197 @@
+"""The main job end to end on the sample scenes shipped in `catalogs/samples` (CPU, minutes).
+
+A STAC API (rustac) on 127.0.0.1 over the samples → `refresh-dataset` → the small offline VAE →
+`train-diffusionsat` (tiny) → `train-controlnet` (sr) → `evaluate` (generation and sr), all as Prefect flows
+under one parent flow `main-job`, logged to MLflow (sqlite in the output folder) under one parent run.
+Rerunning is safe: the store adds nothing new and training resumes from its last checkpoint.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from prefect import flow, get_run_logger, task
+from pydantic import BaseModel, Field
+
+from dsat_core.data.catalog import CATALOG_DIR
+from dsat_core.data.stac_server import serve_static_catalog
+from dsat_core.training.config import TrainConfig
+from dsat_core.training.train_controlnet import TrainControlNetConfig
+from dsat_core.training.train_vae import VAETrainConfig, VAETrainResult, train_vae
+from flows.evaluate import EvaluateParams, EvaluateResult, evaluate
+from flows.refresh_dataset import RefreshParams, RefreshResult, refresh_dataset
+from flows.train_controlnet import TrainControlNetParams, train_controlnet
+from flows.train_diffusionsat import TrainDiffusionSatParams, train_diffusionsat
+from flows.training import LaunchParams, TrainingRunResult
+
+SAMPLES_CATALOG = CATALOG_DIR / "samples" / "catalog" / "catalog.json"
+
+
+class DemoParams(BaseModel):
+    output_dir: str = "demo-output"
+    resolution: int = Field(32, description="training resolution (the 64 px sample tiles are resized)")
+    vae_steps: int = 300
+    train_steps: int = 300
+    controlnet_steps: int = 150
+    eval_samples: int = 16
+    eval_steps: int = 20
+    seed: int = 0
+
+
+class DemoResult(BaseModel):
+    store: RefreshResult
+    vae: dict
+    diffusionsat: TrainingRunResult
+    controlnet_sr: TrainingRunResult
+    evaluation: dict[str, EvaluateResult]
+    mlflow_tracking_uri: str
+
+
+@task(name="train-vae")
+def train_vae_task(config: VAETrainConfig) -> VAETrainResult:
+    """The small offline VAE (skipped when the folder already holds one)."""
+    done = Path(config.output_dir) / "train_result.json"
+    if done.is_file():
+        import json
+
+        data = json.loads(done.read_text())
+        data.pop("config", None)
+        return VAETrainResult(**data)
+    return train_vae(config)
+
+
+EXPERIMENTS = ("main-job", "diffusionsat", "diffusionsat-controlnet", "evaluate")
+
+
+def _parent_run(tracking_uri: str, artifacts: Path) -> str:
+    """Create the experiments with artifacts beside the database, and open the parent run."""
+    import mlflow
+
+    mlflow.set_tracking_uri(tracking_uri)
+    client = mlflow.MlflowClient()
+    for name in EXPERIMENTS:
+        if client.get_experiment_by_name(name) is None:
+            client.create_experiment(name, artifact_location=(artifacts / name).as_uri())
+    mlflow.set_experiment("main-job")
+    with mlflow.start_run(run_name="main-job") as run:
+        return run.info.run_id
+
+
+@flow(name="main-job", log_prints=True)
+def main_job(params: DemoParams = DemoParams()) -> DemoResult:
+    logger = get_run_logger()
+    out = Path(params.output_dir).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    tracking_uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{out / 'mlflow.db'}"
+    os.environ["MLFLOW_TRACKING_URI"] = tracking_uri
+    parent = _parent_run(tracking_uri, out / "mlartifacts")
+    store_uri = str(out / "store.zarr")
+
+    with serve_static_catalog(SAMPLES_CATALOG, "local-samples") as stac_api:
+        logger.info("STAC API over the sample scenes at %s", stac_api)
+        store = refresh_dataset(
+            RefreshParams(catalog="local-samples", store_uri=store_uri, stac_api=stac_api)
+        )
+
+    vae = train_vae_task(
+        VAETrainConfig(
+            store_uri,
+            str(out / "vae"),
+            resolution=params.resolution,
+            max_steps=params.vae_steps,
+            seed=params.seed,
+        )
+    )
+    common = dict(
+        store_uri=store_uri,
+        resolution=params.resolution,
+        vae=vae.vae_dir,
+        seed=params.seed,
+        mlflow_tracking_uri=tracking_uri,
+        mlflow_parent_run_id=parent,
+        use_ema=False,
+        learning_rate=5e-4,
+        lr_warmup_steps=20,
+        train_batch_size=8,
+        dataloader_num_workers=0,
+    )
+    diffusionsat = train_diffusionsat(
+        TrainDiffusionSatParams(
+            train=TrainConfig(
+                **common,
+                output_dir=str(out / "diffusionsat"),
+                max_steps=params.train_steps,
+                checkpointing_steps=100,
+                checkpoints_total_limit=2,
+                validation_steps=params.train_steps,
+                registered_model_name="diffusionsat-demo",
+                mlflow_run_name="train-diffusionsat",
+            ),
+            launch=LaunchParams(nproc_per_node=1),
+        )
+    )
+    controlnet = train_controlnet(
+        TrainControlNetParams(
+            train=TrainControlNetConfig(
+                **common,
+                task="sr",
+                base_model=diffusionsat.pipeline_dir,
+                output_dir=str(out / "controlnet-sr"),
+                max_steps=params.controlnet_steps,
+                checkpointing_steps=50,
+                checkpoints_total_limit=2,
+                validation_steps=params.controlnet_steps,
+                registered_model_name="diffusionsat-controlnet-sr-demo",
+                mlflow_run_name="train-controlnet-sr",
+            ),
+            launch=LaunchParams(nproc_per_node=1),
+        )
+    )
+    evaluation = {
+        kind: evaluate(
+            EvaluateParams(
+                pipeline_dir=pipeline,
+                store_uri=store_uri,
+                kind=kind,
+                n_samples=params.eval_samples,
+                steps=params.eval_steps,
+                seed=params.seed,
+                mlflow_tracking_uri=tracking_uri,
+                parent_run_id=parent,
+                output_dir=str(out / f"evaluate-{kind}"),
+            )
+        )
+        for kind, pipeline in (("generation", diffusionsat.pipeline_dir), ("sr", controlnet.pipeline_dir))
+    }
+    return DemoResult(
+        store=store,
+        vae=vae.__dict__,
+        diffusionsat=diffusionsat,
+        controlnet_sr=controlnet,
+        evaluation=evaluation,
+        mlflow_tracking_uri=tracking_uri,
+    )
+
+
+def run_demo(output: Path, steps: int | None = None) -> DemoResult:
+    """Run `main-job` and print where to look."""
+    params = DemoParams(output_dir=str(output))
+    if steps is not None:
+        params = params.model_copy(update={"train_steps": steps, "controlnet_steps": max(1, steps // 2)})
+    result = main_job(params)
+    out = Path(params.output_dir).resolve()
+    print("\n=== DiffusionSat main job finished ===")
+    print(f"store:        {result.store.store_uri} (hash {result.store.content_hash[:12]}…)")
+    print(
+        f"models:       {result.diffusionsat.pipeline_dir}\n              {result.controlnet_sr.pipeline_dir}"
+    )
+    for kind, ev in result.evaluation.items():
+        shown = ", ".join(f"{k}={v:.4g}" for k, v in sorted(ev.metrics.items())[:8])
+        print(f"evaluate {kind}: {shown}")
+    print(f"samples:      {out}/evaluate-generation, {out}/evaluate-sr")
+    db = result.mlflow_tracking_uri
+    print(
+        f"MLflow UI:    mlflow ui --backend-store-uri {db} --host 127.0.0.1 --port 5000  → http://127.0.0.1:5000"
+    )
+    return result

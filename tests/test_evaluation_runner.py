@@ -1,0 +1,283 @@
+"""Evaluation runner and report on tiny pipelines and a small store: metrics, baselines on the same tiles,
+per-tile rows, quality map, sensitivity report and STAC output."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import EVAL_HOLDOUT
+from PIL import Image
+
+from dsat_core.data.dataset import TileDataset
+from dsat_core.data.tasks import DegradationRecipe
+from dsat_core.evaluation import bicubic_upsample, paired_metrics, to_rgb, validate_catalog
+from dsat_core.evaluation.report import (
+    evaluation_sensitivity,
+    make_sample_fn,
+    metadata_sensitivity,
+    plot_sensitivity,
+    reference_images,
+    sample_grid,
+    write_quality_map,
+    write_stac,
+)
+from dsat_core.evaluation.runner import (
+    evaluate_controlnet,
+    evaluate_generation,
+    load_pipeline,
+    nearest_distance,
+)
+from dsat_core.pipelines import DiffusionSatPipeline
+
+STEPS = 2
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def held_rows(eval_store: str) -> list[int]:
+    rows = TileDataset(eval_store, split="holdout", holdout_fraction=EVAL_HOLDOUT).indices.tolist()
+    assert 4 <= len(rows) < 36  # the fixture's store holds a usable, proper subset out
+    return rows
+
+
+def _unit(x: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.asarray(x)).double() / 255.0
+
+
+def test_generation_fid_kid_on_held_out_tiles_and_skips_unavailable_metrics(
+    eval_store: str, tiny_pipelines: dict[str, Path], held_rows: list[int]
+) -> None:
+    n = 11  # more samples than the 9 held-out tiles: metadata and captions cycle
+    result = evaluate_generation(
+        tiny_pipelines["generation"],
+        eval_store,
+        n_samples=n,
+        num_inference_steps=STEPS,
+        guidance_scale=1.0,
+        seed=7,
+        batch_size=4,
+        holdout_fraction=EVAL_HOLDOUT,
+        metrics=("fid", "kid", "is", "clip"),
+        max_real=6,
+    )
+    m = result.metrics
+    assert {"fid", "kid_mean", "kid_std"} <= m.keys()
+    assert all(math.isfinite(v) for v in m.values())
+    assert m["fid"] > 0 and m["n_fake"] == n and m["n_real"] == 6
+    # IS and CLIP have no local model here: recorded with the reason, not failed, not faked
+    assert "logits" in result.skipped["is"] and "CLIP" in result.skipped["clip"]
+    assert not {"is_mean", "clip_score"} & m.keys()
+    assert result.images.dtype == np.uint8 and result.images.shape == (n, 3, 16, 16)
+    assert result.real_images.shape == (6, 3, 16, 16)
+
+    # conditioning comes from held-out tiles only, in order, cycling; seeds are seed + i
+    rows = [r["tile_index"] for r in result.records]
+    assert rows == [held_rows[i % len(held_rows)] for i in range(n)]
+    assert [r["seed"] for r in result.records] == list(range(7, 7 + n))
+    tiles = TileDataset(eval_store)
+    for rec, meta in zip(result.records, result.metadata, strict=True):
+        stored = tiles.metadata(rec["tile_index"])
+        assert rec["lon"] == pytest.approx(stored.lon, abs=1e-4) and meta.lat == pytest.approx(
+            stored.lat, abs=1e-4
+        )
+        assert rec["caption"] == tiles[rec["tile_index"]]["caption"]
+        assert rec["nearest_real_distance"] > 0
+
+    # any sample can be regenerated alone from its recorded seed, metadata and caption
+    pipe = load_pipeline(tiny_pipelines["generation"], DiffusionSatPipeline)
+    k = 5
+    alone = pipe(
+        result.prompts[k],
+        metadata=result.metadata[k],
+        num_inference_steps=STEPS,
+        guidance_scale=1.0,
+        generator=torch.Generator().manual_seed(result.records[k]["seed"]),
+        output_type="np",
+    ).images[0]
+    again = (np.clip(alone, 0, 1) * 255).round().astype(np.uint8).transpose(2, 0, 1)
+    assert np.abs(again.astype(int) - result.images[k].astype(int)).max() <= 1
+
+
+def test_sr_model_and_bicubic_scored_on_the_same_tiles(
+    eval_store: str, tiny_pipelines: dict[str, Path], held_rows: list[int]
+) -> None:
+    result = evaluate_controlnet(
+        tiny_pipelines["sr"],
+        eval_store,
+        "sr",
+        n=5,
+        steps=STEPS,
+        seed=3,
+        batch_size=3,
+        holdout_fraction=EVAL_HOLDOUT,
+    )
+    assert result.baseline == "bicubic"
+    for name in ("psnr", "ssim"):
+        assert math.isfinite(result.metrics[f"{name}/model"]) and math.isfinite(
+            result.metrics[f"{name}/bicubic"]
+        )
+    assert "lpips" in result.skipped and "lpips/model" not in result.metrics
+    assert len(result.records) == 5 == len(result.images) == len(result.baselines) == len(result.targets)
+    assert {r["tile_index"] for r in result.records} <= set(held_rows)
+
+    # recompute the baseline of each row from the store, independently of the runner
+    rgb, ms = TileDataset(eval_store, "rgb"), TileDataset(eval_store, "multispectral")
+    ms_row = {(ms[i]["item_id"], tuple(ms.metadata(i).to_dict().values())): i for i in range(len(ms))}
+    recipe = DegradationRecipe()
+    for rec, base_img, target_img in zip(result.records, result.baselines, result.targets, strict=True):
+        target = rgb[rec["tile_index"]]
+        key = (target["item_id"], tuple(rgb.metadata(rec["tile_index"]).to_dict().values()))
+        cond = ms[ms_row[key]]["pixel_values"]
+        low = recipe.lowres(cond, ms.bands)
+        expected = ((bicubic_upsample(to_rgb(low, ms.bands)[None].double(), 16)[0] + 1) / 2).clamp(0, 1)
+        truth = ((target["pixel_values"].double() + 1) / 2)[None]
+        psnr = paired_metrics(expected[None], truth, 1.0).mean["psnr"]
+        assert rec["psnr_baseline"] == pytest.approx(psnr, abs=1e-6)
+        np.testing.assert_allclose(_unit(target_img), truth[0], atol=0.5 / 255 + 1e-9)
+        np.testing.assert_allclose(_unit(base_img), expected, atol=0.5 / 255 + 1e-9)
+        # the model's row is scored against the same target
+        model_psnr = paired_metrics(_unit(result.images[rec["sample"]])[None], truth, 1.0).mean["psnr"]
+        assert rec["psnr_model"] == pytest.approx(model_psnr, abs=0.1)
+    for name in ("psnr", "ssim"):
+        assert result.metrics[f"{name}/model"] == pytest.approx(
+            np.mean([r[f"{name}_model"] for r in result.records])
+        )
+        assert result.metrics[f"{name}/bicubic"] == pytest.approx(
+            np.mean([r[f"{name}_baseline"] for r in result.records])
+        )
+    table = result.table()
+    assert table["psnr_model"] == [r["psnr_model"] for r in result.records] and len(table["lon"]) == 5
+
+
+def test_temporal_baseline_is_the_nearest_date_frame(
+    eval_store: str, tiny_pipelines: dict[str, Path], held_rows: list[int]
+) -> None:
+    result = evaluate_controlnet(
+        tiny_pipelines["temporal"], eval_store, "temporal", n=4, steps=STEPS, holdout_fraction=EVAL_HOLDOUT
+    )
+    assert result.baseline == "nearest_date" and math.isfinite(result.metrics["psnr/nearest_date"])
+    tiles = TileDataset(eval_store)
+    for rec, base_img in zip(result.records, result.baselines, strict=True):
+        assert rec["tile_index"] in held_rows  # the target is held out (its frames need not be)
+        target = tiles.metadata(rec["tile_index"])
+        same_place = [
+            i for i in range(len(tiles))
+            if i != rec["tile_index"] and abs(tiles.metadata(i).lon - target.lon) < 1e-9
+            and abs(tiles.metadata(i).lat - target.lat) < 1e-9
+        ]  # fmt: skip
+        gaps = {i: abs((_date(tiles.metadata(i)) - _date(target)).days) for i in same_place}
+        nearest = min(gaps, key=lambda i: (gaps[i], _date(tiles.metadata(i))))
+        expected = ((tiles[nearest]["pixel_values"].double() + 1) / 2).clamp(0, 1)
+        np.testing.assert_allclose(_unit(base_img), expected, atol=0.5 / 255 + 1e-9)
+
+
+def _date(meta):
+    from datetime import date
+
+    return date(meta.year, meta.month, meta.day)
+
+
+def test_inpaint_rows_keep_known_pixels_and_score_the_hole(
+    eval_store: str, tiny_pipelines: dict[str, Path]
+) -> None:
+    result = evaluate_controlnet(
+        tiny_pipelines["inpaint"], eval_store, "inpaint", n=3, steps=STEPS, holdout_fraction=EVAL_HOLDOUT
+    )
+    m = result.metrics
+    assert {"psnr_hole/model", "psnr_hole/classical_inpaint", "psnr/gain"} <= m.keys()
+    # the hole is where the output may differ: PSNR over the hole only is lower than over the whole image
+    assert m["psnr_hole/model"] <= m["psnr/model"] + 1e-9
+    assert m["psnr_hole/classical_inpaint"] <= m["psnr/classical_inpaint"] + 1e-9
+    assert all(math.isfinite(r["psnr_hole_model"]) for r in result.records)
+
+    # the sensitivity report works around a ControlNet too (conditioning, image and mask kept fixed)
+    report = evaluation_sensitivity(
+        result,
+        tiny_pipelines["inpaint"],
+        num_inference_steps=STEPS,
+        guidance_scale=1.0,
+        n=3,
+        fields_and_values={"month": [1, 7], "lat": [0.0]},
+    )
+    assert report["kind"] == "inpaint" and set(report["fields"]) == {"month", "lat"}
+    assert report["robustness"]["n"] == 3 and math.isfinite(report["robustness"]["error_increase"])
+
+
+def test_nearest_distance_matches_brute_force() -> None:
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=(7, 5)), rng.normal(size=(4, 5))
+    brute = np.sqrt(((a[:, None] - b[None]) ** 2).sum(-1)).min(1)
+    np.testing.assert_allclose(nearest_distance(a, b, chunk=3), brute, rtol=1e-10)
+    assert nearest_distance(b, b).max() < 1e-6
+
+
+def test_report_map_grid_sensitivity_and_stac(
+    eval_store: str, tiny_pipelines: dict[str, Path], tmp_path: Path
+) -> None:
+    result = evaluate_generation(
+        tiny_pipelines["generation"],
+        eval_store,
+        n_samples=4,
+        num_inference_steps=STEPS,
+        guidance_scale=1.0,
+        holdout_fraction=EVAL_HOLDOUT,
+        metrics=(),  # no Inception: the per-sample distance falls back to pixel space
+    )
+    assert result.params["nearest_real_space"] == "pixel" and "fid" not in result.metrics
+    png = write_quality_map(result, tmp_path / "map.png")
+    assert Image.open(png).size[0] > 400
+    grid = sample_grid(result)
+    assert grid.size == (2 + 2 * 18, 2 + 2 * 18)
+
+    pipe = load_pipeline(tiny_pipelines["generation"], DiffusionSatPipeline)
+    sample_fn = make_sample_fn(pipe, result.prompts, num_inference_steps=STEPS, guidance_scale=1.0)
+    base_fn = make_sample_fn(pipe, result.prompts[0], num_inference_steps=STEPS, guidance_scale=1.0)
+    values = {"lon": [-100.0, 100.0], "month": [1, 7], "cloud_cover": [0.0, 1.0]}
+    report = metadata_sensitivity(
+        base_fn,
+        result.metadata[0],
+        seed=0,
+        fields_and_values=values,
+        correct=result.metadata,
+        reference=reference_images(result.real_images[:4], (16, 16)),
+        robustness_fn=sample_fn,
+    )
+    assert set(report["fields"]) == set(values) and report["fields"]["lon"] > 0  # the metadata path is live
+    assert [v for v, _ in report["values"]["month"]] == [1, 7]
+    assert report["fields"]["month"] == pytest.approx(np.mean([c for _, c in report["values"]["month"]]))
+    rob = report["robustness"]
+    assert rob["mean_abs_change"] > 0 and rob["n"] == 4
+    assert rob["error_increase"] == pytest.approx(rob["error_wrong"] - rob["error_correct"])
+    json.dumps(report)  # JSON-ready
+    assert Image.open(plot_sensitivity(report, tmp_path / "sens.png")).format == "PNG"
+
+    catalog, count = write_stac(result, tmp_path / "stac", "models:/tiny@eval", "3")
+    assert count == 1 + 1 + 4 and validate_catalog(catalog) == count
+    item = json.loads(next((tmp_path / "stac").rglob("dsat-generation-000002.json")).read_text())
+    assert (
+        item["properties"]["dsat:seed"] == result.seeds[2] and item["properties"]["dsat:model_version"] == "3"
+    )
+    assert item["properties"]["dsat:prompt"] == result.prompts[2]
+
+
+def test_bad_inputs_raise_clear_errors(eval_store: str, tiny_pipelines: dict[str, Path]) -> None:
+    with pytest.raises(ValueError, match="no holdout tiles"):
+        evaluate_generation(tiny_pipelines["generation"], eval_store, n_samples=2, holdout_fraction=0.0)
+    with pytest.raises(ValueError, match="unknown generation metrics"):
+        evaluate_generation(tiny_pipelines["generation"], eval_store, metrics=("fid", "psnr"))
+    with pytest.raises(ValueError, match="conditioning channels"):
+        evaluate_controlnet(tiny_pipelines["sr"], eval_store, "temporal", n=1, holdout_fraction=EVAL_HOLDOUT)
+    with pytest.raises(FileNotFoundError, match="model_index.json"):
+        evaluate_controlnet(tiny_pipelines["sr"].parent, eval_store, "sr")
