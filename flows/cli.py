@@ -73,6 +73,72 @@ def _cmd_stac_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_train(args: argparse.Namespace) -> int:
+    from dsat_core.training.launch import build_launch_command, run_training_subprocess
+
+    module = {
+        "train": "dsat_core.training.train_diffusionsat",
+        "train-controlnet": "dsat_core.training.train_controlnet",
+    }[args.command]
+    cmd = build_launch_command(
+        module,
+        args.config,
+        nproc_per_node=args.nproc_per_node if args.nproc_per_node == "auto" else int(args.nproc_per_node),
+        nnodes=args.nnodes,
+        node_rank=args.node_rank,
+        rdzv_endpoint=args.rdzv_endpoint,
+        launcher=args.launcher,
+    )
+    print(" ".join(cmd), flush=True)
+    return run_training_subprocess(cmd, print)
+
+
+def _cmd_sample(args: argparse.Namespace) -> int:
+    import torch
+
+    from dsat_core.metadata import SatMetadata
+    from dsat_core.pipelines import DiffusionSatPipeline
+    from dsat_core.pipelines.export import save_samples
+
+    metadata = SatMetadata.from_datetime(
+        args.date, lon=args.lon, lat=args.lat, gsd=args.gsd, cloud_cover=args.cloud_cover
+    )
+    pipe = DiffusionSatPipeline.from_pretrained(args.model)
+    pipe.set_scheduler(args.scheduler)
+    seeds = [args.seed + i for i in range(args.num_images)]
+    images = [
+        pipe(
+            args.prompt,
+            metadata=metadata,
+            num_inference_steps=args.steps,
+            guidance_scale=args.guidance_scale,
+            generator=torch.Generator().manual_seed(seed),
+            output_type="np",
+        ).images[0]
+        for seed in seeds
+    ]
+    uint8 = [(image * 255).round().clip(0, 255).astype("uint8") for image in images]
+    for path in save_samples(uint8, [metadata] * len(seeds), args.out, prompt=args.prompt, seeds=seeds):
+        print(path)
+    return 0
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from flows.evaluate import EvaluateParams, evaluate
+
+    params = EvaluateParams(
+        pipeline_dir=None if args.model.startswith(("models:/", "runs:/")) else args.model,
+        model_uri=args.model if args.model.startswith(("models:/", "runs:/")) else None,
+        store_uri=args.store,
+        kind=args.kind,
+        n_samples=args.n_samples,
+        steps=args.steps,
+        output_dir=args.output,
+    )
+    print(evaluate(params).model_dump_json(indent=2))
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from flows.demo import run_demo
 
@@ -113,6 +179,41 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=7826)
     serve.set_defaults(func=_cmd_stac_serve)
+
+    for name, what in (("train", "DiffusionSat"), ("train-controlnet", "a 3D ControlNet task")):
+        train = sub.add_parser(name, help=f"train {what} (torchrun / accelerate on every GPU given)")
+        train.add_argument("--config", required=True, help="JSON training config (see dsat_core.training)")
+        train.add_argument("--nproc-per-node", default="auto", help="processes per node; auto = visible GPUs")
+        train.add_argument("--nnodes", type=int, default=1)
+        train.add_argument("--node-rank", type=int, default=0)
+        train.add_argument("--rdzv-endpoint", help="host:port of node 0 for multi-node runs")
+        train.add_argument("--launcher", choices=("torchrun", "accelerate"), default="torchrun")
+        train.set_defaults(func=_cmd_train)
+
+    sample = sub.add_parser("sample", help="generate images (PNG + GeoTIFF) for a prompt and metadata")
+    sample.add_argument("--model", required=True, help="a DiffusionSatPipeline folder")
+    sample.add_argument("--prompt", default="a satellite image")
+    sample.add_argument("--lat", type=float)
+    sample.add_argument("--lon", type=float)
+    sample.add_argument("--gsd", type=float, help="metres per pixel")
+    sample.add_argument("--cloud-cover", type=float, help="fraction 0-1")
+    sample.add_argument("--date", help="acquisition date, YYYY-MM-DD")
+    sample.add_argument("--num-images", type=int, default=1)
+    sample.add_argument("--steps", type=int, default=20)
+    sample.add_argument("--guidance-scale", type=float, default=3.0)
+    sample.add_argument("--scheduler", choices=("ddim", "dpm++"), default="ddim")
+    sample.add_argument("--seed", type=int, default=0)
+    sample.add_argument("--out", default="samples")
+    sample.set_defaults(func=_cmd_sample)
+
+    evaluate = sub.add_parser("evaluate", help="run the evaluate flow (metrics, maps, STAC output → MLflow)")
+    evaluate.add_argument("--model", required=True, help="pipeline folder or models:/… / runs:/… URI")
+    evaluate.add_argument("--store", required=True)
+    evaluate.add_argument("--kind", choices=("generation", "sr", "temporal", "inpaint"), default="generation")
+    evaluate.add_argument("--n-samples", type=int, default=64)
+    evaluate.add_argument("--steps", type=int, default=20)
+    evaluate.add_argument("--output", default="evaluate-output")
+    evaluate.set_defaults(func=_cmd_evaluate)
 
     demo = sub.add_parser("demo", help="the main job end to end on the shipped sample scenes (CPU, minutes)")
     demo.add_argument("--output", default="demo-output")

@@ -57,7 +57,9 @@ class EvaluateParams(BaseModel):
     logits_model: str | None = Field(None, description="local TorchScript classifier for Inception Score")
     clip_model: str | None = Field(None, description="local CLIP folder for CLIP score")
     lpips_weights: str | None = Field(None, description="local LPIPS weights for the ControlNet tasks")
-    degradation: dict[str, Any] = Field(default_factory=dict, description="sr: the training degradation")
+    degradation: dict[str, Any] = Field(
+        default_factory=dict, description="sr: the degradation (default: the one training recorded)"
+    )
     resolution: int | None = Field(None, description="ControlNet tasks: resize tiles (default: as stored)")
     sensitivity: bool = Field(True, description="metadata sensitivity + robustness report")
     sensitivity_samples: int = Field(8, ge=2, description="samples in the shuffled-metadata robustness check")
@@ -162,7 +164,7 @@ def run_evaluation(params: EvaluateParams, pipeline_dir: str) -> GenerationEval 
         steps=params.steps,
         guidance_scale=params.guidance(),
         cond_product=params.cond_product,
-        degradation=params.degradation,
+        degradation=params.degradation or None,
         resolution=params.resolution,
         lpips=params.lpips_weights,
         **common,

@@ -2,7 +2,7 @@
 
 import pytest
 
-from dsat_core.data.catalog import CatalogConfigError, load_catalog, list_catalogs
+from dsat_core.data.catalog import CatalogConfigError, list_catalogs, load_catalog
 
 
 @pytest.mark.parametrize("name", list_catalogs())
@@ -51,6 +51,9 @@ def test_unknown_catalog_lists_known_ones():
 
 def test_unknown_keys_are_rejected(tmp_path):
     bad = tmp_path / "typo.yaml"
-    bad.write_text("name: x\nstac_api: http://x\ncollections: [c]\nproducts: {rgb: {bands: [{name: red}]}}\ntile_sise: 3\n")
+    bad.write_text(
+        "name: x\nstac_api: http://x\ncollections: [c]\n"
+        "products: {rgb: {bands: [{name: red}]}}\ntile_sise: 3\n"
+    )
     with pytest.raises(CatalogConfigError, match="tile_sise"):
         load_catalog(bad)

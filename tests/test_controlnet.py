@@ -24,14 +24,6 @@ LATENT = 8  # latent side; the tiny VAE downsamples by 2 → 16 px frames
 FACTOR = 2
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def unet() -> SatUNet:
     torch.manual_seed(0)

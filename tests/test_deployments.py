@@ -245,6 +245,29 @@ def test_deploy_all_registers_every_deployment_with_pools_schedules_and_runtime_
     assert by_name["train-controlnet/sr"]["parameters"]["params"]["train"]["task"] == "sr"
 
 
+@pytest.mark.parametrize("kind", ["docker", "kubernetes"])
+def test_work_pool_templates_are_accepted_by_the_server(prefect_server: dict[str, str], kind: str) -> None:
+    """infra/work-pools/<kind>.json is a valid base job template (the server checks every placeholder)."""
+    api = prefect_server["PREFECT_API_URL"]
+    template = json.loads((REPO / "infra" / "work-pools" / f"{kind}.json").read_text())
+    made = httpx.post(
+        f"{api}/work_pools/",
+        json={"name": f"dsat-{kind}-check", "type": kind, "base_job_template": template},
+        timeout=10,
+    )
+    assert made.status_code == 201, made.text
+    stored = httpx.get(f"{api}/work_pools/dsat-{kind}-check", timeout=10).json()
+    assert stored["base_job_template"]["variables"]["properties"]["gpus"]["type"] == "integer"
+    broken = json.loads(json.dumps(template))
+    broken["job_configuration"]["image"] = "{{ not_a_variable }}"
+    refused = httpx.post(
+        f"{api}/work_pools/",
+        json={"name": f"dsat-{kind}-broken", "type": kind, "base_job_template": broken},
+        timeout=10,
+    )
+    assert refused.status_code == 422, refused.text
+
+
 def test_train_controlnet_sr_deployment_runs_on_a_worker_and_logs_to_mlflow(
     deployed: dict[str, str], tiny_inputs: dict[str, str], mlflow_server: str, tmp_path: Path
 ) -> None:

@@ -37,14 +37,6 @@ from dsat_core.pipelines import DiffusionSatPipeline
 STEPS = 2
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def held_rows(eval_store: str) -> list[int]:
     rows = TileDataset(eval_store, split="holdout", holdout_fraction=EVAL_HOLDOUT).indices.tolist()

@@ -16,14 +16,6 @@ from dsat_core.training.config import TrainConfig
 from dsat_core.training.latent_cache import latent_cache_info, precompute_latents, vae_fingerprint
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def test_latents_written_once_reused_and_incremental(tmp_path: Path) -> None:
     uri = make_synthetic_store(str(tmp_path / "s.zarr"), n_scenes=2, tiles_per_scene=4)
     vae = make_tiny_vae(seed=0)

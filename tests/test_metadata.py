@@ -11,9 +11,10 @@ from dsat_core.metadata import FIELD_NAMES, SatMetadata, decode_batch, effective
 def test_encoding_matches_spec_formula():
     meta = SatMetadata(lon=-63.9, lat=-8.74, gsd=30.0, cloud_cover=0.25, year=2019, month=7, day=27)
     vector, mask = meta.encode()
-    expected = np.array(
-        [(-63.9 + 180) / 360, (-8.74 + 90) / 180, 30.0, 0.25, (2019 - 1980) / 120, 7 / 12, 27 / 31]
-    ) * 1000
+    expected = (
+        np.array([(-63.9 + 180) / 360, (-8.74 + 90) / 180, 30.0, 0.25, (2019 - 1980) / 120, 7 / 12, 27 / 31])
+        * 1000
+    )
     np.testing.assert_allclose(vector, expected)
     assert mask.all()
 

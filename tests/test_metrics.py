@@ -49,7 +49,6 @@ def _smooth_images(seed: int, n: int, contrast: float) -> torch.Tensor:
 
 @pytest.fixture(scope="module")
 def inception() -> InceptionFeatures:
-    torch.set_num_threads(2)
     return InceptionFeatures()
 
 

@@ -25,15 +25,6 @@ from dsat_core.models import (
 CROSS_DIM = unet_config("tiny")["cross_attention_dim"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Tiny models on a shared 2-core machine: one thread is ~10x faster than oversubscribed threads."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _randomize(module: torch.nn.Module, seed: int = 0) -> None:
     """Give every parameter (including zero-initialised ones) random values."""
     gen = torch.Generator().manual_seed(seed)

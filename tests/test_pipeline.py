@@ -17,15 +17,6 @@ MD = SatMetadata(lon=-122.4, lat=37.8, gsd=0.5, cloud_cover=0.05, year=2019, mon
 STEPS = 3
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Tiny models on a shared 2-core machine: one thread is ~10x faster than oversubscribed threads."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _randomize_metadata_path(pipe: DiffusionSatPipeline, seed: int = 0) -> None:
     """A fresh metadata path outputs zero; give it weights so metadata changes samples."""
     gen = torch.Generator().manual_seed(seed)

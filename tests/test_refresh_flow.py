@@ -29,13 +29,21 @@ def test_refresh_writes_store_with_metadata_and_report(tmp_path, stac_api, real_
     from prefect.client.orchestration import get_client
 
     store_uri = str(tmp_path / "store.zarr")
-    params = RefreshParams(catalog=str(_catalog_yaml(tmp_path, tmp_path)), store_uri=store_uri, stac_api=stac_api)
+    params = RefreshParams(
+        catalog=str(_catalog_yaml(tmp_path, tmp_path)), store_uri=store_uri, stac_api=stac_api
+    )
     result = refresh_dataset(params)
 
-    assert sorted(result.items_added) == sorted(real_items)  # every scene ingested (tiles or recorded rejection)
+    assert sorted(result.items_added) == sorted(
+        real_items
+    )  # every scene ingested (tiles or recorded rejection)
     assert result.tiles_added["rgb"] > 50
     ds = xr.open_zarr(store_uri, group="rgb", consolidated=False)
-    assert ds["images"].dims == ("tile", "band", "y", "x") and list(ds["band"].values) == ["red", "green", "blue"]
+    assert ds["images"].dims == ("tile", "band", "y", "x") and list(ds["band"].values) == [
+        "red",
+        "green",
+        "blue",
+    ]
     for item_id in {str(i) for i in ds["item_id"].values}:
         item = real_items[item_id]
         west, south, east, north = item["bbox"]

@@ -27,14 +27,6 @@ MAX_LENGTH = 16
 WORDS = ["a", "satellite", "image", "of", "farm", "port", "city", "in", "greece"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _write_tokenizer(folder: Path) -> None:
     """A CLIP BPE tokenizer: single letters, letters ending a word, and whole-word merges for WORDS."""
     folder.mkdir(parents=True)

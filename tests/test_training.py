@@ -27,15 +27,6 @@ REPO = Path(__file__).resolve().parents[1]
 REAL_TIF = REPO.parent / "shared" / "data" / "real" / "landsat7_etm_bahamas_rgb_300m.tif"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """The CI box has 2 shared cores: tiny models run far faster single-threaded than oversubscribed."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def store(tmp_path_factory: pytest.TempPathFactory) -> str:
     from dsat_core.data.synthetic import make_synthetic_store
@@ -464,3 +455,14 @@ def test_mlflow_logs_params_metrics_images_lineage_and_registers_pipeline(store:
     assert pipe.unet.config.use_metadata
     assert no_pickles(Path(result.pipeline_dir)) == [] and no_pickles(tmp_path / "run") == []
     assert os.path.isfile(Path(result.output_dir) / "train_result.json")
+
+
+def test_mlflow_params_never_carry_credentials(tmp_path):
+    config = TrainConfig(
+        store_uri="s3://bucket/store.zarr",
+        output_dir=str(tmp_path),
+        storage_options={"endpoint_url": "http://127.0.0.1:9000", "key": "AKIA123", "secret": "s3cr3t"},
+    )
+    params = config.flat_params()
+    assert "s3cr3t" not in str(params) and "AKIA123" not in str(params)
+    assert "http://127.0.0.1:9000" in params["storage_options"]

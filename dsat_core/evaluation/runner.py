@@ -16,6 +16,7 @@ can be regenerated on its own.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -432,6 +433,12 @@ def _hole_psnr(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, cap
     return (10.0 * torch.log10(1.0 / (err / count))).clamp(max=cap).numpy()
 
 
+def _trained_degradation(pipeline_dir: Path) -> dict[str, Any] | None:
+    """The SR degradation recipe that training recorded beside the pipeline (``task.json``), if any."""
+    card = pipeline_dir / "task.json"
+    return json.loads(card.read_text()).get("degradation") if card.is_file() else None
+
+
 def evaluate_controlnet(
     pipeline: Any,
     store_uri: str,
@@ -459,7 +466,8 @@ def evaluate_controlnet(
     """SSIM / PSNR (+ LPIPS) of a `SatControlNetPipeline` and of the task baseline on the same held-out tiles.
 
     The first ``n`` samples of the task dataset (`dsat_core.data.tasks`) built on ``split``: for ``sr`` the
-    degradation recipe is ``degradation`` (must match training; default `DegradationRecipe()`), the baseline
+    degradation recipe is ``degradation`` (default: the one recorded in the pipeline's ``task.json`` by
+    training, else `DegradationRecipe()`), the baseline
     is bicubic upsampling of the degraded frame's RGB bands; for ``temporal`` the nearest-date conditioning
     frame; for ``inpaint`` the harmonic fill of the hole (and PSNR over the hole only, ``psnr_hole``).
     Guidance 1.0 by default, as for the paper's metrics. ``lpips``: a local LPIPS weight file / folder /
@@ -474,6 +482,8 @@ def evaluate_controlnet(
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
     pipe = load_pipeline(pipeline, SatControlNetPipeline, device)
+    if degradation is None and isinstance(pipeline, str | Path):
+        degradation = _trained_degradation(Path(pipeline))
     ds = _task_dataset(
         task,
         store_uri,

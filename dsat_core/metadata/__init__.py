@@ -10,4 +10,12 @@ from dsat_core.metadata.fields import (
     from_arrays,
 )
 
-__all__ = ["FIELD_NAMES", "NUM_FIELDS", "SatMetadata", "decode_batch", "effective_gsd", "encode_batch", "from_arrays"]
+__all__ = [
+    "FIELD_NAMES",
+    "NUM_FIELDS",
+    "SatMetadata",
+    "decode_batch",
+    "effective_gsd",
+    "encode_batch",
+    "from_arrays",
+]

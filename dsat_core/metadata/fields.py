@@ -160,4 +160,3 @@ def from_arrays(arrays: Mapping[str, Any], index: int) -> SatMetadata:
         else:
             values[name] = None if np.isnan(value) else float(value)
     return SatMetadata(**values)
-

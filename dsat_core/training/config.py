@@ -25,6 +25,10 @@ class TrainConfig(BaseModel):
     start: str | None = Field(default=None, description="ISO date: keep tiles acquired on/after it")
     end: str | None = Field(default=None, description="ISO date: keep tiles acquired on/before it")
     platform: str | None = None
+    split: Literal["train", "holdout"] | None = Field(
+        default="train", description="train on the train split; the holdout split is for evaluation"
+    )
+    holdout_fraction: float = Field(default=0.1, ge=0.0, lt=1.0)
     use_cached_latents: bool = False
     dataloader_num_workers: int = 0
 
@@ -130,9 +134,13 @@ class TrainConfig(BaseModel):
         return path
 
     def flat_params(self) -> dict[str, str]:
-        """Flattened string params for MLflow (nested values as JSON, capped at MLflow's 6000 chars)."""
+        """Flattened string params for MLflow (nested values as JSON, capped at MLflow's 6000 chars).
+
+        Values under secret-looking keys (e.g. `storage_options.secret`) are replaced by `***`.
+        """
         out = {}
         for key, value in self.model_dump().items():
+            value = redact_secrets(value)
             text = value if isinstance(value, str) else json.dumps(value)
             out[key] = text[:6000]
         return out
@@ -166,6 +174,21 @@ class TrainConfig(BaseModel):
             if raw is not None:
                 data[name] = _parse_cli_value(raw, field.annotation)
         return cls.model_validate(data)
+
+
+_SECRET_KEYS = ("key", "secret", "token", "password", "credential", "auth")
+
+
+def redact_secrets(value: Any) -> Any:
+    """A copy of nested dicts/lists with values under secret-looking keys replaced by `***`."""
+    if isinstance(value, dict):
+        return {
+            k: "***" if any(word in str(k).lower() for word in _SECRET_KEYS) else redact_secrets(v)
+            for k, v in value.items()
+        }
+    if isinstance(value, list | tuple):
+        return [redact_secrets(v) for v in value]
+    return value
 
 
 def _parse_cli_value(raw: str, annotation: Any) -> Any:

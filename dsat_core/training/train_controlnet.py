@@ -56,11 +56,13 @@ from dsat_core.training.config import TrainConfig
 from dsat_core.training.ema import EMA
 from dsat_core.training.losses import diffusion_loss, diffusion_target, make_noise_scheduler
 from dsat_core.training.mlflow_logging import MlflowTracker, NullTracker, default_tracking_uri, image_grid
+from dsat_core.training.runtime import make_accelerator, micro_batch_seed
 from dsat_core.training.sampler import ResumableBatchSampler
 from dsat_core.training.train_diffusionsat import Components, TrainResult, build_components, weights_sha256
 
 logger = logging.getLogger("dsat_core.training.controlnet")
 PIPELINE_ARTIFACT = "controlnet_pipeline"
+TASK_CARD = "task.json"
 
 
 class TrainControlNetConfig(TrainConfig):
@@ -119,9 +121,12 @@ class TrainControlNetConfig(TrainConfig):
                 ("start", self.start),
                 ("end", self.end),
                 ("platform", self.platform),
+                ("split", self.split),
             )
             if v is not None
         }
+        if self.split is not None:
+            filters["holdout_fraction"] = self.holdout_fraction
         return TaskSpec(
             task=self.task,
             store_uri=self.store_uri,
@@ -141,29 +146,6 @@ class TrainControlNetConfig(TrainConfig):
 
 
 # ---------------------------------------------------------------------------- building blocks
-def _micro_batch_seed(seed: int, rank: int, step: int, micro: int) -> int:
-    """Independent, reproducible seed per (run seed, rank, optimizer step, micro-batch)."""
-    return int(np.random.SeedSequence([seed, rank, step, micro]).generate_state(1, np.uint64)[0] >> 1)
-
-
-def _make_accelerator(mixed_precision: str) -> Accelerator:
-    """Accelerator with cpu=True without CUDA (only then does accelerate set up gloo under torchrun).
-
-    A single-process caller that trains again with another precision gets accelerate's process-wide state
-    reset instead of an error.
-    """
-    from accelerate.state import AcceleratorState
-
-    kwargs = {"mixed_precision": mixed_precision, "cpu": not torch.cuda.is_available()}
-    try:
-        return Accelerator(**kwargs)
-    except ValueError as err:
-        if "already been initialized" not in str(err) or AcceleratorState().num_processes != 1:
-            raise
-        AcceleratorState._reset_state()
-        return Accelerator(**kwargs)
-
-
 def build_base(config: TrainControlNetConfig) -> Components:
     """The frozen base: UNet, VAE, text encoder (all requires_grad False, eval mode)."""
     if config.base_model:
@@ -355,6 +337,14 @@ def _save_pipeline(base, ema, parts: Components, pipeline_dir: Path) -> None:
         pipe.save_pretrained(str(pipeline_dir), safe_serialization=True)
 
 
+def write_task_card(config: TrainControlNetConfig, pipeline_dir: Path) -> Path:
+    """`task.json` beside the pipeline: the task and its data recipe, so evaluation rebuilds its inputs."""
+    fields = {"task", "product", "cond_product", "degradation", "sequence_length", "direction", "mask_kind"}
+    path = Path(pipeline_dir) / TASK_CARD
+    path.write_text(json.dumps(config.model_dump(mode="json", include=fields), indent=1))
+    return path
+
+
 def _register_pipeline(
     tracker: Any, pipeline_dir: Path, name: str | None, lineage: dict[str, Any]
 ) -> str | None:
@@ -384,7 +374,7 @@ def _register_pipeline(
 # ---------------------------------------------------------------------------- training
 def train(config: TrainControlNetConfig) -> TrainResult:
     """Run (or resume) ControlNet training as configured."""
-    accelerator = _make_accelerator(config.mixed_precision)
+    accelerator = make_accelerator(config.mixed_precision)
     device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
     output_dir = Path(config.output_dir)
     if accelerator.is_main_process:
@@ -536,7 +526,7 @@ def train(config: TrainControlNetConfig) -> TrainResult:
             losses = []
             for micro in range(accum):
                 batch = next(batches)
-                gen = torch.Generator().manual_seed(_micro_batch_seed(config.seed, rank, global_step, micro))
+                gen = torch.Generator().manual_seed(micro_batch_seed(config.seed, rank, global_step, micro))
                 with accelerator.no_sync(model) if micro < accum - 1 else nullcontext():
                     loss = _loss(
                         batch, gen, model, parts, noise_scheduler, config, device, frozen_dtype, accelerator
@@ -582,6 +572,7 @@ def train(config: TrainControlNetConfig) -> TrainResult:
         if accelerator.is_main_process and global_step >= config.max_steps and config.save_pipeline:
             pipeline_dir = output_dir / "pipeline"
             _save_pipeline(base, ema, parts, pipeline_dir)
+            write_task_card(config, pipeline_dir)
             version = _register_pipeline(tracker, pipeline_dir, config.registered_model_name, lineage)
         result = TrainResult(
             str(output_dir),

@@ -59,6 +59,7 @@ from dsat_core.training.latent_cache import (
 )
 from dsat_core.training.losses import diffusion_loss, diffusion_target, make_noise_scheduler
 from dsat_core.training.mlflow_logging import MlflowTracker, NullTracker, default_tracking_uri, image_grid
+from dsat_core.training.runtime import make_accelerator, micro_batch_seed
 from dsat_core.training.sampler import ResumableBatchSampler
 
 logger = logging.getLogger("dsat_core.training")
@@ -118,11 +119,6 @@ def build_components(config: TrainConfig) -> Components:
     if config.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     return Components(unet, vae, text_encoder, projection)
-
-
-def _micro_batch_seed(seed: int, rank: int, step: int, micro: int) -> int:
-    """Independent, reproducible seed per (run seed, rank, optimizer step, micro-batch)."""
-    return int(np.random.SeedSequence([seed, rank, step, micro]).generate_state(1, np.uint64)[0] >> 1)
 
 
 def weights_sha256(state: dict[str, torch.Tensor]) -> str:
@@ -209,27 +205,9 @@ def sample_grid(
 
 
 # ---------------------------------------------------------------------------- training
-def _make_accelerator(config: TrainConfig) -> Accelerator:
-    """Accelerator for this run (cpu=True without CUDA: only then does accelerate set up gloo under torchrun).
-
-    accelerate keeps one process-wide state; a single-process caller (notebook, tests) that trains again
-    with another precision gets that state reset instead of an error.
-    """
-    from accelerate.state import AcceleratorState
-
-    kwargs = {"mixed_precision": config.mixed_precision, "cpu": not torch.cuda.is_available()}
-    try:
-        return Accelerator(**kwargs)
-    except ValueError as err:
-        if "already been initialized" not in str(err) or AcceleratorState().num_processes != 1:
-            raise
-        AcceleratorState._reset_state()
-        return Accelerator(**kwargs)
-
-
 def train(config: TrainConfig) -> TrainResult:
     """Run (or resume) training as configured; returns where things went and the final loss."""
-    accelerator = _make_accelerator(config)
+    accelerator = make_accelerator(config.mixed_precision)
     device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
     output_dir = Path(config.output_dir)
     if accelerator.is_main_process:
@@ -282,6 +260,8 @@ def train(config: TrainConfig) -> TrainResult:
         start=config.start,
         end=config.end,
         platform=config.platform,
+        split=config.split,
+        holdout_fraction=config.holdout_fraction,
         resolution=config.resolution,
         storage_options=config.storage_options,
     )
@@ -411,7 +391,7 @@ def train(config: TrainConfig) -> TrainResult:
             losses = []
             for micro in range(accum):
                 batch = next(batches)
-                gen = torch.Generator().manual_seed(_micro_batch_seed(config.seed, rank, global_step, micro))
+                gen = torch.Generator().manual_seed(micro_batch_seed(config.seed, rank, global_step, micro))
                 sync = accelerator.no_sync(unet) if micro < accum - 1 else nullcontext()
                 with sync:
                     loss = _loss(

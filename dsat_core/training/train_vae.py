@@ -47,7 +47,7 @@ class VAETrainResult:
 
 
 def _loader(config: VAETrainConfig, shuffle: bool) -> DataLoader:
-    dataset = TileDataset(config.store_uri, config.product, resolution=config.resolution)
+    dataset = TileDataset(config.store_uri, config.product, resolution=config.resolution, split="train")
     if len(dataset) == 0:
         raise ValueError(f"{config.store_uri}: product {config.product!r} has no tiles to train a VAE on")
     generator = torch.Generator().manual_seed(config.seed)
