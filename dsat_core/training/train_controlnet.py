@@ -17,10 +17,8 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import sys
-import time
 from contextlib import nullcontext
 from dataclasses import asdict
 from pathlib import Path
@@ -29,12 +27,9 @@ from typing import Any, Literal
 import numpy as np
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
 from diffusers import DDIMScheduler
-from diffusers.optimization import get_scheduler
 from pydantic import Field, model_validator
 from torch import nn
-from torch.utils.data import DataLoader
 
 from dsat_core.data.store import DatasetStore
 from dsat_core.data.tasks import TaskSpec, collate_task_batch, make_task_dataset
@@ -50,15 +45,12 @@ from dsat_core.models import (
 from dsat_core.models.controlnet3d import ControlNet3D, controlled_unet_forward, freeze
 from dsat_core.pipelines import DiffusionSatPipeline
 from dsat_core.pipelines.controlnet import SatControlNetPipeline
-from dsat_core.training.checkpointing import load_checkpoint, resolve_checkpoint, save_checkpoint
 from dsat_core.training.conditioning import drop_captions, drop_metadata
 from dsat_core.training.config import TrainConfig
-from dsat_core.training.ema import EMA
+from dsat_core.training.loop import TrainingRun, TrainResult, frozen_dtype, make_optimizer, start_run
 from dsat_core.training.losses import diffusion_loss, diffusion_target, make_noise_scheduler
-from dsat_core.training.mlflow_logging import MlflowTracker, NullTracker, default_tracking_uri, image_grid
-from dsat_core.training.runtime import make_accelerator, micro_batch_seed
-from dsat_core.training.sampler import ResumableBatchSampler
-from dsat_core.training.train_diffusionsat import Components, TrainResult, build_components, weights_sha256
+from dsat_core.training.mlflow_logging import MlflowTracker, image_grid
+from dsat_core.training.train_diffusionsat import Components, build_components
 
 logger = logging.getLogger("dsat_core.training.controlnet")
 PIPELINE_ARTIFACT = "controlnet_pipeline"
@@ -313,17 +305,6 @@ def sample_grid(
     return image_grid(images, columns=3)
 
 
-def _log_samples(base, ema, parts, dataset, picks, config, tracker, output_dir, step) -> None:
-    was_training = base.training
-    base.eval()
-    with ema.swapped_in(base) if ema is not None else nullcontext():
-        grid = sample_grid(base, parts, dataset, picks, config)
-    base.train(was_training)
-    (output_dir / "samples").mkdir(exist_ok=True)
-    grid.save(output_dir / "samples" / f"step-{step:06d}.png")
-    tracker.log_image(grid, key="samples", step=step)
-
-
 def _save_pipeline(base, ema, parts: Components, pipeline_dir: Path) -> None:
     """save_pretrained of the SatControlNetPipeline with the EMA ControlNet weights (all safetensors)."""
     with ema.swapped_in(base) if ema is not None else nullcontext():
@@ -374,222 +355,66 @@ def _register_pipeline(
 # ---------------------------------------------------------------------------- training
 def train(config: TrainControlNetConfig) -> TrainResult:
     """Run (or resume) ControlNet training as configured."""
-    accelerator = make_accelerator(config.mixed_precision)
-    device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
-    output_dir = Path(config.output_dir)
-    if accelerator.is_main_process:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        config.to_json(output_dir / "train_config.json")
-    logging.basicConfig(
-        level=logging.INFO if accelerator.is_main_process else logging.WARNING,
-        format="%(asctime)s %(name)s %(message)s",
-        stream=sys.stdout,
-        force=True,
-    )
-    set_seed(config.seed)
+    accelerator = start_run(config)
+    device, world = accelerator.device, accelerator.num_processes
 
     dataset = make_task_dataset(config.task_spec())
     parts = build_base(config)
-    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(config.mixed_precision, torch.float32)
-    frozen_dtype = weight_dtype if device.type == "cuda" else torch.float32
+    frozen = frozen_dtype(config, device)
     for module in (parts.vae, parts.text_encoder, parts.unet):
         module.to(device)
-        if frozen_dtype != torch.float32:
-            module.to(dtype=frozen_dtype)
+        if frozen != torch.float32:
+            module.to(dtype=frozen)
     controlnet = build_controlnet(config, parts.unet, parts.vae, dataset.conditioning_channels)
     noise_scheduler = make_noise_scheduler()
 
     trainable = [p for p in controlnet.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(
-        trainable,
-        lr=config.learning_rate,
-        betas=(config.adam_beta1, config.adam_beta2),
-        eps=config.adam_epsilon,
-        weight_decay=config.weight_decay,
-    )
-    lr_scheduler = get_scheduler(
-        config.lr_scheduler,
-        optimizer,
-        num_warmup_steps=config.lr_warmup_steps,
-        num_training_steps=config.max_steps,
-    )
-    model, optimizer = accelerator.prepare(controlnet, optimizer)
-    base = accelerator.unwrap_model(model)
-    ema = EMA(base, config.ema_decay, use_warmup=config.ema_warmup) if config.use_ema else None
+    optimizer, lr_scheduler = make_optimizer(trainable, config)
+    run = TrainingRun(config, accelerator, controlnet, optimizer, lr_scheduler, trainable, logger=logger)
 
-    global_step, last_loss, run_id = 0, float("nan"), None
-    checkpoint = resolve_checkpoint(output_dir, config.resume_from_checkpoint)
-    if checkpoint is not None:
-        state = load_checkpoint(
-            checkpoint,
-            unet=base,
-            optimizer=optimizer,
-            lr_scheduler=lr_scheduler,
-            ema=ema,
-            text_projection=None,
-            scaler=accelerator.scaler,
-            process_index=rank,
-            device=device,
-        )
+    def check_task(state: dict[str, Any], checkpoint: Path) -> None:
         if state.get("task", config.task) != config.task:
             raise ValueError(
                 f"checkpoint {checkpoint} is a {state['task']!r} ControlNet, config asks for {config.task!r}"
             )
-        global_step, last_loss, run_id = (
-            state["global_step"],
-            state.get("last_loss", last_loss),
-            state.get("mlflow_run_id"),
-        )
-        logger.info("resumed from %s at step %d", checkpoint, global_step)
-    elif config.resume_from_checkpoint:
-        logger.info(
-            "resume_from_checkpoint=%r: no checkpoint yet, starting at step 0", config.resume_from_checkpoint
-        )
 
-    accum = config.gradient_accumulation_steps
-    sampler = ResumableBatchSampler(
-        len(dataset),
-        config.train_batch_size,
-        seed=config.seed,
-        rank=rank,
-        world_size=world,
-        start_batch=global_step * accum,
-    )
-    loader = DataLoader(
-        dataset,
-        batch_sampler=sampler,
-        num_workers=config.dataloader_num_workers,
-        collate_fn=collate_task_batch,
-        persistent_workers=config.dataloader_num_workers > 0,
-    )
-    batches = iter(loader)
-    end_step = min(config.max_steps, config.stop_at_step or config.max_steps)
+    run.resume(check_task)
+    batches = run.batches(dataset, collate_fn=collate_task_batch)
 
-    tracker: NullTracker = NullTracker()
     lineage = _task_lineage(config, dataset)
-    if accelerator.is_main_process and config.use_mlflow:
-        tracker = MlflowTracker(
-            config.mlflow_tracking_uri or default_tracking_uri(output_dir),
-            config.mlflow_experiment,
-            run_name=config.mlflow_run_name,
-            run_id=run_id,
-            parent_run_id=config.mlflow_parent_run_id,
-        )
-        tracker.log_params(
-            {
-                **config.flat_params(),
-                **_flat_recipe(dataset.recipe),
-                "world_size": world,
-                "n_train_samples": len(dataset),
-                "conditioning_channels": dataset.conditioning_channels,
-                "controlnet_parameters": sum(p.numel() for p in trainable),
-            }
-        )
-        tracker.log_lineage(lineage)
+    run.track(
+        lineage,
+        {
+            **config.flat_params(),
+            **_flat_recipe(dataset.recipe),
+            "world_size": world,
+            "n_train_samples": len(dataset),
+            "conditioning_channels": dataset.conditioning_channels,
+            "controlnet_parameters": sum(p.numel() for p in trainable),
+        },
+    )
     picks = None
     if config.validation_steps:
         n = min(config.num_validation_samples, len(dataset))
         picks = np.linspace(0, len(dataset) - 1, n).round().astype(int).tolist()
 
-    def checkpoint_now() -> None:
-        save_checkpoint(
-            output_dir,
-            global_step,
-            unet=base,
-            optimizer=optimizer,
-            lr_scheduler=lr_scheduler,
-            ema=ema,
-            text_projection=None,
-            scaler=accelerator.scaler,
-            extra_state={
-                "last_loss": last_loss,
-                "mlflow_run_id": tracker.run_id,
-                "world_size": world,
-                "micro_batches_seen": global_step * accum,
-                "store_content_hash": lineage["content_hash"],
-                "task": config.task,
-                "recipe": dataset.recipe,
-                "model": "ControlNet3D",
-            },
-            is_main_process=accelerator.is_main_process,
-            process_index=rank,
-            device=device,
-            wait_for_everyone=accelerator.wait_for_everyone,
-            total_limit=config.checkpoints_total_limit,
-        )
+    def save_pipeline(pipeline_dir: Path) -> str | None:
+        _save_pipeline(run.base, run.ema, parts, pipeline_dir)
+        write_task_card(config, pipeline_dir)
+        return _register_pipeline(run.tracker, pipeline_dir, config.registered_model_name, lineage)
 
-    status = "FAILED"
-    try:
-        last_saved = global_step
-        while global_step < end_step:
-            tic = time.perf_counter()
-            losses = []
-            for micro in range(accum):
-                batch = next(batches)
-                gen = torch.Generator().manual_seed(micro_batch_seed(config.seed, rank, global_step, micro))
-                with accelerator.no_sync(model) if micro < accum - 1 else nullcontext():
-                    loss = _loss(
-                        batch, gen, model, parts, noise_scheduler, config, device, frozen_dtype, accelerator
-                    )
-                    accelerator.backward(loss / accum)
-                losses.append(loss.detach())
-            if config.max_grad_norm:
-                accelerator.clip_grad_norm_(trainable, config.max_grad_norm)
-            optimizer.step()
-            lr_scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            base.clamp_temporal_gates_()
-            global_step += 1
-            if ema is not None:
-                ema.step(base)
-            last_loss = float(accelerator.reduce(torch.stack(losses).mean(), reduction="mean").item())
-            if not math.isfinite(last_loss):
-                raise FloatingPointError(f"loss is {last_loss} at step {global_step}")
-            if global_step % config.log_every == 0 or global_step == end_step:
-                metrics = {
-                    "loss": last_loss,
-                    "lr": lr_scheduler.get_last_lr()[0],
-                    "step_time_s": time.perf_counter() - tic,
-                    **{f"temporal_gate_{k}": v for k, v in base.temporal_gate_values().items()},
-                }
-                tracker.log_metrics(metrics, step=global_step)
-                logger.info("step %d loss %.5f lr %.3g", global_step, last_loss, metrics["lr"])
-            if config.checkpointing_steps and global_step % config.checkpointing_steps == 0:
-                checkpoint_now()
-                last_saved = global_step
-            if picks and config.validation_steps and global_step % config.validation_steps == 0:
-                if accelerator.is_main_process:
-                    _log_samples(base, ema, parts, dataset, picks, config, tracker, output_dir, global_step)
-                accelerator.wait_for_everyone()
-        if global_step != last_saved:
-            checkpoint_now()
-
-        pipeline_dir, version = None, None
-        if world > 1:  # evidence that every rank holds the same ControlNet weights
-            (output_dir / "rank_weights").mkdir(parents=True, exist_ok=True)
-            (output_dir / "rank_weights" / f"rank{rank}.sha256").write_text(weights_sha256(base.state_dict()))
-        accelerator.wait_for_everyone()
-        if accelerator.is_main_process and global_step >= config.max_steps and config.save_pipeline:
-            pipeline_dir = output_dir / "pipeline"
-            _save_pipeline(base, ema, parts, pipeline_dir)
-            write_task_card(config, pipeline_dir)
-            version = _register_pipeline(tracker, pipeline_dir, config.registered_model_name, lineage)
-        result = TrainResult(
-            str(output_dir),
-            global_step,
-            last_loss,
-            tracker.run_id,
-            str(pipeline_dir) if pipeline_dir else None,
-            version,
-            world,
-        )
-        if accelerator.is_main_process:
-            result.to_json(output_dir / "train_result.json")
-        status = "FINISHED"
-        return result
-    finally:
-        tracker.end(status)
-        accelerator.end_training()
+    return run.fit(
+        lambda batch, gen: _loss(
+            batch, gen, run.model, parts, noise_scheduler, config, device, frozen, accelerator
+        ),
+        batches,
+        rank_state=lambda: run.base.state_dict(),
+        save_pipeline=save_pipeline,
+        extra_state={"task": config.task, "recipe": dataset.recipe, "model": "ControlNet3D"},
+        after_optimizer_step=lambda: run.base.clamp_temporal_gates_(),
+        extra_metrics=lambda: {f"temporal_gate_{k}": v for k, v in run.base.temporal_gate_values().items()},
+        sample_fn=(lambda model: sample_grid(model, parts, dataset, picks, config)) if picks else None,
+    )
 
 
 def _loss(

@@ -73,7 +73,7 @@ def train_vae(config: VAETrainConfig) -> VAETrainResult:
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            losses.append(float(loss))
+            losses.append(loss.item())
             if len(losses) % 50 == 0:
                 logger.info("vae step %d loss %.4f", len(losses), losses[-1])
             if len(losses) >= config.max_steps:
