@@ -81,7 +81,6 @@ def _parent_run(tracking_uri: str, artifacts: Path) -> str:
 @flow(name="main-job", log_prints=True)
 def main_job(params: DemoParams = DemoParams()) -> DemoResult:
     logger = get_run_logger()
-    out = Path(params.output_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
     tracking_uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{out / 'mlflow.db'}"
     os.environ["MLFLOW_TRACKING_URI"] = tracking_uri
@@ -180,7 +179,6 @@ def run_demo(output: Path, steps: int | None = None) -> DemoResult:
     if steps is not None:
         params = params.model_copy(update={"train_steps": steps, "controlnet_steps": max(1, steps // 2)})
     result = main_job(params)
-    out = Path(params.output_dir).resolve()
     print("\n=== DiffusionSat main job finished ===")
     print(f"store:        {result.store.store_uri} (hash {result.store.content_hash[:12]}…)")
     print(
