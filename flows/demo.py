@@ -81,6 +81,7 @@ def _parent_run(tracking_uri: str, artifacts: Path) -> str:
 @flow(name="main-job", log_prints=True)
 def main_job(params: DemoParams = DemoParams()) -> DemoResult:
     logger = get_run_logger()
+    out = Path(params.output_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
     tracking_uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{out / 'mlflow.db'}"
     os.environ["MLFLOW_TRACKING_URI"] = tracking_uri
