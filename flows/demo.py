@@ -148,10 +148,16 @@ def main_job(params: DemoParams = DemoParams()) -> DemoResult:
             launch=LaunchParams(nproc_per_node=1),
         )
     )
+    # Generation is evaluated from the registry (the version training just tagged `candidate`) and, once
+    # evaluated, promoted to `champion`; the SR ControlNet straight from its folder.
+    sources = {
+        "generation": {"model_uri": "models:/diffusionsat-demo@candidate", "promote_to": "champion"},
+        "sr": {"pipeline_dir": controlnet.pipeline_dir},
+    }
     evaluation = {
         kind: evaluate(
             EvaluateParams(
-                pipeline_dir=pipeline,
+                **source,
                 store_uri=store_uri,
                 kind=kind,
                 n_samples=params.eval_samples,
@@ -162,7 +168,7 @@ def main_job(params: DemoParams = DemoParams()) -> DemoResult:
                 output_dir=str(out / f"evaluate-{kind}"),
             )
         )
-        for kind, pipeline in (("generation", diffusionsat.pipeline_dir), ("sr", controlnet.pipeline_dir))
+        for kind, source in sources.items()
     }
     return DemoResult(
         store=store,

@@ -29,7 +29,7 @@ from dsat_core.evaluation.report import (
     write_stac,
 )
 from dsat_core.evaluation.runner import GenerationEval, PairedEval, evaluate_controlnet, evaluate_generation
-from dsat_core.evaluation.tracking import EvaluationRun, ModelSource, resolve_model
+from dsat_core.evaluation.tracking import EvaluationRun, ModelSource, registered_model_name, resolve_model
 
 Kind = Literal["generation", "sr", "temporal", "inpaint"]
 
@@ -73,6 +73,9 @@ class EvaluateParams(BaseModel):
         "evaluate", description="None with parent_run_id: the parent's experiment (nesting shows in the UI)"
     )
     parent_run_id: str | None = Field(None, description="nest the evaluation run under this run")
+    promote_to: str | None = Field(
+        None, description="after a successful run, set this alias (e.g. champion) on the registered version"
+    )
     run_name: str | None = None
     output_dir: str = "evaluate-output"
     device: str = "cpu"
@@ -253,6 +256,18 @@ def log_to_mlflow(
     return metrics
 
 
+@task(name="promote-model")
+def promote(params: EvaluateParams, source: ModelSource) -> str:
+    """Point alias `params.promote_to` at the evaluated registered model version."""
+    name = registered_model_name(source.uri)
+    if name is None:
+        raise ValueError(f"promote_to={params.promote_to!r} needs a registered model URI, got {source.uri!r}")
+    from mlflow import MlflowClient
+
+    MlflowClient(params.tracking_uri()).set_registered_model_alias(name, params.promote_to, source.version)
+    return f"models:/{name}@{params.promote_to}"
+
+
 # ---------------------------------------------------------------------------------------------- flow
 @flow(name="evaluate", log_prints=True)
 def evaluate(params: EvaluateParams) -> EvaluateResult:
@@ -283,6 +298,8 @@ def evaluate(params: EvaluateParams) -> EvaluateResult:
         run.end("FAILED")
         raise
     run.end("FINISHED")
+    if params.promote_to:
+        logger.info("promoted to %s", promote(params, source))
     create_markdown_artifact(key="evaluate-report", markdown=summary, description=f"evaluate {params.kind}")
     return EvaluateResult(
         mlflow_run_id=run.run_id,

@@ -35,7 +35,9 @@ def test_main_job_end_to_end_and_rerun(tmp_path, monkeypatch):
     train_run = client.get_run(first.diffusionsat.mlflow_run_id)
     parent = train_run.data.tags["mlflow.parentRunId"]
     assert client.get_run(first.evaluation["sr"].mlflow_run_id).data.tags["mlflow.parentRunId"] == parent
-    assert client.search_model_versions("name='diffusionsat-demo'")
+    champion = client.get_model_version_by_alias("diffusionsat-demo", "champion")  # evaluated, then promoted
+    assert champion.version == client.get_model_version_by_alias("diffusionsat-demo", "candidate").version
+    assert champion.tags["dsat.store_content_hash"] == first.store.content_hash
 
     second = main_job(params)  # a rerun does no damage: nothing new to ingest, training already done
     assert second.store.items_added == [] and second.store.content_hash == first.store.content_hash

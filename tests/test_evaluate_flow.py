@@ -64,10 +64,12 @@ def test_generation_from_registered_model_logs_everything(
         experiment=None,  # nest in the training run's experiment
         parent_run_id=train_run,
         output_dir=str(tmp_path / "out"),
+        promote_to="champion",
     )
     result = evaluate(params)
 
     client = MlflowClient(mlflow_server)
+    assert client.get_model_version_by_alias("tiny-dsat", "champion").version == "1"
     run = client.get_run(result.mlflow_run_id)
     assert run.info.status == "FINISHED"
     assert run.data.tags["mlflow.parentRunId"] == train_run

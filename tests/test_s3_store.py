@@ -46,3 +46,23 @@ def test_idempotent_commit_and_dataset_on_s3(s3_server: dict, s3_bucket: str) ->
     ds = TileDataset(uri, storage_options=s3_server, resolution=8)
     sample = ds[3]
     assert sample["pixel_values"].shape == (3, 8, 8) and sample["item_id"] == scenes[1].item_id
+
+
+def test_shard_copies_on_workers_on_s3(s3_server: dict, s3_bucket: str, tmp_path: Path) -> None:
+    """Whole shards copied by other threads through their own S3 connections: same store as a local commit."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from dsat_core.data.synthetic import synthetic_scene
+
+    uri = f"s3://{s3_bucket}/shards.zarr"
+    config = synthetic_catalog(size=8)
+    store = DatasetStore.open(uri, storage_options=s3_server, create=True, catalog=config)
+    local = DatasetStore.open(str(tmp_path / "l.zarr"), create=True, catalog=config)
+    scenes = [synthetic_scene(i, 50, 8) for i in range(3)]  # 150 tiles: two whole shards and a tail
+    with ThreadPoolExecutor(2) as pool:
+        result = store.commit([store.stage(s) for s in scenes], batch_tiles=64, submit=pool.submit)
+    local.commit([local.stage(s) for s in scenes])
+    assert result.added_tiles == {"rgb": 150} and store.content_hash == local.content_hash
+    np.testing.assert_array_equal(
+        store.open_xarray("rgb").images.values, local.open_xarray("rgb").images.values
+    )

@@ -261,3 +261,43 @@ def test_transaction_appends_invisibly_until_finish(tmp_path: Path) -> None:
     np.testing.assert_array_equal(
         store.open_xarray("rgb").images.values, reference.open_xarray("rgb").images.values
     )
+
+
+def test_shard_copies_on_an_executor_match_local_commit(tmp_path: Path, monkeypatch) -> None:
+    """``submit`` runs the whole-shard image copies elsewhere: same bytes, rows and hash as a local commit;
+    a failed copy leaves nothing visible and the next commit repairs the store."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import dsat_core.data.store as store_module
+
+    monkeypatch.setattr(store_module, "COLUMN_CHUNK", 40)  # columns are flushed before and between shards
+
+    first = [synthetic_scene(i, 50, 8) for i in range(2)]  # 100 tiles: the next commit starts mid-shard
+    second = [synthetic_scene(i, 50, 8) for i in range(2, 6)]
+    reference = _new(tmp_path, "ref.zarr")
+    _ingest(reference, first)
+    _ingest(reference, second)
+    store = _new(tmp_path)
+    calls = []
+    with ThreadPoolExecutor(2) as pool:
+
+        def submit(fn, *args):
+            calls.append(args[3])  # the first row of the copy
+            return pool.submit(fn, *args)
+
+        store.commit([store.stage(s) for s in first], batch_tiles=64, submit=submit)
+        staged = [store.stage(s) for s in second]
+
+        def failing(fn, *args):
+            return pool.submit(lambda: (_ for _ in ()).throw(OSError("worker lost")))
+
+        with pytest.raises(OSError, match="worker lost"):
+            store.commit(staged, submit=failing)
+        assert DatasetStore.open(store.uri).n_tiles("rgb") == 100 and len(store.staged()) == 4
+        store.commit(batch_tiles=64, submit=submit)
+    assert calls and all(row % 64 == 0 or row == 100 for row in calls)  # whole shards (or up to a boundary)
+    assert store.n_tiles("rgb") == 300 and store.content_hash == reference.content_hash
+    ours, ref = store.open_xarray("rgb"), reference.open_xarray("rgb")
+    np.testing.assert_array_equal(ours.images.values, ref.images.values)
+    np.testing.assert_array_equal(ours.tile_hash.values, ref.tile_hash.values)
+    assert store.root["rgb"]["images"].shape[0] == 300 and store.staged() == []

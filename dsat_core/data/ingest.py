@@ -2,7 +2,8 @@
 
 Pure Python + Dask (the Prefect flow is a thin layer over `ingest_items`). Each item is read and staged by
 one task on a worker (`reader` then `DatasetStore.stage`), so pixels never travel back to the driver; the
-driver keeps at most ``max_in_flight`` items submitted and is the single committer.
+driver keeps at most ``max_in_flight`` items submitted and is the single committer: it decides which staged
+tiles go to which rows, while the copies of whole shards of images into the store run as worker tasks.
 """
 
 from __future__ import annotations
@@ -12,10 +13,11 @@ import time
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from dsat_core.data.catalog import CatalogConfig
-from dsat_core.data.store import CommitResult, DatasetStore, StagedScene
+from dsat_core.data.store import TILES_PER_SHARD, CommitResult, CommitTransaction, DatasetStore, StagedScene
 from dsat_core.data.tiles import Rejection, SceneTiles
 
 if TYPE_CHECKING:
@@ -23,6 +25,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 Reader = Callable[..., SceneTiles]
+COMMIT_BATCH_TILES = TILES_PER_SHARD  # copy each shard as soon as it is complete
 
 
 @dataclass
@@ -118,18 +121,21 @@ def ingest_items(
     report = IngestReport(store_uri=store_uri, version=store.version, content_hash=store.content_hash)
     report.skipped_items, report.n_items = plan.skipped, len(plan.todo)
     todo, bad = plan.todo, plan.invalid
-    transaction = store.begin_commit()
+    transaction: CommitTransaction | None = None
+    submit: Callable[..., Any] | None = None  # image copies of whole shards run on the workers
     in_transaction = 0
 
     def commit() -> None:
         nonlocal transaction, in_transaction
-        if in_transaction:
+        if transaction is not None:
             _merge(report, transaction.finish())
-            transaction, in_transaction = store.begin_commit(), 0
+            transaction, in_transaction = None, 0
 
     def add(staged: StagedScene) -> None:
-        nonlocal in_transaction
-        transaction.add(staged)  # the driver appends while the workers go on reading
+        nonlocal transaction, in_transaction
+        if transaction is None:
+            transaction = store.begin_commit(batch_tiles=COMMIT_BATCH_TILES, submit=submit)
+        transaction.add(staged)  # the driver plans rows and copies shards while the workers go on reading
         in_transaction += 1
 
     own_cluster = own_client = None
@@ -147,6 +153,7 @@ def ingest_items(
                     )
                     client = own_client = Client(own_cluster)
             workers = max(1, len(client.scheduler_info(n_workers=-1).get("workers", {})) or n_workers)
+            submit = partial(client.submit, pure=False, priority=1)  # shard copies go before queued reads
             limit = max_in_flight or 2 * workers
             pending = iter(todo)
             futures: dict[Any, str] = {}

@@ -20,12 +20,14 @@ The metadata arrays live directly in the product group (not in a ``metadata`` su
 every per-tile column as a 1-D/2-D variable along ``tile``.
 
 Commit protocol (single writer): staged tiles whose identity ``(item id, window)`` is new are appended
-(arrays are resized, then written), then rejections, then the ROOT attrs are rewritten in one atomic object
-write (the commit point: committed counts ``n_tiles``/``n_rejected``, items, content hash, versions), then the
-product attrs mirror, then the staging groups are deleted. Readers (`DatasetStore.open_xarray`,
-`TileDataset`) slice every array to the committed counts, so a commit that dies midway is invisible to
-them; the next commit truncates the uncommitted tail and redoes the work. Raw ``xr.open_zarr`` of a product
-group shows the physical arrays, which can hold such a tail after a crash: slice with the ``n_tiles`` attr.
+(arrays are resized, then written; the committer decides every row, and may hand the copies of whole image
+shards from staging to other processes, one task per shard, and waits for all of them), then rejections,
+then the ROOT attrs are rewritten in one atomic object write (the commit point: committed counts
+``n_tiles``/``n_rejected``, items, content hash, versions), then the product attrs mirror, then the staging
+groups are deleted. Readers (`DatasetStore.open_xarray`, `TileDataset`) slice every array to the committed
+counts, so a commit that dies midway is invisible to them; the next commit truncates the uncommitted tail
+and redoes the work. Raw ``xr.open_zarr`` of a product group shows the physical arrays, which can hold such
+a tail after a crash: slice with the ``n_tiles`` attr.
 """
 
 from __future__ import annotations
@@ -33,7 +35,10 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from collections.abc import Callable, Iterable, Mapping
+import threading
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -81,6 +86,22 @@ class StagedScene:
     n_tiles: dict[str, int]
     n_rejected: int
     scene_rejected: bool
+
+
+@dataclass(frozen=True)
+class _StagedProduct:
+    """One product of a staged scene as the committer reads it: columns, bands, image shape/dtype."""
+
+    columns: dict[str, np.ndarray]
+    bands: list[str]
+    image_shape: tuple[int, ...]
+    image_dtype: np.dtype
+
+
+# (staging key, ascending rows of its images-<product> array): where a run of image rows comes from
+ImageSource = tuple[str, np.ndarray]
+# like `Executor.submit` / `distributed.Client.submit`: submit(fn, *args) -> a future with .result()
+Submit = Callable[..., Any]
 
 
 @dataclass
@@ -387,34 +408,32 @@ class DatasetStore:
         staging = self.root.require_group(STAGING)
         return sorted(k for k, g in staging.groups() if g.attrs.get("complete"))
 
-    def _read_staged(
-        self, key: str
-    ) -> tuple[dict[str, Any], dict[str, dict[str, np.ndarray]], list[Rejection]]:
+    def _read_staged(self, key: str) -> tuple[dict[str, Any], dict[str, _StagedProduct], list[Rejection]]:
+        """A staged scene's attrs, per-product columns and rejections; image bytes stay in the store."""
         group = self.root[f"{STAGING}/{key}"]
         attrs = dict(group.attrs)
         payload = json.loads(group["payload"][...].tobytes())
         products = {}
         for name, part in payload["products"].items():
-            cols = {"images": group[f"images-{name}"][...]}
-            for col, values in part["columns"].items():
-                cols[col] = _from_json(values, _COLUMNS[col][1])
-            cols["bands"] = part["bands"]
-            products[name] = cols
+            images = group[f"images-{name}"]
+            cols = {col: _from_json(values, _COLUMNS[col][1]) for col, values in part["columns"].items()}
+            products[name] = _StagedProduct(cols, list(part["bands"]), tuple(images.shape), images.dtype)
         rejections = [
             Rejection(item_id=i, reason=r, tile_index=t, product=p) for i, t, p, r in payload["rejected"]
         ]
         return attrs, products, rejections
 
     # ------------------------------------------------------------------ commit (single writer)
-    def _ensure_product(self, product: str, images: np.ndarray, bands: list[str]) -> zarr.Group:
+    def _ensure_product(self, product: str, staged: _StagedProduct) -> zarr.Group:
         if product in self.root.attrs.get("n_tiles", {}) or product in self.root:
             return self.root[product]
         group = self.root.create_group(product)
-        _, n_bands, height, width = images.shape
+        _, n_bands, height, width = staged.image_shape
+        bands = staged.bands
         group.create_array(
             "images",
             shape=(0, n_bands, height, width),
-            dtype=images.dtype,
+            dtype=staged.image_dtype,
             chunks=(1, n_bands, height, width),
             shards=(TILES_PER_SHARD, n_bands, height, width),
             dimension_names=["tile", "band", "y", "x"],
@@ -428,21 +447,26 @@ class DatasetStore:
             extra = {"affine": 6, "window_field": 4, "band": n_bands}
             _create_column(group, col, (0, *(extra[d] for d in dims)), dtype, ["tile", *dims])
         group.attrs.update(
-            {"bands": list(bands), "dtype": str(images.dtype), "n_tiles": 0, "tile_size": [height, width]}
+            {
+                "bands": list(bands),
+                "dtype": str(staged.image_dtype),
+                "n_tiles": 0,
+                "tile_size": [height, width],
+            }
         )
         return group
 
-    def _validate(self, product: str, cols: dict[str, np.ndarray], bands: list[str]) -> str | None:
+    def _validate(self, product: str, staged: _StagedProduct) -> str | None:
         if product not in self.root:
             return None
         attrs = self.root[product].attrs
-        images = cols["images"]
+        bands, dtype, size = staged.bands, staged.image_dtype, list(staged.image_shape[2:])
         if list(attrs["bands"]) != list(bands):
             return f"bands {bands} differ from the store's {attrs['bands']}"
-        if attrs["dtype"] != str(images.dtype):
-            return f"dtype {images.dtype} differs from the store's {attrs['dtype']}"
-        if list(attrs["tile_size"]) != list(images.shape[2:]):
-            return f"tile size {list(images.shape[2:])} differs from the store's {attrs['tile_size']}"
+        if attrs["dtype"] != str(dtype):
+            return f"dtype {dtype} differs from the store's {attrs['dtype']}"
+        if list(attrs["tile_size"]) != size:
+            return f"tile size {size} differs from the store's {attrs['tile_size']}"
         return None
 
     def _truncate(self, product: str, n: int) -> None:
@@ -452,39 +476,49 @@ class DatasetStore:
             if name != "band" and arr.shape[0] != n:
                 arr.resize((n, *arr.shape[1:]))
 
-    def _append(self, product: str, start: int, cols: dict[str, np.ndarray]) -> int:
+    def _append_columns(self, product: str, start: int, cols: dict[str, np.ndarray]) -> int:
+        """Write the per-tile columns of rows ``start..`` (the images are written by `write_image_rows`)."""
         group = self.root[product]
-        end = start + len(cols["images"])
-        for name in ("images", *_COLUMNS):
-            data = cols[name]
+        end = start + len(cols["item_id"])
+        for name in _COLUMNS:
             arr = group[name]
             arr.resize((end, *arr.shape[1:]))
-            arr[start:end] = data
+            arr[start:end] = cols[name]
         if "latents" in group:
             latents = group["latents"]
             latents.resize((end, *latents.shape[1:]))
-        if self._crash_hook is not None:
-            self._crash_hook()
         return end
 
     def commit(
-        self, staged: Iterable[str | StagedScene] | None = None, *, batch_tiles: int = 256
+        self,
+        staged: Iterable[str | StagedScene] | None = None,
+        *,
+        batch_tiles: int = 256,
+        submit: Submit | None = None,
     ) -> CommitResult:
         """Append staged scenes (from `stage`, or every complete one) and make them visible in one version.
 
         Only one process may commit at a time. Tiles whose identity is already in the store are skipped,
-        so committing the same scene twice is a no-op. See `begin_commit` to append while staging goes on.
+        so committing the same scene twice is a no-op. See `begin_commit` to append while staging goes on
+        and for ``submit``.
         """
         keys = self.staged() if staged is None else list(staged)
-        transaction = self.begin_commit(batch_tiles=batch_tiles)
+        transaction = self.begin_commit(batch_tiles=batch_tiles, submit=submit)
         for key in keys:
             transaction.add(key)
         return transaction.finish()
 
-    def begin_commit(self, *, batch_tiles: int = 256) -> CommitTransaction:
+    def begin_commit(self, *, batch_tiles: int = 256, submit: Submit | None = None) -> CommitTransaction:
         """Start a commit: `add` staged scenes as they arrive (their tiles are appended at once, invisible to
-        readers), then `finish` to publish them as one version. Single writer."""
-        return CommitTransaction(self, batch_tiles=batch_tiles)
+        readers), then `finish` to publish them as one version. Single writer.
+
+        ``submit`` (like ``Executor.submit`` or ``distributed.Client.submit``: ``submit(fn, *args)`` returns
+        a future with ``result()``) runs the image copies of whole shards elsewhere, one task per shard, so
+        no two tasks write the same shard object; the driver still decides every row, writes the partial
+        tail shard and the per-tile columns, waits for the tasks and then writes the commit point. Without
+        it everything is written in this process.
+        """
+        return CommitTransaction(self, batch_tiles=batch_tiles, submit=submit)
 
     def _hashes(self, product: str, n: int) -> list[str]:
         return list(self.root[product]["tile_hash"][:n]) if n else []
@@ -515,19 +549,30 @@ class DatasetStore:
     def discard_staged(self, keys: Iterable[str] | None = None) -> None:
         """Delete staging groups (all of them, complete or not, when ``keys`` is None)."""
         staging = self.root.require_group(STAGING)
-        for key in list(staging.group_keys()) if keys is None else keys:
+        keys = list(staging.group_keys()) if keys is None else list(keys)
+
+        def drop(key: str) -> None:
             if key in staging:
                 del staging[key]
+
+        if len(keys) <= 1:
+            for key in keys:
+                drop(key)
+            return
+        with ThreadPoolExecutor(max_workers=min(8, len(keys))) as pool:  # each is a few store requests
+            list(pool.map(drop, keys))
 
 
 class CommitTransaction:
     """One commit in progress (see `DatasetStore.begin_commit`)."""
 
-    def __init__(self, store: DatasetStore, *, batch_tiles: int = 256) -> None:
+    def __init__(self, store: DatasetStore, *, batch_tiles: int = 256, submit: Submit | None = None) -> None:
         self.store = store.refresh()  # start from the latest committed version
         self.batch_tiles = max(TILES_PER_SHARD, batch_tiles)
+        self.submit = submit
         self.attrs = dict(store.root.attrs)
         self.n_tiles: dict[str, int] = dict(self.attrs.get("n_tiles", {}))
+        self._committed = dict(self.n_tiles)
         for product, n in self.n_tiles.items():  # repair after a commit that died before its commit point
             store._truncate(product, n)
         self.items = list(self.attrs.get("items", []))
@@ -536,7 +581,12 @@ class CommitTransaction:
         self.result = CommitResult(version=store.version)
         self._seen: dict[str, set[str]] = {}
         self._hashes: dict[str, list[str]] = {}
-        self._pending: dict[str, list[dict[str, np.ndarray]]] = {}
+        # images: staged rows not yet assigned to a write, and the end of the rows already assigned
+        self._image_sources: dict[str, list[ImageSource]] = {}
+        self._image_end: dict[str, int] = {}
+        # per-tile columns: pending rows (kept on the driver, written in chunk-sized batches)
+        self._columns: dict[str, list[dict[str, np.ndarray]]] = {}
+        self._futures: list[Any] = []
         self._rejections: list[Rejection] = []
 
     def _existing(self, product: str) -> set[str]:
@@ -550,24 +600,57 @@ class CommitTransaction:
                 self._seen[product], self._hashes[product] = set(), []
         return self._seen[product]
 
-    def _flush(self, product: str, final: bool = False) -> None:
-        """Append pending tiles; before the end only whole shards are written (no shard is rewritten)."""
-        batch = self._pending.pop(product, [])
-        if not batch:
+    def _flush_images(self, product: str, final: bool = False) -> None:
+        """Assign pending staged rows to image rows and copy them; before the end only up to a shard
+        boundary (no shard is written twice). With ``submit`` each shard is one task; the tail is local."""
+        sources = self._image_sources.pop(product, [])
+        total = sum(len(rows) for _, rows in sources)
+        if not total:
             return
-        cols = {name: np.concatenate([b[name] for b in batch]) for name in batch[0]}
-        start = self.n_tiles.get(product, 0)
-        total = len(cols["images"])
-        count = total if final else (start + total) // TILES_PER_SHARD * TILES_PER_SHARD - start
-        if count > 0:
-            self.n_tiles[product] = self.store._append(
-                product, start, {k: v[:count] for k, v in cols.items()}
-            )
-        if count < total:
-            self._pending[product] = [{k: v[count:] for k, v in cols.items()}]
+        start = self._image_end.get(product, self._committed.get(product, 0))
+        aligned = (start + total) // TILES_PER_SHARD * TILES_PER_SHARD - start
+        count = total if final else aligned
+        if count <= 0:
+            self._image_sources[product] = sources
+            return
+        images = self.store.root[product]["images"]
+        end = start + count
+        if images.shape[0] < end:
+            images.resize((end, *images.shape[1:]))
+        self._image_end[product] = end
+        pieces = []  # (row, number of rows): whole shards go to tasks, a partial tail is written here
+        if self.submit is not None and aligned > 0:
+            row = start
+            while row < start + aligned:
+                step = min((row // TILES_PER_SHARD + 1) * TILES_PER_SHARD, start + aligned) - row
+                pieces.append((row, step, True))
+                row += step
+            if count > aligned:
+                pieces.append((row, count - aligned, False))
+        else:
+            pieces.append((start, count, False))
+        for row, n, remote in pieces:
+            part, sources = _split_sources(sources, n)
+            if remote:
+                self._futures.append(
+                    self.submit(
+                        write_image_rows, self.store.uri, self.store.storage_options, product, row, part
+                    )
+                )
+            else:
+                _copy_image_rows(self.store.root.store, product, row, part)
+        if sources:
+            self._image_sources[product] = sources
+
+    def _flush_columns(self, product: str) -> None:
+        batch = self._columns.pop(product, [])
+        if batch:
+            cols = {name: np.concatenate([b[name] for b in batch]) for name in batch[0]}
+            self.n_tiles[product] = self.store._append_columns(product, self.n_tiles.get(product, 0), cols)
 
     def add(self, staged: str | StagedScene) -> None:
-        """Append the tiles of one staged scene (new identities only) and queue its rejections."""
+        """Queue the tiles of one staged scene (new identities only) and its rejections; whole shards of
+        images are copied as soon as they are complete."""
         store, result = self.store, self.result
         key = staged.key if isinstance(staged, StagedScene) else staged
         if key not in store.root[STAGING] or not store.root[f"{STAGING}/{key}"].attrs.get("complete"):
@@ -575,12 +658,12 @@ class CommitTransaction:
         self.keys.append(key)
         sattrs, products, scene_rejections = store._read_staged(key)
         item_id = sattrs["item_id"]
-        for product, cols in products.items():
-            bands = cols.pop("bands")
-            problem = store._validate(product, cols, bands)
+        for product, part in products.items():
+            problem = store._validate(product, part)
             if problem:
                 scene_rejections.append(Rejection(item_id, f"store: {problem}", -1, product))
                 continue
+            cols = part.columns
             ids = _identities(cols["item_id"], cols["window"])
             have = self._existing(product)
             keep = np.zeros(len(ids), dtype=bool)
@@ -593,12 +676,15 @@ class CommitTransaction:
             if not keep.any():
                 continue
             kept = {name: arr[keep] for name, arr in cols.items()}
-            store._ensure_product(product, kept["images"], bands)
+            store._ensure_product(product, part)
             self._hashes[product].extend(kept["tile_hash"].tolist())
-            self._pending.setdefault(product, []).append(kept)
+            self._image_sources.setdefault(product, []).append((key, np.flatnonzero(keep)))
+            self._columns.setdefault(product, []).append(kept)
             result.added_tiles[product] = result.added_tiles.get(product, 0) + int(keep.sum())
-            if sum(len(b["images"]) for b in self._pending[product]) >= self.batch_tiles:
-                self._flush(product)
+            if sum(len(rows) for _, rows in self._image_sources[product]) >= self.batch_tiles:
+                self._flush_images(product)
+            if sum(len(b["item_id"]) for b in self._columns[product]) >= COLUMN_CHUNK:
+                self._flush_columns(product)
         if item_id not in self.known_items:
             self._rejections.extend(scene_rejections)  # an item already committed keeps its old log
             if not sattrs.get("scene_rejected"):
@@ -606,11 +692,30 @@ class CommitTransaction:
                 self.items.append(item_id)
                 result.items_added.append(item_id)
 
+    def _wait(self) -> None:
+        """Wait for every submitted image copy; on a failure wait for the rest too, then raise."""
+        futures, self._futures = self._futures, []
+        error: BaseException | None = None
+        for future in futures:
+            try:
+                future.result()
+            except BaseException as err:  # noqa: BLE001 - re-raised below, after the others finished
+                error = error or err
+        if error is not None:
+            raise error
+
     def finish(self) -> CommitResult:
         """Write the rest, then the commit point (root attrs), then delete the staging groups."""
         store, result, attrs, n_tiles = self.store, self.result, self.attrs, self.n_tiles
-        for product in list(self._pending):
-            self._flush(product, final=True)
+        try:
+            for product in list(self._image_sources):
+                self._flush_images(product, final=True)
+            for product in list(self._columns):
+                self._flush_columns(product)
+        finally:
+            self._wait()  # no copy may still be running once this returns or raises
+        if store._crash_hook is not None:
+            store._crash_hook()
         n_rejected = int(attrs.get("n_rejected", 0))
         if self._rejections:
             n_rejected = store._append_rejections(n_rejected, self._rejections)
@@ -652,6 +757,76 @@ class CommitTransaction:
         result.content_hash = content_hash
         store.discard_staged(self.keys)
         return result
+
+
+def _split_sources(sources: list[ImageSource], n: int) -> tuple[list[ImageSource], list[ImageSource]]:
+    """The first ``n`` rows of ``sources`` and the rest."""
+    head: list[ImageSource] = []
+    rest = list(sources)
+    while n > 0:
+        key, rows = rest.pop(0)
+        if len(rows) > n:
+            rest.insert(0, (key, rows[n:]))
+            rows = rows[:n]
+        head.append((key, rows))
+        n -= len(rows)
+    return head, rest
+
+
+_batching_lock = threading.Lock()
+_batching_users = 0
+_batching_saved: Any = None
+
+
+@contextmanager
+def _shard_batching() -> Iterator[None]:
+    """Let zarr encode a shard's inner chunks (one per tile) in one batch, not one by one (about a third
+    faster). The zarr setting is process-wide, so concurrent users share it; the last one restores it."""
+    global _batching_users, _batching_saved
+    with _batching_lock:
+        if _batching_users == 0:
+            _batching_saved = zarr.config.get("codec_pipeline.batch_size")
+            zarr.config.set({"codec_pipeline.batch_size": TILES_PER_SHARD})
+        _batching_users += 1
+    try:
+        yield
+    finally:
+        with _batching_lock:
+            _batching_users -= 1
+            if _batching_users == 0:
+                zarr.config.set({"codec_pipeline.batch_size": _batching_saved})
+
+
+def _copy_image_rows(zstore: Any, product: str, start: int, sources: list[ImageSource]) -> int:
+    parts = []
+    for key, rows in sources:
+        staged = zarr.open_array(zstore, path=f"{STAGING}/{key}/images-{product}", mode="r", zarr_format=3)
+        lo, hi = int(rows[0]), int(rows[-1]) + 1  # rows ascend
+        block = staged[lo:hi]
+        parts.append(block if hi - lo == len(rows) else block[rows - lo])
+    data = np.concatenate(parts) if len(parts) > 1 else parts[0]
+    images = zarr.open_array(zstore, path=f"{product}/images", mode="r+", zarr_format=3)
+    if images.shape[0] < start + len(data):
+        raise StoreError(
+            f"{product}/images has {images.shape[0]} rows, cannot write rows {start}..{start + len(data)}"
+        )
+    with _shard_batching():
+        images[start : start + len(data)] = data
+    return len(data)
+
+
+def write_image_rows(
+    uri: str,
+    storage_options: Mapping[str, Any] | None,
+    product: str,
+    start: int,
+    sources: list[ImageSource],
+) -> int:
+    """Copy staged tiles into ``/<product>/images[start:]`` (a task of `CommitTransaction`, on a worker).
+
+    ``sources`` are ``(staging key, ascending rows of its images-<product> array)``; returns the rows written.
+    """
+    return _copy_image_rows(make_zarr_store(uri, storage_options=storage_options), product, start, sources)
 
 
 # ---------------------------------------------------------------------- latents (written by training)
@@ -715,5 +890,6 @@ __all__ = [
     "make_zarr_store",
     "staging_key",
     "tile_hashes",
+    "write_image_rows",
     "write_latents",
 ]

@@ -179,3 +179,11 @@ class EvaluationRun:
 
 
 __all__ = ["EvaluationRun", "ModelSource", "find_pipeline_dir", "flatten_params", "resolve_model"]
+
+
+def registered_model_name(uri: str) -> str | None:
+    """`name` of `models:/name@alias` / `models:/name/3`; None for run URIs and folders."""
+    if not uri.startswith("models:/"):
+        return None
+    rest = uri.removeprefix("models:/")
+    return rest.split("@", 1)[0] if "@" in rest else rest.split("/", 1)[0]

@@ -142,14 +142,19 @@ class MlflowTracker(NullTracker):
         )
         self.set_tags({"dsat.model_uri": info.model_uri})
         version = getattr(info, "registered_model_version", None)
-        if registered_model_name and version is not None and lineage:
+        if registered_model_name and version is not None:
             client = self._mlflow.MlflowClient()
-            for key, value in lineage_tags(lineage).items():
+            for key, value in lineage_tags(lineage or {}).items():
                 client.set_model_version_tag(registered_model_name, str(version), key, value)
+            client.set_registered_model_alias(registered_model_name, CANDIDATE_ALIAS, str(version))
         return None if version is None else str(version)
 
     def end(self, status: str = "FINISHED") -> None:
         self._mlflow.end_run(status=status)
+
+
+CANDIDATE_ALIAS = "candidate"
+"""Alias of the newest trained version; `evaluate` promotes an evaluated version (e.g. to `champion`)."""
 
 
 def lineage_tags(lineage: Mapping[str, Any]) -> dict[str, str]:

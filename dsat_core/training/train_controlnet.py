@@ -338,7 +338,7 @@ def _register_pipeline(
     tracker.set_tags({"dsat.model_uri": f"runs:/{tracker.run_id}/{PIPELINE_ARTIFACT}"})
     if not name:
         return None
-    from dsat_core.training.mlflow_logging import lineage_tags
+    from dsat_core.training.mlflow_logging import CANDIDATE_ALIAS, lineage_tags
 
     client = mlflow.MlflowClient()
     try:
@@ -349,6 +349,7 @@ def _register_pipeline(
         )
     source = mlflow.get_run(tracker.run_id).info.artifact_uri.rstrip("/") + f"/{PIPELINE_ARTIFACT}"
     version = client.create_model_version(name, source, run_id=tracker.run_id, tags=lineage_tags(lineage))
+    client.set_registered_model_alias(name, CANDIDATE_ALIAS, str(version.version))
     return str(version.version)
 
 

@@ -119,6 +119,8 @@ def _lineage(config: TrainConfig, dataset: TileDataset) -> dict[str, Any]:
         "product": config.product,
         "content_hash": store.content_hash,
         "store_version": store.version,
+        "catalog": store.attrs.get("catalog"),
+        "split": {"split": config.split, "holdout_fraction": config.holdout_fraction},
         "filters": {
             "bbox": config.bbox,
             "start": config.start,
