@@ -22,10 +22,11 @@ $(BIN)/dsat: pyproject.toml
 install: $(BIN)/dsat
 
 demo: install
-	$(BIN)/dsat demo $(DEMO_ARGS)
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/dsat demo $(DEMO_ARGS)
 
+# The venv's bin first on PATH: tests start its CLIs (rustac, moto_server, mlflow, prefect, torchrun).
 test: install
-	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 lint: install
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .
