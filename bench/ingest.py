@@ -13,7 +13,8 @@ time is the best of ``--repeat`` runs, memory the worst.
 2. peer: `odc.stac.load` of each item onto its native grid, numpy tiling, per-scene 2/98 % scaling to
    uint8, appended to a zarr array with the same chunking; no metadata, captions, filters. One process.
 
-Targets printed as ratios: pipeline(2 workers) / peer >= 1.0, 2 workers / 1 worker >= 1.6,
+Targets printed as ratios: pipeline(2 workers) / peer >= 1.0 (wall time on the same scenes),
+2 workers / 1 worker >= 1.6,
 peak(N scenes) / peak(N/2 scenes) about 1 (flat).
 """
 
@@ -221,8 +222,11 @@ def main() -> None:
         )
     peer, one, two, two_half = results
     checks = [
-        ("pipeline(2w) / peer  tiles/s", two["tiles_s"] / peer["tiles_s"], ">= 1.0"),
-        ("2 workers / 1 worker tiles/s", two["tiles_s"] / one["tiles_s"], ">= 1.6"),
+        # Same scenes in, so "as fast" is wall time; tiles/s also shown (the peer writes the nodata border
+        # tiles that the pipeline rejects, so it has more tiles per scene).
+        ("pipeline(2w) / peer  same scenes", peer["seconds"] / two["seconds"], ">= 1.0"),
+        ("pipeline(2w) / peer  tiles/s", two["tiles_s"] / peer["tiles_s"], "(info)"),
+        ("2 workers / 1 worker", one["seconds"] / two["seconds"], ">= 1.6"),
         (
             f"peak RSS {two['scenes']} / {two_half['scenes']} scenes",
             two["peak_mb"] / two_half["peak_mb"],
