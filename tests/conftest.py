@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -129,8 +131,6 @@ def s3_bucket(s3_server: dict, request: pytest.FixtureRequest) -> str:
 @pytest.fixture(scope="session")
 def prefect_api() -> Iterator[None]:
     """A temporary Prefect API (Prefect's own test harness) for flow tests."""
-    import os
-
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     from prefect.testing.utilities import prefect_test_harness
 
@@ -169,25 +169,22 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
                     break
         except OSError as err:
             if proc.poll() is not None or time.monotonic() > deadline:
-                _stop_group(proc)
+                stop_group(proc)
                 log.close()
                 raise RuntimeError(
                     f"mlflow server did not start on {url}: {(folder / 'server.log').read_text()[-2000:]}"
                 ) from err
         time.sleep(0.25)
     yield url
-    _stop_group(proc)
+    stop_group(proc)
     log.close()
 
 
-def _stop_group(proc: subprocess.Popen) -> None:
+def stop_group(proc: subprocess.Popen, sig: int = signal.SIGTERM, timeout: float = 20) -> None:
     """Stop a server started in its own session, with the workers it forked (gunicorn / uvicorn)."""
-    import os
-    import signal
-
     try:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=15)
+        os.killpg(proc.pid, sig)
+        proc.wait(timeout=timeout)
     except ProcessLookupError:
         return
     except subprocess.TimeoutExpired:

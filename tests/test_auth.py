@@ -8,7 +8,6 @@ import inspect
 import os
 import re
 import secrets
-import signal
 import subprocess
 import sys
 import time
@@ -18,6 +17,7 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
+from conftest import stop_group
 
 from dsat_core.data.stac_server import free_port
 
@@ -44,21 +44,10 @@ def _wait(started) -> subprocess.Popen:
         except httpx.HTTPError:
             pass
         if proc.poll() is not None or time.monotonic() > deadline:
-            _stop(proc)
+            stop_group(proc)
             sink.close()
             raise RuntimeError(f"{' '.join(proc.args[:3])} did not start: {log.read_text()[-3000:]}")
         time.sleep(0.5)
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=15)
-    except ProcessLookupError:
-        return
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=5)
 
 
 def _compose() -> dict:
@@ -123,7 +112,7 @@ def auth_servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str,
         }
     finally:
         for started in (prefect, mlflow):
-            _stop(started[0])
+            stop_group(started[0])
             started[1].close()
 
 

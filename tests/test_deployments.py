@@ -21,6 +21,7 @@ from typing import Any
 import httpx
 import pytest
 import yaml
+from conftest import stop_group
 
 from dsat_core.data.stac_server import free_port
 
@@ -50,17 +51,6 @@ _COMPLETED_RUNS: list[str] = []  # flow runs that finished; the zombie automatio
 
 
 # ------------------------------------------------------------------------------------------------ helpers
-def _stop_group(proc: subprocess.Popen, sig: int = signal.SIGTERM) -> None:
-    try:
-        os.killpg(proc.pid, sig)
-        proc.wait(timeout=20)
-    except ProcessLookupError:
-        return
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=5)
-
-
 def _cli(env: dict[str, str], *args: str, timeout: float = 180) -> str:
     """Run the `prefect` CLI of this venv; return stdout+stderr, failing the test with them on error."""
     done = subprocess.run(
@@ -97,7 +87,7 @@ def _run_worker_once(env: dict[str, str], pool: str, log: Path, timeout: float =
         try:
             code = proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
-            _stop_group(proc)
+            stop_group(proc)
             pytest.fail(f"worker --run-once still running after {timeout} s:\n{log.read_text()[-4000:]}")
     assert code == 0, log.read_text()[-4000:]
 
@@ -166,7 +156,7 @@ def prefect_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[st
         except httpx.HTTPError:
             pass
         if proc.poll() is not None or time.monotonic() > deadline:
-            _stop_group(proc)
+            stop_group(proc)
             log.close()
             raise RuntimeError(f"prefect server did not start on {api}:\n{log_path.read_text()[-3000:]}")
         time.sleep(0.5)
@@ -182,7 +172,7 @@ def prefect_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[st
     }
     client_env.pop("MLFLOW_TRACKING_URI", None)
     yield client_env
-    _stop_group(proc)
+    stop_group(proc)
     log.close()
 
 
@@ -368,7 +358,7 @@ def test_killed_worker_leaves_a_crashed_run_and_a_rerun_resumes_from_the_checkpo
             os.killpg(group, signal.SIGKILL)
         killed_at = time.monotonic()
     finally:
-        _stop_group(worker, signal.SIGKILL)
+        stop_group(worker, signal.SIGKILL)
         log.close()
     time.sleep(1)
     checkpoints = _complete_checkpoints(output)
