@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
 from prefect import get_run_logger, task
-from prefect.artifacts import create_markdown_artifact
+from prefect.artifacts import create_markdown_artifact, create_progress_artifact, update_progress_artifact
 from pydantic import BaseModel, Field
 
 from dsat_core.training.launch import build_launch_command, run_training_subprocess
@@ -33,6 +35,40 @@ class TrainingRunResult(BaseModel):
     world_size: int = 1
 
 
+class TrainingProgress:
+    """Training progress from the trainer's `step N` log lines: a progress bar on the terminal (tqdm) and a
+    progress artifact in the Prefect UI, updated at most every 2 % of the run."""
+
+    _STEP = re.compile(r"\bstep (\d+) loss\b")
+
+    def __init__(self, total: int, key: str) -> None:
+        from tqdm.auto import tqdm
+
+        self.total = max(int(total), 1)
+        self.bar = tqdm(total=self.total, desc=key.removesuffix("-progress"), unit="step", leave=True)
+        self.artifact = create_progress_artifact(0.0, key=re.sub(r"[^a-z0-9-]", "-", key.lower()))
+        self.reported = 0.0
+
+    def log_line(self, log: Callable[[str], None]) -> Callable[[str], None]:
+        def handle(line: str) -> None:
+            log(line)
+            match = self._STEP.search(line)
+            if match:
+                self.update(int(match.group(1)))
+
+        return handle
+
+    def update(self, step: int) -> None:
+        self.bar.update(max(0, min(step, self.total) - self.bar.n))
+        percent = 100.0 * min(step, self.total) / self.total
+        if percent - self.reported >= 2.0 or percent == 100.0:
+            update_progress_artifact(self.artifact, percent)
+            self.reported = percent
+
+    def close(self) -> None:
+        self.bar.close()
+
+
 @task(name="launch-training", retries=0)
 def launch_training(
     script_module: str, config: dict[str, Any], output_dir: str, launch: LaunchParams
@@ -53,7 +89,9 @@ def launch_training(
         launcher=launch.launcher,
     )
     logger.info("launching: %s", " ".join(cmd))
-    code = run_training_subprocess(cmd, logger.info)
+    progress = TrainingProgress(config.get("max_steps", 0), key=f"{out.name}-progress")
+    code = run_training_subprocess(cmd, progress.log_line(logger.info))
+    progress.close()
     if code != 0:
         raise RuntimeError(f"{script_module} exited with code {code}; see the log lines above")
     result_path = out / "train_result.json"

@@ -39,7 +39,22 @@ def test_main_job_end_to_end_and_rerun(tmp_path, monkeypatch):
     assert champion.version == client.get_model_version_by_alias("diffusionsat-demo", "candidate").version
     assert champion.tags["dsat.store_content_hash"] == first.store.content_hash
 
+    assert _latest_artifact("diffusionsat-progress") == 100.0  # the progress bar in the Prefect UI
+
     second = main_job(params)  # a rerun does no damage: nothing new to ingest, training already done
     assert second.store.items_added == [] and second.store.content_hash == first.store.content_hash
     assert second.diffusionsat.global_step == 4 and second.diffusionsat.mlflow_run_id == train_run.info.run_id
     assert DatasetStore.open(first.store.store_uri).n_tiles("rgb") == store.n_tiles("rgb")
+
+
+def _latest_artifact(key: str):
+    import asyncio
+
+    from prefect.client.orchestration import get_client
+
+    async def read():
+        async with get_client() as client:
+            found = await client.read_latest_artifacts()
+            return next(a.data for a in found if a.key == key)
+
+    return asyncio.run(read())
