@@ -13,6 +13,10 @@ _EXPORTS = {
     "train": "train_diffusionsat",
     "TrainResult": "train_diffusionsat",
     "build_components": "train_diffusionsat",
+    "TrainControlNetConfig": "train_controlnet",
+    "train_controlnet": "train_controlnet:train",
+    "VAETrainConfig": "train_vae",
+    "train_vae": "train_vae",
     "EMA": "ema",
     "compute_snr": "losses",
     "min_snr_weight": "losses",
@@ -39,4 +43,5 @@ __all__ = sorted(_EXPORTS)
 def __getattr__(name: str) -> Any:
     if name not in _EXPORTS:
         raise AttributeError(f"module 'dsat_core.training' has no attribute {name!r}")
-    return getattr(importlib.import_module(f"dsat_core.training.{_EXPORTS[name]}"), name)
+    module, _, attr = _EXPORTS[name].partition(":")  # "module" or "module:attribute"
+    return getattr(importlib.import_module(f"dsat_core.training.{module}"), attr or name)
