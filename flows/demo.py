@@ -195,7 +195,7 @@ def run_demo(output: Path, steps: int | None = None) -> DemoResult:
         headline = {k: v for k, v in ev.metrics.items() if not k.startswith(("sensitivity/", "robustness/"))}
         print(f"evaluate {kind}: " + ", ".join(f"{k}={v:.4g}" for k, v in sorted(headline.items())))
     for kind, ev in result.evaluation.items():
-        print(f"{kind + ' outputs:':14}{ev.output_dir} (samples/grid.png, maps/, sensitivity/, stac/)")
+        print(f"{kind} outputs: {ev.output_dir} (samples/grid.png, maps/, sensitivity/, stac/)")
     db = result.mlflow_tracking_uri
     print(
         f"MLflow UI:    mlflow ui --backend-store-uri {db} --host 127.0.0.1 --port 5000  → http://127.0.0.1:5000"
