@@ -6,8 +6,6 @@ Deployments `train-controlnet/sr`, `train-controlnet/temporal` and `train-contro
 
 from __future__ import annotations
 
-from typing import Any
-
 from prefect import flow
 from pydantic import BaseModel, Field
 
@@ -24,11 +22,8 @@ class TrainControlNetParams(BaseModel):
 @flow(name="train-controlnet", log_prints=True)
 def train_controlnet(params: TrainControlNetParams) -> TrainingRunResult:
     """Train (or resume) the ControlNet of `params.train.task`; returns the MLflow run id and pipeline."""
-    config: dict[str, Any] = params.train.model_dump(mode="json")
-    if params.resume and not config.get("resume_from_checkpoint"):
-        config["resume_from_checkpoint"] = "latest"
     result = launch_training(
-        "dsat_core.training.train_controlnet", config, params.train.output_dir, params.launch
+        "dsat_core.training.train_controlnet", params.train, params.launch, params.resume
     )
     publish_training_artifact(
         f"train-controlnet-{params.train.task}",

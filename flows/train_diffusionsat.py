@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from prefect import flow
 from pydantic import BaseModel, Field
 
@@ -20,11 +18,8 @@ class TrainDiffusionSatParams(BaseModel):
 @flow(name="train-diffusionsat", log_prints=True)
 def train_diffusionsat(params: TrainDiffusionSatParams) -> TrainingRunResult:
     """Train (or resume) DiffusionSat; returns the MLflow run id and where the pipeline was saved."""
-    config: dict[str, Any] = params.train.model_dump(mode="json")
-    if params.resume and not config.get("resume_from_checkpoint"):
-        config["resume_from_checkpoint"] = "latest"
     result = launch_training(
-        "dsat_core.training.train_diffusionsat", config, params.train.output_dir, params.launch
+        "dsat_core.training.train_diffusionsat", params.train, params.launch, params.resume
     )
     publish_training_artifact(
         "train-diffusionsat", "DiffusionSat training", result, {"store": params.train.store_uri}

@@ -12,6 +12,7 @@ from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_progress_artifact, update_progress_artifact
 from pydantic import BaseModel, Field
 
+from dsat_core.training.config import TrainConfig
 from dsat_core.training.launch import build_launch_command, run_training_subprocess
 
 
@@ -71,11 +72,17 @@ class TrainingProgress:
 
 @task(name="launch-training", retries=0)
 def launch_training(
-    script_module: str, config: dict[str, Any], output_dir: str, launch: LaunchParams
+    script_module: str, train: TrainConfig, launch: LaunchParams, resume: bool
 ) -> TrainingRunResult:
-    """Write the config, run the launcher, stream every log line, read back `train_result.json`."""
+    """Write the config, run the launcher, stream every log line, read back `train_result.json`.
+
+    `resume`: continue from the latest checkpoint in the output folder (if any) unless the config names one.
+    """
     logger = get_run_logger()
-    out = Path(output_dir)
+    config: dict[str, Any] = train.model_dump(mode="json")
+    if resume and not config.get("resume_from_checkpoint"):
+        config["resume_from_checkpoint"] = "latest"
+    out = Path(train.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     config_path = out / "train_config.json"
     config_path.write_text(json.dumps(config, indent=2))
