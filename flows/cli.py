@@ -1,7 +1,7 @@
 """`dsat`: the command line. Each command is a thin layer over the functions the flows call.
 
-Commands that run Prefect flows (`refresh`, `demo`) live here rather than in `dsat_core`, which never
-imports Prefect; every other command calls `dsat_core` directly.
+Commands that run Prefect flows (`refresh`, `import`, `demo`) live here rather than in `dsat_core`, which
+never imports Prefect; every other command calls `dsat_core` directly.
 """
 
 from __future__ import annotations
@@ -55,6 +55,33 @@ def _cmd_refresh(args: argparse.Namespace) -> int:
         n_workers=args.workers,
     )
     print(refresh_dataset(params).model_dump_json(indent=2))
+    return 0
+
+
+def _option(text: str) -> tuple[str, object]:
+    import yaml
+
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError("an option is key=value (value in YAML, e.g. kinds=[rgb])")
+    return key, yaml.safe_load(value)
+
+
+def _cmd_import(args: argparse.Namespace) -> int:
+    from flows.import_dataset import ImportParams, import_dataset
+
+    params = ImportParams(
+        catalog=args.catalog,
+        source=args.source,
+        out_dir=args.out,
+        options=dict(args.option),
+        storage_options=dict(args.storage_option) or None,
+        dask_address=args.dask_address,
+        n_workers=args.workers,
+        limit=args.limit,
+        store_uri=args.store,
+    )
+    print(import_dataset(params).model_dump_json(indent=2))
     return 0
 
 
@@ -172,9 +199,31 @@ def build_parser() -> argparse.ArgumentParser:
     refresh.add_argument("--dask", action="store_true", help="run per-item tasks on Dask")
     refresh.set_defaults(func=_cmd_refresh)
 
+    imp = sub.add_parser("import", help="import a published dataset copy (fMoW, xBD, ...) as STAC items")
+    imp.add_argument("--catalog", required=True, help="catalogs/<name>.yaml with an `importer:` block")
+    imp.add_argument("--source", help="the copy: a folder or s3:// prefix (default: the YAML's source)")
+    imp.add_argument("--out", help="static catalog folder (default data/imported/<catalog>)")
+    imp.add_argument("--option", type=_option, action="append", default=[], help="importer option key=value")
+    imp.add_argument(
+        "--storage-option",
+        type=_option,
+        action="append",
+        default=[],
+        help="fsspec option of the copy, key=value (e.g. anon=true for public buckets)",
+    )
+    imp.add_argument("--limit", type=int, help="only the first N images")
+    imp.add_argument("--store", help="also ingest the imported items into this store (refresh-dataset)")
+    imp.add_argument("--dask-address", default=os.environ.get("DASK_SCHEDULER_ADDRESS"))
+    imp.add_argument("--workers", type=int, default=2, help="LocalCluster workers (0: in this process)")
+    imp.set_defaults(func=_cmd_import)
+
     stac = sub.add_parser("stac", help="STAC utilities").add_subparsers(dest="stac_command", required=True)
     serve = stac.add_parser("serve", help="serve a static STAC catalog as a STAC API on 127.0.0.1")
-    serve.add_argument("--catalog", default="catalogs/samples/catalog/catalog.json")
+    serve.add_argument(
+        "--catalog",
+        default="catalogs/samples/catalog/catalog.json",
+        help="a static catalog.json, or a folder written by `dsat import`",
+    )
     serve.add_argument("--collection", default="local-samples")
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=7826)

@@ -2,7 +2,9 @@
 
 Placeholders: `{of_class}` (" of a <class>" from `config.class_property`, else ""), `{in_place}` (" in
 <country>"), `{place}` ("<nearest city>, <country>"), `{country}`, `{sensor}` (instruments, e.g. "ETM+"),
-`{platform}` (e.g. "Landsat 8"), `{year}`. Unknown values render as "" and repeated spaces are collapsed.
+`{platform}` (e.g. "Landsat 8"), `{year}`, `{event}` (" " + the item's `dsat:event`, e.g. " after the
+flooding of hurricane harvey", set by importers). Unknown values render as "" and repeated spaces are
+collapsed.
 Places come from offline nearest-city reverse geocoding (`dsat_core.captions.geocode`): nearest populated
 place, NOT point-in-polygon, so tiles near a border or over open water may be captioned with a
 neighbouring country.
@@ -19,7 +21,7 @@ from dsat_core.captions.geocode import Place, nearest_place
 from dsat_core.data.catalog import CatalogConfig
 from dsat_core.metadata import SatMetadata
 
-PLACEHOLDERS = ("of_class", "in_place", "place", "country", "sensor", "platform", "year")
+PLACEHOLDERS = ("of_class", "in_place", "place", "country", "sensor", "platform", "year", "event")
 
 __all__ = ["PLACEHOLDERS", "Place", "caption_for", "nearest_place", "template_fields"]
 
@@ -34,6 +36,8 @@ def _class_phrase(word: str) -> str:
     word = word.replace("_", " ").strip()
     if not word:
         return ""
+    if word.endswith("s") and not word.endswith(("ss", "us", "is")):  # plural: "of buildings"
+        return f" of {word}"
     article = "an" if word[0].lower() in "aeiou" else "a"
     return f" of {article} {word}"
 
@@ -65,6 +69,7 @@ def caption_for(metadata: SatMetadata, item_properties: Mapping[str, Any], confi
         "sensor": "/".join(str(i).upper() for i in item_properties.get("instruments") or []),
         "platform": _platform(item_properties.get("platform")),
         "year": "" if metadata.year is None else str(metadata.year),
+        "event": f" {_first(item_properties.get('dsat:event'))}",
     }
     text = config.caption_template.format(**values)
     return re.sub(r"\s+", " ", text).replace(" ,", ",").strip()

@@ -71,6 +71,19 @@ class QualitySpec(_Strict):
     max_pixels: int = Field(400_000_000, gt=0, description="a source raster larger than this is rejected")
 
 
+class ImporterSpec(_Strict):
+    """A dataset that is not a STAC API: where its published copy lives and which importer reads it.
+
+    `dsat import <catalog>` runs `dsat_core.data.importers` over `source` (overridable) into a static catalog
+    that the catalog's `stac_api` (a local `dsat stac serve`) then serves.
+    """
+
+    name: Literal["fmow", "fmow-sentinel", "xbd", "spacenet"]
+    source: str = Field(description="public location of the published copy (s3:// or https://)")
+    docs: str = Field("", description="where to read about obtaining it (licence, registration)")
+    options: dict[str, Any] = Field(default_factory=dict, description="importer keyword arguments")
+
+
 class CatalogConfig(_Strict):
     """One STAC source: where to search, what to read, how to tile and filter it."""
 
@@ -99,6 +112,7 @@ class CatalogConfig(_Strict):
     class_property: str | None = Field(None, description="item property holding a class/land-cover word")
     allowed_schemes: list[Literal["https", "http", "s3", "file"]] = ["https", "s3"]
     allowed_roots: list[str] = Field(default_factory=list, description="local folders hrefs may point into")
+    importer: ImporterSpec | None = None
 
     @field_validator("target_crs")
     @classmethod

@@ -9,8 +9,8 @@ first asset read, or 'EPSG:n'). The extent is the item footprint (its WGS84 `bbo
 optional AOI (WGS84) and with the source rasters' bounds, all in the target CRS. When the target CRS is
 the source CRS and no GSD is forced, the grid is the source's own pixel grid (no resampling). Otherwise
 pixels are square, GSD = `target_gsd`, else the item's `gsd`, else the source resolution, and the extent
-is snapped outwards to GSD multiples. Special UTM zones (Norway, Svalbard) and footprints crossing the
-antimeridian are not handled.
+is snapped outwards to GSD multiples (inwards with `snap_inward`). Special UTM zones (Norway, Svalbard)
+and footprints crossing the antimeridian are not handled.
 """
 
 from __future__ import annotations
@@ -99,9 +99,15 @@ def choose_crs(target: str, native: CRS, centre: tuple[float, float]) -> CRS:
     return CRS.from_string(target)
 
 
-def _intersect(a: tuple[float, ...], b: tuple[float, ...]) -> tuple[float, float, float, float] | None:
+def intersect_bbox(a: tuple[float, ...], b: tuple[float, ...]) -> tuple[float, float, float, float] | None:
+    """The overlap of two (left, bottom, right, top) boxes, or None."""
     box = (max(a[0], b[0]), max(a[1], b[1]), min(a[2], b[2]), min(a[3], b[3]))
     return box if box[0] < box[2] and box[1] < box[3] else None
+
+
+def _snap(value: float, direction: int) -> int:
+    """floor (direction 1) or ceil (direction -1) of a pixel coordinate, tolerant of rounding noise."""
+    return math.floor(value + _EPS) if direction > 0 else math.ceil(value - _EPS)
 
 
 def _gsd_in_crs_units(gsd_m: float, crs: CRS) -> float:
@@ -125,8 +131,14 @@ def build_grid(
     item_gsd: float | None,
     item_bbox: tuple[float, float, float, float] | None,
     aoi_bbox: tuple[float, float, float, float] | None,
+    snap_inward: bool = False,
 ) -> TargetGrid:
-    """The target grid for a scene (see the module docstring). Raises `GridError`."""
+    """The target grid for a scene (see the module docstring). Raises `GridError`.
+
+    `snap_inward` snaps the extent inwards instead of outwards, so the grid never leaves the AOI (used
+    when the AOI is an area every source is known to cover, e.g. an importer's `dsat:aoi_bbox`).
+    """
+    inner = -1 if snap_inward else 1  # +1: floor the start and ceil the end; -1: the reverse
     if not sources:
         raise GridError("no source rasters")
     first = sources[0]
@@ -136,11 +148,11 @@ def build_grid(
         footprint = (*map(min, footprint[:2], other[:2]), *map(max, footprint[2:], other[2:]))
     wgs84 = footprint
     if item_bbox is not None:
-        wgs84 = _intersect(wgs84, item_bbox)
+        wgs84 = intersect_bbox(wgs84, item_bbox)
         if wgs84 is None:
             raise GridError(f"item bbox {tuple(item_bbox)} does not overlap the raster footprint {footprint}")
     if aoi_bbox is not None:
-        wgs84 = _intersect(wgs84, tuple(aoi_bbox))
+        wgs84 = intersect_bbox(wgs84, tuple(aoi_bbox))
         if wgs84 is None:
             raise GridError(f"no overlap with AOI {tuple(aoi_bbox)}")
     centre = ((wgs84[0] + wgs84[2]) / 2, (wgs84[1] + wgs84[3]) / 2)
@@ -150,7 +162,7 @@ def build_grid(
     for source in sources:
         b = transform_bounds(source.crs, crs, *source.bounds, densify_pts=21)
         raster = b if raster is None else (*map(min, raster[:2], b[:2]), *map(max, raster[2:], b[2:]))
-    box = _intersect(box, raster)
+    box = intersect_bbox(box, raster)
     if box is None:
         raise GridError("no overlap between the footprint and the rasters in the target CRS")
     left, bottom, right, top = box
@@ -161,18 +173,20 @@ def build_grid(
         if t.b != 0 or t.d != 0:
             raise GridError("rotated source geotransforms need an explicit target_gsd")
         rx, ry = abs(t.a), abs(t.e)
-        col0 = math.floor((left - t.c) / rx + _EPS)
-        col1 = math.ceil((right - t.c) / rx - _EPS)
-        row0 = math.floor((t.f - top) / ry + _EPS)
-        row1 = math.ceil((t.f - bottom) / ry - _EPS)
+        col0 = _snap((left - t.c) / rx, inner)
+        col1 = _snap((right - t.c) / rx, -inner)
+        row0 = _snap((t.f - top) / ry, inner)
+        row1 = _snap((t.f - bottom) / ry, -inner)
         transform = Affine(rx, 0.0, t.c + col0 * rx, 0.0, -ry, t.f - row0 * ry)
         return TargetGrid(crs, transform, col1 - col0, row1 - row0, resolution_m(first, centre[1]))
 
     gsd_m = target_gsd or item_gsd or resolution_m(first, centre[1])
     g = _gsd_in_crs_units(gsd_m, crs)
-    x0 = math.floor(left / g + _EPS) * g
-    x1 = math.ceil(right / g - _EPS) * g
-    y1 = math.ceil(top / g - _EPS) * g
-    y0 = math.floor(bottom / g + _EPS) * g
+    x0 = _snap(left / g, inner) * g
+    x1 = _snap(right / g, -inner) * g
+    y1 = _snap(top / g, -inner) * g
+    y0 = _snap(bottom / g, inner) * g
+    if x1 <= x0 or y1 <= y0:
+        raise GridError(f"the AOI is smaller than one {gsd_m} m pixel")
     width, height = round((x1 - x0) / g), round((y1 - y0) / g)
     return TargetGrid(crs, Affine(g, 0.0, x0, 0.0, -g, y1), width, height, float(gsd_m))

@@ -12,11 +12,13 @@ import logging
 import time
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from dsat_core.data.catalog import CatalogConfig
+from dsat_core.data.cluster import dask_client, n_workers_of
 from dsat_core.data.store import TILES_PER_SHARD, CommitResult, CommitTransaction, DatasetStore, StagedScene
 from dsat_core.data.tiles import Rejection, SceneTiles
 
@@ -112,7 +114,7 @@ def ingest_items(
     ``max_in_flight`` (default 2 × workers) items are in flight; staged scenes are committed once at the
     end, or every ``commit_every`` items. ``reader`` defaults to `dsat_core.data.reader.read_item`.
     """
-    from distributed import Client, LocalCluster, as_completed
+    from distributed import as_completed
 
     began = time.perf_counter()
     store = DatasetStore.open(store_uri, storage_options=storage_options, create=True, catalog=config)
@@ -138,21 +140,12 @@ def ingest_items(
         transaction.add(staged)  # the driver plans rows and copies shards while the workers go on reading
         in_transaction += 1
 
-    own_cluster = own_client = None
-    try:
+    with ExitStack() as stack:
         if todo:
-            if client is None:
-                if scheduler_address:
-                    client = own_client = Client(scheduler_address)
-                else:
-                    own_cluster = LocalCluster(
-                        n_workers=n_workers,
-                        threads_per_worker=1,
-                        processes=True,
-                        dashboard_address="127.0.0.1:0",  # ":0" binds every interface
-                    )
-                    client = own_client = Client(own_cluster)
-            workers = max(1, len(client.scheduler_info(n_workers=-1).get("workers", {})) or n_workers)
+            client = stack.enter_context(
+                dask_client(client, scheduler_address=scheduler_address, n_workers=n_workers)
+            )
+            workers = n_workers_of(client, n_workers)
             submit = partial(client.submit, pure=False, priority=1)  # shard copies go before queued reads
             limit = max_in_flight or 2 * workers
             pending = iter(todo)
@@ -202,11 +195,6 @@ def ingest_items(
         if bad:
             add(store.stage(SceneTiles("<invalid items>", rejected=bad)))
         commit()
-    finally:
-        if own_client is not None:
-            own_client.close()
-        if own_cluster is not None:
-            own_cluster.close()
     return _finish_report(report, store, n_rejected_before, began)
 
 

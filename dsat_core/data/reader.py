@@ -11,7 +11,10 @@ How it reads:
    for this item; a missing `required` product, or no product left, rejects the scene.
 2. Opening (rasterio/GDAL): local paths directly, http(s) through `/vsicurl/` (range requests, no
    directory listing), `s3://` through fsspec/s3fs with `storage_options` (`opener=`). Sizes and CRS are
-   checked from the header before any pixel is read.
+   checked from the header before any pixel is read. A file without georeferencing (e.g. the JPEG/PNG
+   chips of fMoW or xBD) is placed by the STAC projection extension: `proj:code` (or `proj:epsg`) and
+   `proj:transform` of the asset, else of the item, applied through an in-memory VRT; the file's own
+   georeferencing always wins.
 3. Grid: see `dsat_core.data.grid` (CRS, GSD, footprint ∩ AOI, snapping). Each asset is read through a
    `WarpedVRT` on that grid (bilinear; nearest for the cloud-mask band), so assets of different
    resolution land on one pixel grid; when the grid IS the asset's pixel grid, windows are read directly
@@ -29,28 +32,43 @@ How it reads:
    `datetime`, else from `start_datetime` when the item's interval is at most `MAX_DATE_INTERVAL_DAYS`
    long (a longer interval is no acquisition date: the fields stay missing). Lineage: hrefs read, CRS,
    tile transform, window, `scene_datetime` (ISO datetime, or the ISO interval `start/end`), platform.
+
+An item may narrow its own grid with the property `dsat:aoi_bbox` (WGS84, intersected with the run's AOI):
+importers use it to give every image of one place the same grid, so their tiles share windows (temporal
+sequences, `dsat_core.data.tasks.TemporalDataset`).
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Mapping
 from contextlib import ExitStack
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
+from xml.sax.saxutils import escape
 
 import numpy as np
 import rasterio
 from affine import Affine
+from rasterio.crs import CRS
 from rasterio.enums import MaskFlags, Resampling
-from rasterio.errors import RasterioError
+from rasterio.errors import CRSError, NotGeoreferencedWarning, RasterioError
+from rasterio.io import MemoryFile
 from rasterio.vrt import WarpedVRT
 from rasterio.windows import Window
 
 from dsat_core.captions import caption_for
 from dsat_core.data.catalog import BandSpec, CatalogConfig, ProductSpec
-from dsat_core.data.grid import GridError, SourceGeometry, TargetGrid, build_grid, resolution_m
+from dsat_core.data.grid import (
+    GridError,
+    SourceGeometry,
+    TargetGrid,
+    build_grid,
+    intersect_bbox,
+    resolution_m,
+)
 from dsat_core.data.quality import cloud_fraction, tile_problem
 from dsat_core.data.scaling import scale, scene_range
 from dsat_core.data.security import UnsafeHrefError, check_href, check_vrt
@@ -174,7 +192,9 @@ def _open(href: str, config: CatalogConfig, storage_options: dict | None) -> ras
             return rasterio.open(href, opener=fs)
         if href.lower().endswith(".vrt"):
             check_vrt(href, config)
-        return rasterio.open(href)
+        with warnings.catch_warnings():  # chips placed by the item's proj:* fields are handled by the caller
+            warnings.simplefilter("ignore", NotGeoreferencedWarning)
+            return rasterio.open(href)
     except UnsafeHrefError:
         raise
     except (RasterioError, OSError, ValueError) as err:
@@ -195,6 +215,58 @@ def _check_header(src: rasterio.DatasetReader, href: str, band_indexes: list[int
     too_high = [i for i in band_indexes if i > src.count]
     if too_high:
         raise _SceneRejected(f"{href}: band {too_high[0]} requested but the file has {src.count} band(s)")
+
+
+_GDAL_TYPES = {
+    "uint8": "Byte", "int8": "Int8", "uint16": "UInt16", "int16": "Int16", "uint32": "UInt32",
+    "int32": "Int32", "float32": "Float32", "float64": "Float64",
+}  # fmt: skip
+
+
+def asset_georeference(asset: Mapping, properties: Mapping) -> tuple[CRS, Affine] | None:
+    """(CRS, transform) from the projection extension of the asset, else of the item; None if absent."""
+    for where in (asset, properties):
+        code = where.get("proj:code") or (f"EPSG:{where['proj:epsg']}" if where.get("proj:epsg") else None)
+        code = code or where.get("proj:wkt2")
+        values = where.get("proj:transform")
+        if not code or not isinstance(values, list | tuple) or len(values) not in (6, 9):
+            continue
+        try:
+            return CRS.from_user_input(code), Affine(*(float(v) for v in values[:6]))
+        except (CRSError, TypeError, ValueError) as err:
+            raise _SceneRejected(f"bad projection fields {code!r} / {values!r}: {err}") from err
+    return None
+
+
+def _georeferenced(
+    src: rasterio.DatasetReader,
+    href: str,
+    georef: tuple[CRS, Affine],
+    storage_options: dict | None,
+    stack: ExitStack,
+) -> rasterio.DatasetReader:
+    """`src` seen through an in-memory VRT carrying the STAC item's CRS and geotransform."""
+    name = src.name
+    if href.lower().startswith("s3://"):  # GDAL cannot see fsspec files: hold the (small) chip in memory
+        import fsspec
+
+        with fsspec.open(href, "rb", **(storage_options or {})) as f:
+            name = stack.enter_context(MemoryFile(f.read())).name
+    crs, t = georef
+    bands = []
+    for i, dtype in enumerate(src.dtypes, start=1):
+        nodata = "" if src.nodata is None else f"<NoDataValue>{src.nodata!r}</NoDataValue>"
+        bands.append(
+            f'<VRTRasterBand dataType="{_GDAL_TYPES.get(dtype, "Float64")}" band="{i}">{nodata}'
+            f'<SimpleSource><SourceFilename relativeToVRT="0">{escape(name)}</SourceFilename>'
+            f"<SourceBand>{i}</SourceBand></SimpleSource></VRTRasterBand>"
+        )
+    xml = (
+        f'<VRTDataset rasterXSize="{src.width}" rasterYSize="{src.height}">'
+        f"<SRS>{escape(crs.to_wkt())}</SRS><GeoTransform>{t.c!r}, {t.a!r}, {t.b!r}, {t.f!r}, {t.d!r}, "
+        f"{t.e!r}</GeoTransform>{''.join(bands)}</VRTDataset>"
+    )
+    return stack.enter_context(stack.enter_context(MemoryFile(xml.encode(), ext=".vrt")).open())
 
 
 def _grid_offset(src: rasterio.DatasetReader, grid: TargetGrid) -> tuple[int, int] | None:
@@ -366,6 +438,19 @@ def _item_bbox(item: Mapping) -> tuple[float, float, float, float] | None:
     return None
 
 
+def _narrowed_aoi(
+    aoi_bbox: tuple[float, float, float, float] | None, properties: Mapping[str, Any]
+) -> tuple[float, float, float, float] | None:
+    """The run's AOI intersected with the item's own `dsat:aoi_bbox` (either may be absent)."""
+    own = _item_bbox({"bbox": properties.get("dsat:aoi_bbox")})
+    if own is None or aoi_bbox is None:
+        return own or aoi_bbox
+    both = intersect_bbox(own, tuple(aoi_bbox))
+    if both is None:
+        raise _SceneRejected(f"dsat:aoi_bbox {own} does not overlap the AOI {tuple(aoi_bbox)}")
+    return both
+
+
 def _item_gsd(properties: Mapping[str, Any]) -> float | None:
     try:
         gsd = float(properties["gsd"])
@@ -479,6 +564,7 @@ def _read(
             return check_href(href, config, base_href=self_href)
 
     plans: list[_ProductPlan] = []
+    asset_keys: dict[str, str] = {}  # checked href -> asset key
     for name, spec in config.products.items():
         try:
             resolved = resolve_product(name, spec, assets)
@@ -488,6 +574,7 @@ def _read(
             rejected.append(Rejection(item_id, err.reason, -1, name))
             continue
         bands = [(checked(assets[key]["href"]), index) for _, key, index in resolved]
+        asset_keys.update((href, key) for (href, _), (_, key, _) in zip(bands, resolved, strict=True))
         plans.append(_ProductPlan(name, spec, bands, [b for b, _, _ in resolved]))
     if not plans:
         raise _SceneRejected("no product has all its bands (see the product rejections)")
@@ -500,6 +587,7 @@ def _read(
                 f"cloud mask asset {config.cloud_mask.asset!r} not found in {sorted(assets)}"
             )
         cloud_ref = checked(mask_asset["href"])
+        asset_keys.setdefault(cloud_ref, config.cloud_mask.asset)
 
     needed: dict[str, list[int]] = {}
     for plan in plans:
@@ -512,6 +600,9 @@ def _read(
         opened: dict[str, rasterio.DatasetReader] = {}
         for href in [*needed, *([cloud_ref] if cloud_ref and cloud_ref not in needed else [])]:
             src = stack.enter_context(_open(href, config, storage_options))
+            georef = asset_georeference(assets[asset_keys[href]], properties)
+            if georef is not None and (src.crs is None or src.transform == Affine.identity()):
+                src = _georeferenced(src, href, georef, storage_options, stack)
             _check_header(src, href, needed.get(href, [1]), config.quality.max_pixels)
             opened[href] = src
         grid = build_grid(
@@ -520,7 +611,8 @@ def _read(
             target_gsd=config.target_gsd,
             item_gsd=_item_gsd(properties),
             item_bbox=_item_bbox(item),
-            aoi_bbox=aoi_bbox,
+            aoi_bbox=_narrowed_aoi(aoi_bbox, properties),
+            snap_inward="dsat:aoi_bbox" in properties,
         )
         grid_pixels = grid.width * grid.height
         if grid_pixels > config.quality.max_pixels:

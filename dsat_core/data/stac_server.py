@@ -121,8 +121,16 @@ def start_stac_server(
 def serve_static_catalog(
     catalog: str | Path, collection: str, *, host: str = "127.0.0.1", port: int | None = None
 ) -> Iterator[str]:
-    """Context manager: a STAC API over a static catalog; yields its root URL."""
-    server = start_stac_server(static_catalog_items(catalog, collection), host=host, port=port)
+    """Context manager: a STAC API over a static catalog; yields its root URL.
+
+    `catalog` is a pystac catalog file (its items are served under `collection`), or a folder written by an
+    importer (`collection.json` + `items.ndjson`, served as they are).
+    """
+    folder = Path(catalog)
+    if folder.is_dir() and (folder / "items.ndjson").is_file():
+        server = start_rustac(["collection.json", "items.ndjson"], folder, host=host, port=port)
+    else:
+        server = start_stac_server(static_catalog_items(catalog, collection), host=host, port=port)
     try:
         yield server.url
     finally:

@@ -322,6 +322,16 @@ def _walk_json(root: Path):
                 stack.append((path.parent / href).resolve())
 
 
+def validate_object(d: dict[str, Any], where: str) -> pystac.STACObjectType:
+    """Validate one STAC object dict OFFLINE: the core JSON schema, then our extension-field rules."""
+    kind = _OBJECT_TYPES.get(d.get("type"))
+    if kind is None:
+        raise ValueError(f"{where}: unknown STAC type {d.get('type')!r}")
+    JsonSchemaSTACValidator().validate_core(d, kind, d.get("stac_version", ""), href=where)
+    _check_extension_fields(d, where)
+    return kind
+
+
 def validate_catalog(catalog_path: str | Path) -> int:
     """Validate every object under a static catalog OFFLINE; returns how many were validated.
 
@@ -330,14 +340,9 @@ def validate_catalog(catalog_path: str | Path) -> int:
     rules; items must round-trip through `pystac.Item.from_dict` and have relative asset hrefs to existing
     files. Raises `pystac.errors.STACValidationError` or `ValueError` naming the file.
     """
-    validator = JsonSchemaSTACValidator()
     count = 0
     for path, d in _walk_json(Path(catalog_path)):
-        kind = _OBJECT_TYPES.get(d.get("type"))
-        if kind is None:
-            raise ValueError(f"{path}: unknown STAC type {d.get('type')!r}")
-        validator.validate_core(d, kind, d.get("stac_version", ""), href=str(path))
-        _check_extension_fields(d, str(path))
+        kind = validate_object(d, str(path))
         if kind == pystac.STACObjectType.ITEM:
             again = pystac.Item.from_dict(d, preserve_dict=True)
             if again.id != d["id"] or again.to_dict(include_self_link=False)["properties"] != d["properties"]:
