@@ -10,8 +10,9 @@ An importer (one module per dataset) knows its published layout:
   id: the sequence of images of one place, the pairs of a change or super-resolution task.
 
 `run_import` maps `to_item` over batches of records on Dask workers (at most ``max_in_flight`` batches
-submitted, so memory stays bounded for datasets of hundreds of thousands of images), streams the items to
-a temporary file while keeping only their link keys, then writes the static catalog::
+submitted), which send back each batch's items already encoded as ndjson text plus one small `LinkKey` per
+item; the driver streams the text to a temporary file and keeps only the keys (a few hundred bytes per
+image, never the items), then writes the static catalog::
 
     <out>/collection.json      the collection (extent from the items)
     <out>/items.ndjson         one item per line (`rustac serve collection.json items.ndjson` serves it)
@@ -64,7 +65,7 @@ class ImportRecord:
     fields: Mapping[str, Any] = field(default_factory=dict)  # e.g. the image's row of a CSV index
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class LinkKey:
     """What `link` needs of an item: id, group (one place / one event), datetime, footprint."""
 
@@ -206,9 +207,9 @@ def fit_affine(pixels: Sequence[tuple[float, float]], lonlats: Sequence[tuple[fl
         raise MalformedRecord(f"{where}: {len(pixels)} point pairs, need at least 3 to georeference")
     a = np.column_stack([np.asarray(pixels, float), np.ones(len(pixels))])
     b = np.asarray(lonlats, float)
-    if np.linalg.matrix_rank(a) < 3:
+    coef, _, rank, _ = np.linalg.lstsq(a, b, rcond=None)
+    if rank < 3:
         raise MalformedRecord(f"{where}: the label points are collinear; cannot georeference")
-    coef, *_ = np.linalg.lstsq(a, b, rcond=None)
     scale = np.abs(coef[:2]).max()
     coef[:2][np.abs(coef[:2]) < 1e-9 * scale] = 0.0  # an exactly north-up fit has no rounding-noise shear
     return Affine(coef[0, 0], coef[1, 0], coef[2, 0], coef[0, 1], coef[1, 1], coef[2, 1])
@@ -322,17 +323,21 @@ def sequence_properties(keys: Sequence[LinkKey]) -> dict[str, dict[str, Any]]:
 # ------------------------------------------------------------------------------------------------ running
 def _items_of_batch(
     importer: DatasetImporter, fs: fsspec.AbstractFileSystem, records: list[ImportRecord]
-) -> tuple[list[dict[str, Any]], list[dict[str, str]]]:
-    """`to_item` over a batch; a failure becomes a rejection of that record only."""
-    items, rejected = [], []
+) -> tuple[str, list[LinkKey], list[dict[str, str]]]:
+    """`to_item` over a batch: the items as ndjson text (encoded here, on the worker), their link keys and
+    the rejections (a failure rejects that record only)."""
+    lines, keys, rejected = [], [], []
     for record in records:
         try:
-            items.append(importer.to_item(fs, record))
+            item = importer.to_item(fs, record)
         except MalformedRecord as err:
             rejected.append({"record": record.key, "reason": str(err)})
         except Exception as err:  # noqa: BLE001 - one bad image never stops an import
             rejected.append({"record": record.key, "reason": f"unexpected {type(err).__name__}: {err}"})
-    return items, rejected
+        else:
+            lines.append(json.dumps(item) + "\n")
+            keys.append(LinkKey.of(item))
+    return "".join(lines), keys, rejected
 
 
 def _batches(records: Iterable[ImportRecord], size: int) -> Iterator[list[ImportRecord]]:
@@ -342,11 +347,11 @@ def _batches(records: Iterable[ImportRecord], size: int) -> Iterator[list[Import
 
 
 def _map_batches(
-    fn: Callable[[list[ImportRecord]], tuple[list, list]],
+    fn: Callable[[list[ImportRecord]], tuple[str, list, list]],
     batches: Iterator[list[ImportRecord]],
     client: Any | None,
     max_in_flight: int,
-) -> Iterator[tuple[list, list]]:
+) -> Iterator[tuple[str, list, list]]:
     """Results of ``fn`` per batch, in completion order; at most ``max_in_flight`` batches submitted."""
     if client is None:
         yield from map(fn, batches)
@@ -428,15 +433,17 @@ def run_import(
         in_flight = max_in_flight or 2 * (n_workers_of(client, n_workers) if client is not None else 1)
         raw = stack.enter_context(tempfile.NamedTemporaryFile("w+", dir=out, suffix=".ndjson.tmp"))
         batch_fn = _BatchFn(importer, fs)
-        for items, rejected in _map_batches(batch_fn, _batches(records, batch_size), client, in_flight):
-            for item in items:
-                raw.write(json.dumps(item) + "\n")
-                keys.append(LinkKey.of(item))
+        for text, batch_keys, rejected in _map_batches(
+            batch_fn, _batches(records, batch_size), client, in_flight
+        ):
+            raw.write(text)
+            keys.extend(batch_keys)
             report.rejected.extend(rejected)
         extra = importer.link(keys)
         raw.flush()
         raw.seek(0)
-        _write_atomic(out / "items.ndjson", (_with_extra(line, extra) for line in raw))
+        lines = (_with_extra(line, extra.get(key.item_id)) for line, key in zip(raw, keys, strict=True))
+        _write_atomic(out / "items.ndjson", lines)
     report.n_items = len(keys)
     _write_atomic(out / "collection.json", [json.dumps(_collection(importer, keys), indent=2)])
     _write_atomic(out / "rejected.ndjson", (json.dumps(r) + "\n" for r in report.rejected))
@@ -454,7 +461,7 @@ class _BatchFn:
     importer: DatasetImporter
     fs: Any
 
-    def __call__(self, records: list[ImportRecord]) -> tuple[list, list]:
+    def __call__(self, records: list[ImportRecord]) -> tuple[str, list, list]:
         return _items_of_batch(self.importer, self.fs, records)
 
 
@@ -466,9 +473,11 @@ def _counted(
         yield record
 
 
-def _with_extra(line: str, extra: Mapping[str, dict[str, Any]]) -> str:
+def _with_extra(line: str, extra: Mapping[str, Any] | None) -> str:
+    if not extra:
+        return line
     item = json.loads(line)
-    item["properties"].update(extra.get(item["id"], {}))
+    item["properties"].update(extra)
     return json.dumps(item) + "\n"
 
 
