@@ -452,3 +452,17 @@ def test_robustness_with_wrong_metadata():
     assert r["mean_abs_change"] > 0
     same = robustness(_fake_sampler, correct, correct, seed=5)
     assert same["mean_abs_change"] == 0.0
+
+
+def test_all_missing_change_and_score_ratios():
+    from dsat_core.evaluation.sensitivity import all_missing_change, score_ratios
+
+    metadata = [SatMetadata(lat=10.0, month=2), SatMetadata(lon=5.0)]
+    # _fake_sampler adds 0.01 * lat + 0.1 * month: all missing removes 0.3 from the first, 0 from the second
+    assert all_missing_change(_fake_sampler, metadata, seed=3) == pytest.approx((0.3 + 0.0) / 2)
+    assert all_missing_change(_fake_sampler, [SatMetadata()], seed=3) == 0.0
+    ratios = score_ratios(
+        {"lat": 0.2, "lon": 0.5, "month": 0.0, "gsd": 1.0}, {"lat": 0.1, "lon": 0.0, "month": 0.0}
+    )
+    assert list(ratios) == ["lat", "lon", "month"]  # keys of both, numerator's order
+    assert ratios["lat"] == pytest.approx(2.0) and ratios["lon"] == float("inf") and np.isnan(ratios["month"])

@@ -266,6 +266,111 @@ def test_sat_unet_rejects_class_labels_and_bad_batch() -> None:
         unet(sample, t, states, metadata=torch.zeros(3, 7))
 
 
+# ---------------------------------------------------------------- missing_metadata="zero"
+
+
+def test_zero_missing_metadata_is_learned_mode_fed_present_zeros() -> None:
+    """missing_metadata="zero": a missing field = value 0 marked present; the missing embedding is unused."""
+    learned = MetadataEmbedding(embed_dim=32, time_embed_dim=64)
+    _randomize(learned)
+    zero = MetadataEmbedding(embed_dim=32, time_embed_dim=64, missing_metadata="zero")
+    zero.load_state_dict(learned.state_dict())
+    values, mask = _metadata([FULL.replace(cloud_cover=None, day=None), SatMetadata(lat=1.0), SatMetadata()])
+    values[~mask] = float("nan")  # values of missing fields are ignored in both modes
+    zeroed = values.nan_to_num(0.0)
+    expected = learned(zeroed, torch.ones_like(mask))
+    torch.testing.assert_close(zero(values, mask), expected, rtol=0, atol=0)
+    assert not torch.allclose(learned(values, mask), expected)
+    with torch.no_grad():
+        zero.missing_embedding.add_(1.0)
+    torch.testing.assert_close(zero(values, mask), expected, rtol=0, atol=0)
+    torch.testing.assert_close(zero(zeroed), expected, rtol=0, atol=0)  # all present: modes agree
+    with pytest.raises(ValueError, match="missing_metadata must be one of"):
+        MetadataEmbedding(missing_metadata="nan")
+    with pytest.raises(ValueError, match="missing_metadata must be one of"):
+        SatUNet(use_metadata=False, missing_metadata="none", **unet_config("tiny"))
+
+
+def test_sat_unet_zero_missing_metadata_matches_explicit_zeros() -> None:
+    learned = SatUNet(**unet_config("tiny")).eval()
+    assert learned.config.missing_metadata == learned.metadata_embedding.config.missing_metadata == "learned"
+    _randomize(learned.metadata_embedding, seed=4)
+    zero = SatUNet(missing_metadata="zero", **unet_config("tiny")).eval()
+    zero.load_state_dict(learned.state_dict())
+    assert zero.metadata_embedding.config.missing_metadata == "zero"
+    sample, t, states = _unet_inputs(batch=3)
+    values, mask = _metadata([FULL.replace(gsd=None), FULL.replace(month=None, year=None), FULL])
+    present = torch.ones_like(mask)
+    with torch.no_grad():
+        expected = learned(sample, t, states, metadata=values * mask, metadata_mask=present).sample
+        torch.testing.assert_close(
+            zero(sample, t, states, metadata=values, metadata_mask=mask).sample, expected
+        )
+        assert not torch.allclose(
+            learned(sample, t, states, metadata=values, metadata_mask=mask).sample, expected
+        )
+        # no metadata at all (e.g. the unconditional branch): every field a present 0
+        none = learned(sample, t, states, metadata=torch.zeros_like(values), metadata_mask=present).sample
+        torch.testing.assert_close(zero(sample, t, states).sample, none)
+
+
+def test_missing_metadata_save_load_round_trip(tmp_path) -> None:
+    """The option is saved and restored; set on a built UNet (as the trainer does) it is saved too; a
+    config saved before the option existed loads as "learned" and behaves as before."""
+    from dsat_core.models.metadata_embedding import set_missing_metadata
+
+    unet = SatUNet(**unet_config("tiny")).eval()
+    _randomize(unet.metadata_embedding, seed=6)
+    sample, t, states = _unet_inputs()
+    values, mask = _metadata([FULL.replace(lat=None), SatMetadata(gsd=0.3)])
+
+    def run(model: SatUNet) -> torch.Tensor:
+        with torch.no_grad():
+            return model(sample, t, states, metadata=values, metadata_mask=mask).sample
+
+    learned_out = run(unet)
+    unet.save_pretrained(tmp_path / "old")
+    config_path = tmp_path / "old" / "config.json"
+    config = json.loads(config_path.read_text())
+    assert config["missing_metadata"] == "learned"
+    del config["missing_metadata"]
+    config_path.write_text(json.dumps(config))
+    old = SatUNet.from_pretrained(tmp_path / "old")
+    assert old.config.missing_metadata == old.metadata_embedding.config.missing_metadata == "learned"
+    assert torch.equal(run(old), learned_out)
+
+    set_missing_metadata(unet, "zero")
+    assert unet.config.missing_metadata == unet.metadata_embedding.config.missing_metadata == "zero"
+    zero_out = run(unet)
+    assert not torch.allclose(zero_out, learned_out)
+    unet.save_pretrained(tmp_path / "zero")
+    assert json.loads((tmp_path / "zero" / "config.json").read_text())["missing_metadata"] == "zero"
+    loaded = SatUNet.from_pretrained(tmp_path / "zero")
+    assert loaded.config.missing_metadata == loaded.metadata_embedding.config.missing_metadata == "zero"
+    assert torch.equal(run(loaded), zero_out)
+    with pytest.raises(ValueError, match="missing_metadata must be one of"):
+        set_missing_metadata(unet, "nan")
+
+
+def test_controlnet3d_missing_metadata_follows_unet_and_round_trips(tmp_path) -> None:
+    from dsat_core.models.controlnet3d import ControlNet3D
+    from dsat_core.models.metadata_embedding import set_missing_metadata
+
+    unet = SatUNet(missing_metadata="zero", **unet_config("tiny"))
+    controlnet = ControlNet3D.from_unet(unet, 3, (8, 16), (), vae_scale_factor=2)
+    embeddings = (controlnet.metadata_embedding, controlnet.cond_metadata_embedding)
+    assert controlnet.config.missing_metadata == "zero"
+    assert all(e.config.missing_metadata == "zero" for e in embeddings)
+    set_missing_metadata(controlnet, "learned")
+    assert all(e.config.missing_metadata == "learned" for e in embeddings)
+    controlnet.save_pretrained(tmp_path)
+    loaded = ControlNet3D.from_pretrained(tmp_path)
+    assert loaded.config.missing_metadata == "learned"
+    assert loaded.cond_metadata_embedding.config.missing_metadata == "learned"
+    fresh = ControlNet3D.from_unet(SatUNet(**unet_config("tiny")), 3, (8, 16), (), vae_scale_factor=2)
+    assert fresh.config.missing_metadata == "learned"
+
+
 def test_unet_configs() -> None:
     tiny = unet_config("tiny", sample_size=32)
     assert tiny["block_out_channels"] == (32, 64) and tiny["sample_size"] == 32

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import sys
@@ -316,40 +317,171 @@ def test_metadata_dropout_masks_and_never_zeroes_values() -> None:
     assert 0 < (dropped.sum(1) < mask.sum(1)).float().mean() < 0.6
 
 
-def test_training_step_passes_dropout_as_mask_not_zero(store: str, tmp_path: Path) -> None:
-    """The UNet sees the dataset's metadata values untouched; dropped fields only lose their mask bit."""
+def _tile_batch(store: str) -> dict:
+    from dsat_core.data.dataset import TileDataset
+
+    return torch.utils.data.default_collate([TileDataset(store, "rgb")[i] for i in range(8)])
+
+
+def _training_loss(unet: torch.nn.Module, parts, config: TrainConfig, batch: dict) -> torch.Tensor:
+    """The DiffusionSat training loss of `unet` on `batch` (generator seed 1)."""
     from accelerate import Accelerator
 
-    from dsat_core.data.dataset import TileDataset
-    from dsat_core.training.train_diffusionsat import _loss, build_components
+    from dsat_core.training.train_diffusionsat import _loss
 
-    config = tiny_config(
-        store, tmp_path, metadata_dropout=0.5, caption_dropout=0.0, caption_phrase_dropout=0.0
+    args = (make_noise_scheduler(), config, torch.device("cpu"), torch.float32, Accelerator())
+    return _loss(batch, torch.Generator().manual_seed(1), unet, parts, *args)
+
+
+def _dropout_config(store: str, tmp_path: Path, mode: str) -> TrainConfig:
+    return tiny_config(
+        store,
+        tmp_path,
+        metadata_dropout=0.5,
+        metadata_dropout_mode=mode,
+        caption_dropout=0.0,
+        caption_phrase_dropout=0.0,
     )
-    parts = build_components(config)
-    seen: dict = {}
+
+
+def test_training_step_passes_dropout_as_mask_not_zero(store: str, tmp_path: Path) -> None:
+    """In both modes the UNet sees the dataset's metadata values untouched and the same dropped fields lose
+    their mask bit; the mode lives in the UNet (`missing_metadata`), which the trainer sets."""
+    from dsat_core.training.train_diffusionsat import build_components
+
+    batch = _tile_batch(store)
+    seen: dict[str, dict[str, torch.Tensor]] = {}
 
     class Spy(torch.nn.Module):
         def forward(self, sample, timestep, states, metadata=None, metadata_mask=None, return_dict=True):
-            seen.update(metadata=metadata.clone(), mask=metadata_mask.clone())
+            seen["last"] = {"metadata": metadata.clone(), "mask": metadata_mask.clone()}
             return (sample * 0 + torch.zeros((), requires_grad=True),)
 
-    batch = torch.utils.data.default_collate([TileDataset(store, "rgb")[i] for i in range(8)])
-    loss = _loss(
-        batch,
-        torch.Generator().manual_seed(1),
-        Spy(),
-        parts,
-        make_noise_scheduler(),
-        config,
-        torch.device("cpu"),
-        torch.float32,
-        Accelerator(),
-    )
-    assert torch.isfinite(loss)
-    torch.testing.assert_close(seen["metadata"], batch["metadata"])
-    assert not (seen["mask"] & ~batch["metadata_mask"]).any()
-    assert (seen["mask"] != batch["metadata_mask"]).any()
+    for mode in ("learned", "zero"):
+        config = _dropout_config(store, tmp_path, mode)
+        parts = build_components(config)
+        assert parts.unet.config.missing_metadata == mode
+        assert parts.unet.metadata_embedding.config.missing_metadata == mode
+        assert torch.isfinite(_training_loss(Spy(), parts, config, batch))
+        seen[mode] = seen.pop("last")
+        torch.testing.assert_close(seen[mode]["metadata"], batch["metadata"])
+        assert not (seen[mode]["mask"] & ~batch["metadata_mask"]).any()
+        assert (seen[mode]["mask"] != batch["metadata_mask"]).any()
+    assert torch.equal(seen["learned"]["mask"], seen["zero"]["mask"])
+    with pytest.raises(ValueError, match="metadata_dropout_mode"):
+        TrainConfig(store_uri="s", output_dir="o", metadata_dropout_mode="none")
+
+
+def test_zero_mode_loss_is_the_reference_zeroed_metadata(store: str, tmp_path: Path) -> None:
+    """metadata_dropout_mode="zero" trains exactly as feeding every dropped or missing field as a present 0
+    to a learned-mode UNet with the same weights (the reference), and differs from the learned mode."""
+    from dsat_core.models.metadata_embedding import set_missing_metadata
+    from dsat_core.training.train_diffusionsat import build_components
+
+    batch = _tile_batch(store)
+    assert (~batch["metadata_mask"]).any()  # the synthetic store's odd scenes lack cloud cover
+    config = _dropout_config(store, tmp_path, "zero")
+    parts = build_components(config)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for param in parts.unet.metadata_embedding.parameters():
+            param.copy_(torch.randn(param.shape, generator=gen) * 0.2)
+    learned = copy.deepcopy(parts.unet)
+    set_missing_metadata(learned, "learned")
+    seen: dict[str, torch.Tensor] = {}
+
+    class ZeroedReference(torch.nn.Module):
+        def forward(self, sample, timestep, states, metadata=None, metadata_mask=None, return_dict=True):
+            seen["mask"] = metadata_mask.clone()
+            zeroed = metadata.masked_fill(~metadata_mask, 0.0)
+            present = torch.ones_like(metadata_mask)
+            return learned(
+                sample, timestep, states, metadata=zeroed, metadata_mask=present, return_dict=False
+            )
+
+    loss_zero = _training_loss(parts.unet, parts, config, batch)
+    loss_reference = _training_loss(ZeroedReference(), parts, config, batch)
+    assert (batch["metadata"][batch["metadata_mask"] & ~seen["mask"]] != 0).any()  # dropped real values
+    torch.testing.assert_close(loss_zero, loss_reference, rtol=1e-6, atol=0)
+    assert not torch.allclose(loss_zero, _training_loss(learned, parts, config, batch))
+
+
+def test_controlnet_follows_dropout_mode_and_base_keeps_its_own(
+    store: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The ControlNet (both metadata embeddings) gets `missing_metadata` = the run's mode, a loaded frozen
+    base keeps its saved one, and the step hands both the same mask-only dropout in either mode."""
+    from accelerate import Accelerator
+
+    from dsat_core.models import SatUNet, unet_config
+    from dsat_core.training import train_controlnet
+
+    SatUNet(missing_metadata="zero", **unet_config("tiny")).save_pretrained(tmp_path / "base")
+    seen: dict[str, tuple[torch.Tensor, ...]] = {}
+
+    def spy(unet, model, noisy, timesteps, states, metadata, mask, cond, cond_metadata, cond_mask):
+        seen["last"] = (metadata.clone(), mask.clone(), cond_metadata.clone(), cond_mask.clone())
+        return noisy * 0 + torch.zeros((), requires_grad=True)
+
+    monkeypatch.setattr(train_controlnet, "controlled_unet_forward", spy)
+    gen = torch.Generator().manual_seed(0)
+    batch = {
+        "pixel_values": torch.rand(4, 3, 32, 32, generator=gen) * 2 - 1,
+        "caption": ["a satellite image"] * 4,
+        "metadata": torch.rand(4, 7, generator=gen) * 900 + 100,
+        "metadata_mask": torch.ones(4, 7, dtype=torch.bool),
+        "cond": torch.rand(4, 4, 2, 32, 32, generator=gen),
+        "cond_metadata": torch.rand(4, 2, 7, generator=gen) * 900 + 100,
+        "cond_metadata_mask": torch.ones(4, 2, 7, dtype=torch.bool),
+    }
+    for mode in ("learned", "zero"):
+        config = train_controlnet.TrainControlNetConfig(
+            task="sr",
+            store_uri=store,
+            output_dir=str(tmp_path),
+            base_model=str(tmp_path / "base"),
+            text_encoder="hash",
+            metadata_dropout=0.5,
+            cond_metadata_dropout=0.5,
+            metadata_dropout_mode=mode,
+        )
+        parts = train_controlnet.build_base(config)
+        controlnet = train_controlnet.build_controlnet(config, parts.unet, parts.vae, 4)
+        assert parts.unet.config.missing_metadata == "zero"
+        assert controlnet.config.missing_metadata == mode
+        assert controlnet.metadata_embedding.config.missing_metadata == mode
+        assert controlnet.cond_metadata_embedding.config.missing_metadata == mode
+        args = (parts, make_noise_scheduler(), config, torch.device("cpu"), torch.float32, Accelerator())
+        train_controlnet._loss(batch, torch.Generator().manual_seed(1), controlnet, *args)
+        seen[mode] = seen.pop("last")
+        metadata, mask, cond_metadata, cond_mask = seen[mode]
+        torch.testing.assert_close(metadata, batch["metadata"])
+        torch.testing.assert_close(cond_metadata, batch["cond_metadata"])
+        assert (~mask).any() and (~cond_mask).any()
+    assert all(torch.equal(a, b) for a, b in zip(seen["learned"], seen["zero"], strict=True))
+
+
+def test_zero_mode_trains_and_never_uses_missing_embeddings(store: str, tmp_path: Path) -> None:
+    """A few steps with metadata_dropout_mode="zero": the run finishes, the mode is recorded in the run
+    config and the saved UNet config, and no missing embedding ever moves from its zero init (not even
+    cloud cover's, which the data lacks); the learned mode moves them."""
+    from dsat_core.training.train_diffusionsat import train
+
+    key = "metadata_embedding.missing_embedding"
+    missing = {}
+    for mode in ("zero", "learned"):
+        config = tiny_config(
+            store, tmp_path / mode, max_steps=3, metadata_dropout=0.5, metadata_dropout_mode=mode
+        )
+        result = train(config)
+        assert result.global_step == 3 and np.isfinite(result.final_loss)
+        saved = json.loads((tmp_path / mode / "train_config.json").read_text())
+        assert saved["metadata_dropout_mode"] == config.flat_params()["metadata_dropout_mode"] == mode
+        unet_dir = tmp_path / mode / "checkpoint-3" / "unet"
+        assert json.loads((unet_dir / "config.json").read_text())["missing_metadata"] == mode
+        missing[mode] = load_file(unet_dir / "diffusion_pytorch_model.safetensors")[key]
+    assert torch.count_nonzero(missing["zero"]) == 0
+    assert torch.count_nonzero(missing["learned"][[0, 1, 2, 4, 5, 6]]) > 0  # fields the data always has
 
 
 def test_caption_dropout_drops_whole_caption_or_phrases() -> None:

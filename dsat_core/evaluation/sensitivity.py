@@ -7,6 +7,7 @@ in whatever units the sampler returns (e.g. [0, 1]); the report states the mean 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
@@ -112,3 +113,22 @@ def shuffled_metadata(metadata: Sequence[SatMetadata], seed: int = 0) -> list[Sa
         cycle, 1
     )  # item cycle[k] gets the metadata of cycle[k-1]: one cycle, no fixed point
     return [metadata[int(i)] for i in order]
+
+
+def all_missing_change(sample_fn: SampleFn, metadata: Sequence[SatMetadata], seed: int) -> float:
+    """Mean absolute pixel change when every field of every entry is marked missing (same seed)."""
+    return robustness(sample_fn, metadata, [SatMetadata()] * len(metadata), seed)["mean_abs_change"]
+
+
+def score_ratios(numerator: Mapping[str, float], denominator: Mapping[str, float]) -> dict[str, float]:
+    """`numerator[k] / denominator[k]` for each key of both, in `numerator`'s order (to compare two models).
+
+    A zero denominator gives inf (signed like the numerator), or nan when the numerator is 0 too.
+    """
+    out: dict[str, float] = {}
+    for key, a in numerator.items():
+        if key not in denominator:
+            continue
+        b = float(denominator[key])
+        out[key] = float(a) / b if b != 0 else (math.copysign(math.inf, a) if a != 0 else math.nan)
+    return out

@@ -9,7 +9,8 @@ mid block; the parts of diffusers' `ControlNetModel`) that reads a conditioning 
    batch. Each frame's embedding = timestep emb + target metadata emb + that frame's metadata emb.
    Frame metadata goes through its own embedding (``cond_metadata_embedding``, initialised from the
    UNet's): with one shared embedding the sum would be symmetric in the target and frame dates, so
-   "predict forwards" and "predict backwards" would look the same to the model.
+   "predict forwards" and "predict backwards" would look the same to the model. Both embeddings follow the
+   ControlNet's `missing_metadata` (see `MetadataEmbedding`; `from_unet` copies the UNet's).
 3. At the residual positions in ``temporal_layers`` a diffusers `TransformerTemporalModel` mixes features
    over T, blended as α·attn(x) + (1 − α)·x with a learned gate α initialised at 0 and clamped to [0, 1]
    (straight-through, so a gate pushed below 0 still gets gradients; `clamp_temporal_gates_` projects the
@@ -36,7 +37,7 @@ from diffusers.models.modeling_utils import ModelMixin
 from diffusers.models.transformers.transformer_temporal import TransformerTemporalModel
 from torch import nn
 
-from .metadata_embedding import MetadataEmbedding
+from .metadata_embedding import MetadataEmbedding, MissingMetadata, check_missing_metadata
 
 # UNet config keys the ControlNet encoder copies (the same list diffusers' `ControlNetModel.from_unet` uses).
 ENCODER_CONFIG_KEYS: tuple[str, ...] = (
@@ -178,6 +179,7 @@ class ControlNet3D(ModelMixin, ConfigMixin):
         conditioning_temporal_kernel: int = 3,
         use_metadata: bool = True,
         num_metadata_fields: int = 7,
+        missing_metadata: MissingMetadata = "learned",
         # the UNet encoder (same meaning as in `UNet2DConditionModel`)
         in_channels: int = 4,
         flip_sin_to_cos: bool = True,
@@ -212,6 +214,7 @@ class ControlNet3D(ModelMixin, ConfigMixin):
             raise ValueError(f"vae_scale_factor must be a power of two, got {vae_scale_factor}")
         if not isinstance(layers_per_block, int):
             raise ValueError(f"ControlNet3D needs an int layers_per_block, got {layers_per_block!r}")
+        check_missing_metadata(missing_metadata)
         # The encoder: built by diffusers' ControlNetModel, whose 2D conditioning path we replace below.
         encoder = ControlNetModel(
             conditioning_channels=1,
@@ -254,6 +257,7 @@ class ControlNet3D(ModelMixin, ConfigMixin):
                 time_embed_dim=time_embed_dim,
                 flip_sin_to_cos=flip_sin_to_cos,
                 freq_shift=freq_shift,
+                missing_metadata=missing_metadata,
             )
             self.metadata_embedding = MetadataEmbedding(**kwargs)
             self.cond_metadata_embedding = MetadataEmbedding(**kwargs)
@@ -336,6 +340,7 @@ class ControlNet3D(ModelMixin, ConfigMixin):
             conditioning_temporal_kernel=conditioning_temporal_kernel,
             use_metadata=metadata_embedding is not None,
             num_metadata_fields=config.get("num_metadata_fields", 7),
+            missing_metadata=config.get("missing_metadata", "learned"),
             **encoder_kwargs,
         )
         if load_weights_from_unet:

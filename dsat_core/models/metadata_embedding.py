@@ -4,9 +4,16 @@ Each of the 7 encoded metadata values (see `dsat_core.metadata.SatMetadata.encod
 embedding exactly like the diffusion timestep, then its own MLP; the per-field results are summed and
 added to the UNet's timestep embedding. A field marked missing (mask False) contributes a learned
 per-field vector instead of its MLP output, so "unknown" never collides with a real value of 0.
+
+`missing_metadata="zero"` (a registered config option, saved with the model) is for models trained the
+reference's way (`TrainConfig.metadata_dropout_mode="zero"`): a missing field is embedded as the value 0
+marked present, exactly as such a model saw dropped fields in training; its learned embedding is unused.
 """
 
 from __future__ import annotations
+
+import typing
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -15,6 +22,15 @@ from diffusers.models.embeddings import TimestepEmbedding, get_timestep_embeddin
 from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
+MissingMetadata = Literal["learned", "zero"]
+MISSING_METADATA_MODES: tuple[str, ...] = typing.get_args(MissingMetadata)
+
+
+def check_missing_metadata(mode: str) -> None:
+    """ValueError unless `mode` is a `MissingMetadata` value."""
+    if mode not in MISSING_METADATA_MODES:
+        raise ValueError(f"missing_metadata must be one of {MISSING_METADATA_MODES}, got {mode!r}")
+
 
 class MetadataEmbedding(ModelMixin, ConfigMixin):
     """Sum over fields of `MLP_i(sinusoid(value_i))`, or `missing[i]` where field i is absent.
@@ -22,6 +38,7 @@ class MetadataEmbedding(ModelMixin, ConfigMixin):
     The last linear layer of every MLP and the missing embeddings start at zero, so a fresh
     embedding outputs zeros and a `SatUNet` built from an SD UNet starts exactly as that UNet.
     The computation always runs in float32 (values are ×1000-scaled; fp16/bf16 would round them).
+    `missing_metadata="zero"`: absent fields are embedded as present fields of value 0 (see the module).
     """
 
     @register_to_config
@@ -32,8 +49,10 @@ class MetadataEmbedding(ModelMixin, ConfigMixin):
         time_embed_dim: int = 1280,
         flip_sin_to_cos: bool = True,
         freq_shift: float = 0,
+        missing_metadata: MissingMetadata = "learned",
     ):
         super().__init__()
+        check_missing_metadata(missing_metadata)
         self.mlps = nn.ModuleList(
             TimestepEmbedding(embed_dim, time_embed_dim, act_fn="silu") for _ in range(num_fields)
         )
@@ -51,7 +70,8 @@ class MetadataEmbedding(ModelMixin, ConfigMixin):
     def forward(self, metadata: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """Embed `metadata` (B, F) with presence `mask` (B, F) → float32 (B, time_embed_dim).
 
-        `mask=None` means every field is present. Values of missing fields are ignored (NaN allowed).
+        `mask=None` means every field is present. Values of missing fields are ignored (NaN allowed): they
+        get the learned missing embedding, or with `missing_metadata="zero"` the embedding of a present 0.
         """
         num_fields = self.config.num_fields
         if metadata.ndim != 2 or metadata.shape[1] != num_fields:
@@ -64,6 +84,8 @@ class MetadataEmbedding(ModelMixin, ConfigMixin):
 
         with torch.autocast(device_type=metadata.device.type, enabled=False):
             values = torch.where(mask, metadata.float(), torch.zeros((), device=metadata.device))
+            if self.config.missing_metadata == "zero":
+                mask = torch.ones_like(mask)
             batch = values.shape[0]
             sinusoid = get_timestep_embedding(
                 values.reshape(-1),
@@ -78,3 +100,15 @@ class MetadataEmbedding(ModelMixin, ConfigMixin):
                 hidden = F.linear(F.silu(hidden), mlp.linear_2.weight.float(), mlp.linear_2.bias.float())
                 out = out + torch.where(mask[:, i : i + 1], hidden, missing[i])
         return out
+
+
+def set_missing_metadata(model: ConfigMixin, mode: MissingMetadata) -> None:
+    """Set `missing_metadata` of `model` (e.g. a `SatUNet`) and of every `MetadataEmbedding` in it.
+
+    Registered in the configs, so `save_pretrained` records it and `from_pretrained` restores it.
+    """
+    check_missing_metadata(mode)
+    model.register_to_config(missing_metadata=mode)
+    for module in typing.cast(nn.Module, model).modules():
+        if isinstance(module, MetadataEmbedding):
+            module.register_to_config(missing_metadata=mode)

@@ -15,7 +15,7 @@ from diffusers.configuration_utils import register_to_config
 from diffusers.models.modeling_utils import ModelMixin  # noqa: F401
 from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
 
-from .metadata_embedding import MetadataEmbedding
+from .metadata_embedding import MetadataEmbedding, MissingMetadata, check_missing_metadata
 
 _UNET_PARAMS = [
     p for name, p in inspect.signature(UNet2DConditionModel.__init__).parameters.items() if name != "self"
@@ -23,7 +23,7 @@ _UNET_PARAMS = [
 
 
 def _with_unet_signature(init: Callable) -> Callable:
-    """Give `init(self, num_metadata_fields, use_metadata, **kwargs)` the full UNet signature.
+    """Give `init(self, <SatUNet's own arguments>, **kwargs)` the full UNet signature.
 
     diffusers' `register_to_config` / `from_config` read `__init__`'s signature, so every UNet argument
     must appear in it for `save_pretrained` → `from_pretrained` to round trip.
@@ -37,6 +37,8 @@ class SatUNet(UNet2DConditionModel):
     """UNet conditioned on text (cross-attention) and on 7 metadata values (added to the time embedding).
 
     `use_metadata=False` gives the plain SD UNet (same weights, no metadata path) for baselines.
+    `missing_metadata`: how a missing field is embedded, "learned" (its learned missing embedding) or "zero"
+    (a present value 0, for models trained with zeroed dropout; `metadata_embedding.set_missing_metadata`).
     The metadata embedding stays float32 when loaded with `torch_dtype` (and computes in float32 anyway).
     """
 
@@ -44,9 +46,16 @@ class SatUNet(UNet2DConditionModel):
 
     @register_to_config
     @_with_unet_signature
-    def __init__(self, num_metadata_fields: int = 7, use_metadata: bool = True, **kwargs: Any):
+    def __init__(
+        self,
+        num_metadata_fields: int = 7,
+        use_metadata: bool = True,
+        missing_metadata: MissingMetadata = "learned",
+        **kwargs: Any,
+    ):
         if kwargs.get("class_embed_type") is not None or kwargs.get("num_class_embeds") is not None:
             raise ValueError("SatUNet uses the class-embedding hook for metadata; no class embeddings")
+        check_missing_metadata(missing_metadata)
         super().__init__(**kwargs)
         self.metadata_embedding: MetadataEmbedding | None = None
         if use_metadata:
@@ -57,6 +66,7 @@ class SatUNet(UNet2DConditionModel):
                 time_embed_dim=self.time_embedding.linear_2.out_features,
                 flip_sin_to_cos=self.config.flip_sin_to_cos,
                 freq_shift=self.config.freq_shift,
+                missing_metadata=missing_metadata,
             )
 
     @classmethod

@@ -1,8 +1,11 @@
 """Conditioning dropout for classifier-free guidance: captions (whole + per phrase) and metadata (per field).
 
-Metadata dropout only clears the presence mask, so the model uses its learned "missing" embedding for
-that field; the value itself is left alone and is never replaced by a raw 0 that looks like real data
-(the reference implementation's bug, spec §1).
+Metadata dropout only clears the presence mask; the value itself is left alone and is never replaced here
+by a raw 0 that looks like real data (the reference implementation's bug, spec §1). What a cleared field
+means is the model's `missing_metadata`, which the trainers set from `TrainConfig.metadata_dropout_mode`:
+"learned" (default) uses the learned "missing" embedding; "zero" embeds the value 0 as present, the
+reference's behaviour, for comparing the two (metadata sensitivity report, issue #7). Training and
+inference thus treat a missing field the same way.
 """
 
 from __future__ import annotations

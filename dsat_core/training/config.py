@@ -11,6 +11,10 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+# = `dsat_core.models.metadata_embedding.MissingMetadata` (repeated: this module must stay free of torch)
+MetadataDropoutMode = Literal["learned", "zero"]
+METADATA_DROPOUT_MODES: tuple[str, ...] = typing.get_args(MetadataDropoutMode)
+
 
 class TrainConfig(BaseModel):
     """Configuration of one DiffusionSat training run (defaults follow spec §1 where it gives one)."""
@@ -70,6 +74,11 @@ class TrainConfig(BaseModel):
     caption_dropout: float = 0.1
     caption_phrase_dropout: float = 0.1
     metadata_dropout: float = 0.1
+    metadata_dropout_mode: MetadataDropoutMode = Field(
+        default="learned",
+        description="the trained model's `missing_metadata`: a dropped or missing field is its learned "
+        "missing embedding ('learned') or the value 0 marked present ('zero', the reference's behaviour)",
+    )
     use_metadata: bool = True
 
     # EMA

@@ -6,8 +6,9 @@
 The base model (a saved `DiffusionSatPipeline` or `SatUNet` folder, an SD folder, or a fresh tiny one for
 smoke runs) is FROZEN; only the `ControlNet3D` trains. The machinery is the DiffusionSat trainer's: the same
 `TrainConfig` fields, v-prediction with min-SNR-γ, caption / metadata dropout (mask only; here also for each
-conditioning frame's metadata), EMA, pickle-free checkpoints with exact resume (`checkpoint-N/unet/` holds
-the ControlNet3D weights: the shared checkpoint layout names the trained model's folder `unet/`), resumable
+conditioning frame's metadata; `metadata_dropout_mode` sets the ControlNet's `missing_metadata`, while a
+loaded base keeps its own), EMA, pickle-free checkpoints with exact resume (`checkpoint-N/unet/` holds the
+ControlNet3D weights: the shared checkpoint layout names the trained model's folder `unet/`), resumable
 rank-sharded batches, MLflow (params incl. the task recipe, e.g. the SR degradation; loss; sample grids;
 lineage) and, at the end, the whole `SatControlNetPipeline` saved with the EMA weights, logged as an MLflow
 artifact and registered in the model registry.
@@ -43,6 +44,7 @@ from dsat_core.models import (
     scheduler_config,
 )
 from dsat_core.models.controlnet3d import ControlNet3D, controlled_unet_forward, freeze
+from dsat_core.models.metadata_embedding import set_missing_metadata
 from dsat_core.pipelines import DiffusionSatPipeline
 from dsat_core.pipelines.controlnet import SatControlNetPipeline
 from dsat_core.training.conditioning import drop_captions, drop_metadata
@@ -172,7 +174,10 @@ def build_base(config: TrainControlNetConfig) -> Components:
 def build_controlnet(
     config: TrainControlNetConfig, unet: SatUNet, vae: nn.Module, channels: int
 ) -> ControlNet3D:
-    """A new ControlNet3D from the base UNet (seeded), or the one in ``init_controlnet``."""
+    """A new ControlNet3D from the base UNet (seeded), or the one in ``init_controlnet``.
+
+    Its `missing_metadata` is set to ``config.metadata_dropout_mode``.
+    """
     from dsat_core.models import vae_scale_factor
 
     factor = vae_scale_factor(vae)
@@ -197,6 +202,7 @@ def build_controlnet(
                 config.temporal_layers,
                 vae_scale_factor=factor,
             )
+    set_missing_metadata(controlnet, config.metadata_dropout_mode)
     controlnet.train()
     if config.gradient_checkpointing:
         controlnet.enable_gradient_checkpointing()

@@ -5,8 +5,10 @@
     accelerate launch --multi_gpu --num_processes 8 -m dsat_core.training.train_diffusionsat --config cfg.json
 
 v-prediction with min-SNR-γ weighting, caption dropout (whole + per phrase) and per-field metadata
-dropout (mask only), frozen VAE and text encoder (its projection, when it has one, trains), EMA of the
-UNet, pickle-free checkpoints with exact resume, MLflow tracking and a registered pipeline at the end.
+dropout (mask only; `metadata_dropout_mode` sets the UNet's `missing_metadata`, i.e. whether a missing
+field is a learned embedding or the reference's value 0), frozen VAE and text encoder (its projection, when
+it has one, trains), EMA of the UNet, pickle-free checkpoints with exact resume, MLflow tracking and a
+registered pipeline at the end.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ from dsat_core.models import (
     unet_config,
     vae_scale_factor,
 )
+from dsat_core.models.metadata_embedding import set_missing_metadata
 from dsat_core.pipelines import DiffusionSatPipeline
 from dsat_core.training.conditioning import drop_captions, drop_metadata
 from dsat_core.training.config import TrainConfig
@@ -73,7 +76,11 @@ class Components:
 
 # ---------------------------------------------------------------------------- building blocks
 def build_components(config: TrainConfig) -> Components:
-    """UNet, VAE and text encoder from a DiffusionSat folder, an SD folder, or a named size (seeded init)."""
+    """UNet, VAE and text encoder from a DiffusionSat folder, an SD folder, or a named size (seeded init).
+
+    The UNet's `missing_metadata` is set to `config.metadata_dropout_mode` (saved with it), so the trained
+    model embeds a missing field at inference as it saw dropped fields in training.
+    """
     with torch.random.fork_rng():
         torch.manual_seed(config.seed)
         if config.pretrained_diffusionsat:
@@ -90,6 +97,7 @@ def build_components(config: TrainConfig) -> Components:
             text_encoder = load_text_encoder(
                 config.text_encoder, cross_attention_dim=cfg["cross_attention_dim"]
             )
+    set_missing_metadata(unet, config.metadata_dropout_mode)
     vae.requires_grad_(False).eval()
     text_encoder.requires_grad_(False)
     projection = getattr(text_encoder, "projection", None)
