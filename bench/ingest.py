@@ -1,6 +1,6 @@
 """Ingest benchmark: the project's pipeline vs a plain odc-stac + numpy + zarr path on the same scenes.
 
-    python bench/ingest.py [--scenes 16] [--catalog local-samples] [--workdir /tmp/dsat-bench]
+    python bench/ingest.py [--scenes 48] [--catalog local-samples] [--workdir /tmp/dsat-bench]
 
 Scenes: the real items of ../shared/data/real/catalog (or catalogs/samples) that carry red/green/blue,
 repeated under distinct item ids up to ``--scenes``. Reported per path: tiles/s, MB/s (uncompressed tile
@@ -185,7 +185,7 @@ def run_peer(items, config, workdir: Path) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--scenes", type=int, default=16)
+    parser.add_argument("--scenes", type=int, default=48, help="at least 16; more scenes, steadier ratios")
     parser.add_argument("--catalog", default="local-samples")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/dsat-bench"))
     parser.add_argument(

@@ -79,13 +79,20 @@ class StoreError(ValueError):
 
 @dataclass(frozen=True)
 class StagedScene:
-    """A scene written to the staging area by `DatasetStore.stage` (small; safe to return from a worker)."""
+    """A scene written to the staging area by `DatasetStore.stage` (small; safe to return from a worker).
+
+    ``contents`` carries what the committer would otherwise read back from the staging group (per-tile
+    columns and rejections, no pixels), so a commit right after staging makes no extra reads.
+    """
 
     item_id: str
     key: str
     n_tiles: dict[str, int]
     n_rejected: int
     scene_rejected: bool
+    contents: tuple[dict[str, Any], dict[str, _StagedProduct], list[Rejection]] | None = field(
+        default=None, repr=False, compare=False
+    )
 
 
 @dataclass(frozen=True)
@@ -367,11 +374,13 @@ class DatasetStore:
         key = staging_key(scene.item_id)
         group = self.root.create_group(f"{STAGING}/{key}", overwrite=True)
         payload: dict[str, Any] = {"item_id": scene.item_id, "products": {}, "rejected": []}
+        staged_products: dict[str, _StagedProduct] = {}
         for name, tiles in scene.products.items():
             if len(tiles) == 0:
                 continue
             cols = _columns(tiles)
             images = cols.pop("images")
+            staged_products[name] = _StagedProduct(cols, list(tiles.bands), images.shape, images.dtype)
             arr = group.create_array(
                 f"images-{name}",
                 shape=images.shape,
@@ -391,17 +400,17 @@ class DatasetStore:
         )
         counts = {name: len(p["columns"]["item_id"]) for name, p in payload["products"].items()}
         scene_rejected = any(r.tile_index < 0 and not r.product for r in scene.rejected) and not counts
-        group.attrs.update(  # one write, last: commit ignores groups without `complete`
-            {
-                "item_id": scene.item_id,
-                "n_tiles": counts,
-                "n_rejected": len(scene.rejected),
-                "scene_rejected": scene_rejected,
-                "staged": _now(),
-                "complete": True,
-            }
-        )
-        return StagedScene(scene.item_id, key, counts, len(scene.rejected), scene_rejected)
+        attrs = {
+            "item_id": scene.item_id,
+            "n_tiles": counts,
+            "n_rejected": len(scene.rejected),
+            "scene_rejected": scene_rejected,
+            "staged": _now(),
+            "complete": True,
+        }
+        group.attrs.update(attrs)  # one write, last: commit ignores groups without `complete`
+        contents = (attrs, staged_products, list(scene.rejected))
+        return StagedScene(scene.item_id, key, counts, len(scene.rejected), scene_rejected, contents)
 
     def staged(self) -> list[str]:
         """Keys of complete staging groups (waiting for a commit)."""
@@ -456,10 +465,14 @@ class DatasetStore:
         )
         return group
 
-    def _validate(self, product: str, staged: _StagedProduct) -> str | None:
-        if product not in self.root:
-            return None
-        attrs = self.root[product].attrs
+    def _validate(
+        self, product: str, staged: _StagedProduct, attrs: Mapping[str, Any] | None = None
+    ) -> str | None:
+        """Why ``staged`` does not fit the product's arrays (None: it fits, or the product is new)."""
+        if attrs is None:
+            if product not in self.root:
+                return None
+            attrs = self.root[product].attrs
         bands, dtype, size = staged.bands, staged.image_dtype, list(staged.image_shape[2:])
         if list(attrs["bands"]) != list(bands):
             return f"bands {bands} differ from the store's {attrs['bands']}"
@@ -588,6 +601,7 @@ class CommitTransaction:
         self._columns: dict[str, list[dict[str, np.ndarray]]] = {}
         self._futures: list[Any] = []
         self._rejections: list[Rejection] = []
+        self._product_attrs: dict[str, dict[str, Any]] = {}  # bands / dtype / tile size, read once
 
     def _existing(self, product: str) -> set[str]:
         if product not in self._seen:
@@ -653,13 +667,19 @@ class CommitTransaction:
         images are copied as soon as they are complete."""
         store, result = self.store, self.result
         key = staged.key if isinstance(staged, StagedScene) else staged
-        if key not in store.root[STAGING] or not store.root[f"{STAGING}/{key}"].attrs.get("complete"):
-            raise StoreError(f"{store.uri}: staged scene {key!r} is missing or incomplete")
+        if isinstance(staged, StagedScene) and staged.contents is not None:
+            sattrs, products, scene_rejections = staged.contents  # as the worker staged it: no read back
+            scene_rejections = list(scene_rejections)
+        else:
+            if key not in store.root[STAGING] or not store.root[f"{STAGING}/{key}"].attrs.get("complete"):
+                raise StoreError(f"{store.uri}: staged scene {key!r} is missing or incomplete")
+            sattrs, products, scene_rejections = store._read_staged(key)
         self.keys.append(key)
-        sattrs, products, scene_rejections = store._read_staged(key)
         item_id = sattrs["item_id"]
         for product, part in products.items():
-            problem = store._validate(product, part)
+            if product not in self._product_attrs:  # created by the first scene that has it
+                self._product_attrs[product] = dict(store._ensure_product(product, part).attrs)
+            problem = store._validate(product, part, self._product_attrs[product])
             if problem:
                 scene_rejections.append(Rejection(item_id, f"store: {problem}", -1, product))
                 continue
@@ -676,7 +696,6 @@ class CommitTransaction:
             if not keep.any():
                 continue
             kept = {name: arr[keep] for name, arr in cols.items()}
-            store._ensure_product(product, part)
             self._hashes[product].extend(kept["tile_hash"].tolist())
             self._image_sources.setdefault(product, []).append((key, np.flatnonzero(keep)))
             self._columns.setdefault(product, []).append(kept)
