@@ -212,3 +212,27 @@ def test_dsat_import_command(tmp_path, capsys):
     result = json.loads(capsys.readouterr().out)
     assert (result["n_items"], result["n_rejected"], result["refresh"]) == (6, 0, None)
     assert len(read_items(tmp_path / "out")) == 6
+
+
+def test_fmow_full_multispectral_chips_are_read_on_the_sidecar_grid(tmp_path):
+    """fmow-full `_ms.tif` chips (4 bands, no georeferencing) import and read like the RGB JPEGs."""
+    from dsat_core.data.reader import read_item
+
+    written = write_fmow(tmp_path / "fmow-full", kind="ms")
+    report = run_import(get_importer("fmow", kinds=("ms",)), str(tmp_path / "fmow-full"), tmp_path / "out")
+    assert report.n_items == len(written) and report.rejected == []
+    item = read_items(tmp_path / "out")[0]
+    asset = item["assets"]["image"]
+    assert asset["type"] == "image/tiff" and asset["href"].endswith("_ms.tif")
+    assert [b["common_name"] for b in asset["eo:bands"]] == ["blue", "green", "red", "nir"]
+    bands = [{"name": n, "asset": "image", "common_name": n} for n in ("blue", "green", "red", "nir")]
+    scaling = {"mode": "fixed", "range": [0, 4095], "dtype": "uint16"}
+    config = load_catalog(_catalog(tmp_path, "fmow")).with_overrides(
+        products={"multispectral": {"bands": bands, "scaling": scaling, "required": True}}
+    )
+    scene = read_item(item, config)
+    assert scene.rejected == [] and scene.products["multispectral"].images.shape == (4, 4, 32, 32)
+    west, south, east, north = item["properties"]["dsat:aoi_bbox"]
+    assert all(
+        west < m.lon < east and south < m.lat < north for m in scene.products["multispectral"].metadata
+    )

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -57,11 +58,13 @@ def write_fmow(
     gsd: float = 1.0,
     split: str = "train",
     seed: int = 0,
+    kind: str = "rgb",
 ) -> list[dict]:
-    """fMoW-rgb layout: per place, one ``_rgb.jpg`` + ``_rgb.json`` per date; returns the sidecars written.
+    """fMoW layout: per place, one image + JSON sidecar per date; returns the sidecars written.
 
-    The object box sits in the middle of the chip; each date's chip is shifted by a few pixels (as real
-    revisits are) so the footprints differ but overlap.
+    ``kind`` "rgb" writes fmow-rgb's ``_rgb.jpg``; "ms" writes fmow-full's 4-band uint16 ``_ms.tif`` (no
+    georeferencing, like the JPEGs). The object box sits in the middle of the chip; each date's chip is
+    shifted by a few pixels (as real revisits are) so the footprints differ but overlap.
     """
     rng = np.random.default_rng(seed)
     written = []
@@ -77,13 +80,13 @@ def write_fmow(
             west = place.lon - half_box * dlon
             north = place.lat + half_box * dlat
             raw = _wkt_box(west, north - 2 * half_box * dlat, west + 2 * half_box * dlon, north)
-            stem = f"{name}_{image_id}_rgb"
-            Image.fromarray(np.moveaxis(smooth_image(rng, 3, size), 0, -1)).save(
-                folder / f"{stem}.jpg", quality=95
+            stem = f"{name}_{image_id}_{kind}"
+            filename = _write_fmow_image(
+                folder / stem, kind, smooth_image(rng, 3 if kind == "rgb" else 4, size)
             )
             sidecar = {
                 "gsd": gsd,
-                "img_filename": f"{stem}.jpg",
+                "img_filename": filename,
                 "img_width": size,
                 "img_height": size,
                 "country_code": place.country_code,
@@ -100,9 +103,27 @@ def write_fmow(
                     }
                 ],
             }
+            if kind == "ms":
+                sidecar["approximate_wavelengths"] = [0.48, 0.545, 0.66, 0.83]  # blue, green, red, nir (µm)
             (folder / f"{stem}.json").write_text(json.dumps(sidecar))
             written.append({"path": str(folder / f"{stem}.json"), "place": place, **sidecar})
     return written
+
+
+def _write_fmow_image(stem: Path, kind: str, pixels: np.ndarray) -> str:
+    """An fMoW chip without georeferencing: RGB JPEG, or a multispectral uint16 TIFF; returns its name."""
+    if kind == "rgb":
+        Image.fromarray(np.moveaxis(pixels, 0, -1)).save(stem.with_suffix(".jpg"), quality=95)
+        return stem.name + ".jpg"
+    import rasterio
+
+    bands, height, width = pixels.shape
+    profile = {"driver": "GTiff", "width": width, "height": height, "count": bands, "dtype": "uint16"}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
+        with rasterio.open(stem.with_suffix(".tif"), "w", **profile) as dst:
+            dst.write(pixels.astype(np.uint16) * 16)
+    return stem.name + ".tif"
 
 
 def write_fmow_sentinel(
