@@ -10,9 +10,13 @@ An importer (one module per dataset) knows its published layout:
   id: the sequence of images of one place, the pairs of a change or super-resolution task.
 
 `run_import` maps `to_item` over batches of records on Dask workers (at most ``max_in_flight`` batches
-submitted), which send back each batch's items already encoded as ndjson text plus one small `LinkKey` per
-item; the driver streams the text to a temporary file and keeps only the keys (a few hundred bytes per
-image, never the items), then writes the static catalog::
+submitted), which send back each batch's items already encoded as ndjson text. Linking needs the images of
+a group side by side: when the importer's listing yields each group's records together (`group_of`; fMoW
+locations and xBD tiles are folders / file-name prefixes of a sorted listing), batches end only where the
+group changes and `link` runs per batch on the workers, so the driver keeps nothing per image beyond the
+listing's paths. Otherwise (e.g. the fMoW-Sentinel CSV, in no promised order) workers send
+one small `LinkKey` per item, the driver links them all at the end (a few hundred bytes per image) and
+rewrites the items once. Then the static catalog is written::
 
     <out>/collection.json      the collection (extent from the items)
     <out>/items.ndjson         one item per line (`rustac serve collection.json items.ndjson` serves it)
@@ -122,6 +126,12 @@ class DatasetImporter:
     def link(self, keys: Sequence[LinkKey]) -> dict[str, dict[str, Any]]:
         """Extra properties per item id; by default images of one group form a sequence in time."""
         return sequence_properties(keys)
+
+    def group_of(self, record: ImportRecord) -> str | None:
+        """The record's link group (its items' ``dsat:group``) when the listing alone tells it AND yields
+        each group's records one after another; then `link` runs per batch on the workers and the driver
+        keeps nothing per image. None (the default): `link` sees every key, on the driver."""
+        return None
 
 
 # ------------------------------------------------------------------------------------------------ helpers
@@ -321,12 +331,25 @@ def sequence_properties(keys: Sequence[LinkKey]) -> dict[str, dict[str, Any]]:
 
 
 # ------------------------------------------------------------------------------------------------ running
+@dataclass
+class _BatchResult:
+    """What a batch sends back: its items as ndjson text, their extent, link keys (when linked on the
+    driver) and rejections."""
+
+    text: str
+    n_items: int
+    bbox: tuple[float, float, float, float] | None
+    dates: tuple[str, str] | None
+    keys: list[LinkKey] | None
+    rejected: list[dict[str, str]]
+
+
 def _items_of_batch(
-    importer: DatasetImporter, fs: fsspec.AbstractFileSystem, records: list[ImportRecord]
-) -> tuple[str, list[LinkKey], list[dict[str, str]]]:
-    """`to_item` over a batch: the items as ndjson text (encoded here, on the worker), their link keys and
-    the rejections (a failure rejects that record only)."""
-    lines, keys, rejected = [], [], []
+    importer: DatasetImporter, fs: fsspec.AbstractFileSystem, records: list[ImportRecord], link_here: bool
+) -> _BatchResult:
+    """`to_item` over a batch (a failure rejects that record only), linked here when ``link_here``; items
+    are encoded as ndjson here, on the worker."""
+    items, keys, rejected = [], [], []
     for record in records:
         try:
             item = importer.to_item(fs, record)
@@ -335,23 +358,68 @@ def _items_of_batch(
         except Exception as err:  # noqa: BLE001 - one bad image never stops an import
             rejected.append({"record": record.key, "reason": f"unexpected {type(err).__name__}: {err}"})
         else:
-            lines.append(json.dumps(item) + "\n")
+            items.append(item)
             keys.append(LinkKey.of(item))
-    return "".join(lines), keys, rejected
+    if link_here:
+        extra = importer.link(keys)
+        for item in items:
+            item["properties"].update(extra.get(item["id"], {}))
+    text = "".join(json.dumps(item) + "\n" for item in items)
+    driver_keys = None if link_here else keys
+    return _BatchResult(text, len(items), _extent(keys), _date_range(keys), driver_keys, rejected)
 
 
-def _batches(records: Iterable[ImportRecord], size: int) -> Iterator[list[ImportRecord]]:
-    it = iter(records)
-    while batch := list(islice(it, size)):
+def _extent(keys: Sequence[LinkKey]) -> tuple[float, float, float, float] | None:
+    if not keys:
+        return None
+    return (
+        min(k.bbox[0] for k in keys),
+        min(k.bbox[1] for k in keys),
+        max(k.bbox[2] for k in keys),
+        max(k.bbox[3] for k in keys),
+    )
+
+
+def _date_range(keys: Sequence[LinkKey]) -> tuple[str, str] | None:
+    dates = [k.datetime for k in keys if k.datetime]
+    return (min(dates), max(dates)) if dates else None
+
+
+def _batches(
+    records: Iterable[ImportRecord], size: int, group_of: Callable[[ImportRecord], str | None] | None = None
+) -> Iterator[list[ImportRecord]]:
+    """Batches of about ``size`` records; with ``group_of`` a batch ends only where the group changes, and
+    a group seen in an earlier batch again (a listing that does not keep groups together) is an error."""
+    if group_of is None:
+        it = iter(records)
+        while batch := list(islice(it, size)):
+            yield batch
+        return
+    batch: list[ImportRecord] = []
+    closed: set[str] = set()
+    current: str | None = None
+    for record in records:
+        group = group_of(record) or ""
+        if group != current:
+            if current is not None:
+                closed.add(current)
+            if group in closed:
+                raise ValueError(f"record {record.key}: group {group!r} listed in two places")
+            if len(batch) >= size:
+                yield batch
+                batch = []
+            current = group
+        batch.append(record)
+    if batch:
         yield batch
 
 
 def _map_batches(
-    fn: Callable[[list[ImportRecord]], tuple[str, list, list]],
+    fn: Callable[[list[ImportRecord]], _BatchResult],
     batches: Iterator[list[ImportRecord]],
     client: Any | None,
     max_in_flight: int,
-) -> Iterator[tuple[str, list, list]]:
+) -> Iterator[_BatchResult]:
     """Results of ``fn`` per batch, in completion order; at most ``max_in_flight`` batches submitted."""
     if client is None:
         yield from map(fn, batches)
@@ -374,16 +442,11 @@ def _map_batches(
         yield result
 
 
-def _collection(importer: DatasetImporter, keys: Sequence[LinkKey]) -> dict[str, Any]:
-    bbox = [-180.0, -90.0, 180.0, 90.0]
-    if keys:
-        bbox = [
-            min(k.bbox[0] for k in keys),
-            min(k.bbox[1] for k in keys),
-            max(k.bbox[2] for k in keys),
-            max(k.bbox[3] for k in keys),
-        ]
-    dates = sorted(k.datetime for k in keys if k.datetime)
+def _collection(
+    importer: DatasetImporter,
+    bbox: tuple[float, float, float, float] | None,
+    dates: tuple[str, str] | None,
+) -> dict[str, Any]:
     return {
         "type": "Collection",
         "stac_version": STAC_VERSION,
@@ -391,11 +454,17 @@ def _collection(importer: DatasetImporter, keys: Sequence[LinkKey]) -> dict[str,
         "description": importer.description,
         "license": importer.license,
         "extent": {
-            "spatial": {"bbox": [bbox]},
-            "temporal": {"interval": [[dates[0] if dates else None, dates[-1] if dates else None]]},
+            "spatial": {"bbox": [list(bbox or (-180.0, -90.0, 180.0, 90.0))]},
+            "temporal": {"interval": [list(dates or (None, None))]},
         },
         "links": [],
     }
+
+
+def _union(a: tuple | None, b: tuple | None, pick: tuple[Callable, ...]) -> tuple | None:
+    if a is None or b is None:
+        return a or b
+    return tuple(f(x, y) for f, x, y in zip(pick, a, b, strict=True))
 
 
 def run_import(
@@ -424,28 +493,37 @@ def run_import(
     out.mkdir(parents=True, exist_ok=True)
     report = ImportReport(importer.name, source, str(out), importer.collection)
     records = _counted(importer.records(fs, root), report, limit)
-    keys: list[LinkKey] = []
+    keys: list[LinkKey] = []  # only when linking needs every key (see `DatasetImporter.group_of`)
+    bbox: tuple | None = None
+    dates: tuple | None = None
+    link_here = _groups_listed_together(importer)
     with ExitStack() as stack:
         if client is not None or scheduler_address or n_workers > 0:
             client = stack.enter_context(
                 dask_client(client, scheduler_address=scheduler_address, n_workers=max(n_workers, 1))
             )
         in_flight = max_in_flight or 2 * (n_workers_of(client, n_workers) if client is not None else 1)
-        raw = stack.enter_context(tempfile.NamedTemporaryFile("w+", dir=out, suffix=".ndjson.tmp"))
-        batch_fn = _BatchFn(importer, fs)
-        for text, batch_keys, rejected in _map_batches(
-            batch_fn, _batches(records, batch_size), client, in_flight
-        ):
-            raw.write(text)
-            keys.extend(batch_keys)
-            report.rejected.extend(rejected)
-        extra = importer.link(keys)
+        suffix = ".partial" if link_here else ".ndjson.tmp"
+        raw = stack.enter_context(tempfile.NamedTemporaryFile("w+", dir=out, suffix=suffix, delete=False))
+        stack.callback(Path(raw.name).unlink, missing_ok=True)
+        batches = _batches(records, batch_size, importer.group_of if link_here else None)
+        for result in _map_batches(_BatchFn(importer, fs, link_here), batches, client, in_flight):
+            raw.write(result.text)
+            report.n_items += result.n_items
+            bbox = _union(bbox, result.bbox, (min, min, max, max))
+            dates = _union(dates, result.dates, (min, max))
+            keys.extend(result.keys or [])
+            report.rejected.extend(result.rejected)
         raw.flush()
-        raw.seek(0)
-        lines = (_with_extra(line, extra.get(key.item_id)) for line, key in zip(raw, keys, strict=True))
-        _write_atomic(out / "items.ndjson", lines)
-    report.n_items = len(keys)
-    _write_atomic(out / "collection.json", [json.dumps(_collection(importer, keys), indent=2)])
+        if link_here:
+            raw.close()
+            Path(raw.name).replace(out / "items.ndjson")
+        else:
+            extra = importer.link(keys)
+            raw.seek(0)
+            lines = (_with_extra(line, extra.get(key.item_id)) for line, key in zip(raw, keys, strict=True))
+            _write_atomic(out / "items.ndjson", lines)
+    _write_atomic(out / "collection.json", [json.dumps(_collection(importer, bbox, dates), indent=2)])
     _write_atomic(out / "rejected.ndjson", (json.dumps(r) + "\n" for r in report.rejected))
     report.seconds = round(time.perf_counter() - began, 3)
     report.finished = datetime.now(UTC).isoformat()
@@ -460,9 +538,14 @@ class _BatchFn:
 
     importer: DatasetImporter
     fs: Any
+    link_here: bool
 
-    def __call__(self, records: list[ImportRecord]) -> tuple[str, list, list]:
-        return _items_of_batch(self.importer, self.fs, records)
+    def __call__(self, records: list[ImportRecord]) -> _BatchResult:
+        return _items_of_batch(self.importer, self.fs, records, self.link_here)
+
+
+def _groups_listed_together(importer: DatasetImporter) -> bool:
+    return type(importer).group_of is not DatasetImporter.group_of
 
 
 def _counted(

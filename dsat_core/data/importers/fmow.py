@@ -107,6 +107,10 @@ class FmowImporter(DatasetImporter):
             key, {"sidecar": sidecar}, fields | {"image": match["image"], "kind": match["kind"]}
         )
 
+    def group_of(self, record: ImportRecord) -> str:
+        """``fmow/<split>/<location>``: the sorted listing yields each location's images together."""
+        return f"fmow/{record.fields['split']}/{record.fields['location']}"
+
     # ---------------------------------------------------------------------------------------- one item
     def to_item(self, fs: fsspec.AbstractFileSystem, record: ImportRecord) -> dict[str, Any]:
         sidecar = record.files["sidecar"]
@@ -140,7 +144,7 @@ class FmowImporter(DatasetImporter):
             "eo:cloud_cover": cloud,
             "platform": platform_name(meta.get("sensor_platform_name")),
             "dsat:class": category,
-            "dsat:group": f"fmow/{fields['split']}/{fields['location']}",
+            "dsat:group": self.group_of(record),
             "fmow:split": fields["split"],
             "fmow:category": category,
             "fmow:location": fields["location"],

@@ -113,6 +113,10 @@ class XbdImporter(DatasetImporter):
             key = f"xbd-{split}-{match['disaster']}_{match['tile']}_{match['role']}"
             yield ImportRecord(key, {"labels": label, "image": image}, {"split": split, **match.groupdict()})
 
+    def group_of(self, record: ImportRecord) -> str:
+        """``xbd/<split>/<disaster>_<tile>``: the sorted listing yields a tile's post and pre together."""
+        return f"xbd/{record.fields['split']}/{record.fields['disaster']}_{record.fields['tile']}"
+
     # ---------------------------------------------------------------------------------------- one item
     def to_item(self, fs: fsspec.AbstractFileSystem, record: ImportRecord) -> dict[str, Any]:
         label, image = record.files["labels"], record.files["image"]
@@ -139,7 +143,7 @@ class XbdImporter(DatasetImporter):
             "gsd": gsd,
             "platform": platform_name(meta.get("sensor")),
             **self._view(meta, label),
-            "dsat:group": f"xbd/{fields['split']}/{fields['disaster']}_{fields['tile']}",
+            "dsat:group": self.group_of(record),
             "dsat:role": fields["role"],
             "dsat:event": event_phrase(fields["role"], disaster, disaster_type),
             "xbd:split": fields["split"],
