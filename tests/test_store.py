@@ -301,3 +301,18 @@ def test_shard_copies_on_an_executor_match_local_commit(tmp_path: Path, monkeypa
     np.testing.assert_array_equal(ours.images.values, ref.images.values)
     np.testing.assert_array_equal(ours.tile_hash.values, ref.tile_hash.values)
     assert store.root["rgb"]["images"].shape[0] == 300 and store.staged() == []
+
+
+def test_a_scene_that_does_not_fit_the_product_is_rejected_not_written(tmp_path: Path) -> None:
+    """Same product, other tile size or bands: recorded as a rejection; the rest of the commit goes in."""
+    store = _new(tmp_path)
+    _ingest(store, [make_scene_tiles("a", n_tiles=2, size=16)])
+    small = make_scene_tiles("b", n_tiles=2, size=8)
+    two_bands = make_scene_tiles("c", n_tiles=2, size=16, bands=("red", "green"))
+    fits = make_scene_tiles("d", n_tiles=2, size=16, seed=1)
+    _ingest(store, [small, two_bands, fits])
+    store = DatasetStore.open(store.uri)
+    assert store.n_tiles("rgb") == 4 and sorted(store.ingested_items()) == ["a", "b", "c", "d"]
+    reasons = {r.item_id: r.reason for r in store.rejected()}
+    assert "tile size [8, 8] differs from the store's [16, 16]" in reasons["b"]
+    assert "bands ['red', 'green'] differ" in reasons["c"] and "d" not in reasons

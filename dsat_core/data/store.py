@@ -203,6 +203,18 @@ def _from_json(values: list[Any], dtype: Any) -> np.ndarray:
     return np.array(values, dtype=dtype)
 
 
+def _mismatch(staged: _StagedProduct, attrs: Mapping[str, Any]) -> str | None:
+    """Why a staged product does not fit the store product with these attrs (None: it fits)."""
+    bands, dtype, size = staged.bands, staged.image_dtype, list(staged.image_shape[2:])
+    if list(attrs["bands"]) != list(bands):
+        return f"bands {bands} differ from the store's {attrs['bands']}"
+    if attrs["dtype"] != str(dtype):
+        return f"dtype {dtype} differs from the store's {attrs['dtype']}"
+    if list(attrs["tile_size"]) != size:
+        return f"tile size {size} differs from the store's {attrs['tile_size']}"
+    return None
+
+
 def _identities(item_ids: np.ndarray, windows: np.ndarray) -> list[str]:
     return [f"{i}:{','.join(map(str, w))}" for i, w in zip(item_ids.tolist(), windows.tolist(), strict=True)]
 
@@ -465,23 +477,6 @@ class DatasetStore:
         )
         return group
 
-    def _validate(
-        self, product: str, staged: _StagedProduct, attrs: Mapping[str, Any] | None = None
-    ) -> str | None:
-        """Why ``staged`` does not fit the product's arrays (None: it fits, or the product is new)."""
-        if attrs is None:
-            if product not in self.root:
-                return None
-            attrs = self.root[product].attrs
-        bands, dtype, size = staged.bands, staged.image_dtype, list(staged.image_shape[2:])
-        if list(attrs["bands"]) != list(bands):
-            return f"bands {bands} differ from the store's {attrs['bands']}"
-        if attrs["dtype"] != str(dtype):
-            return f"dtype {dtype} differs from the store's {attrs['dtype']}"
-        if list(attrs["tile_size"]) != size:
-            return f"tile size {size} differs from the store's {attrs['tile_size']}"
-        return None
-
     def _truncate(self, product: str, n: int) -> None:
         """Drop an uncommitted tail left by a commit that died (arrays longer than the committed count)."""
         group = self.root[product]
@@ -679,7 +674,7 @@ class CommitTransaction:
         for product, part in products.items():
             if product not in self._product_attrs:  # created by the first scene that has it
                 self._product_attrs[product] = dict(store._ensure_product(product, part).attrs)
-            problem = store._validate(product, part, self._product_attrs[product])
+            problem = _mismatch(part, self._product_attrs[product])
             if problem:
                 scene_rejections.append(Rejection(item_id, f"store: {problem}", -1, product))
                 continue
