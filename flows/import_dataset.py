@@ -14,7 +14,7 @@ from prefect.artifacts import create_markdown_artifact
 from pydantic import BaseModel, Field
 
 from dsat_core.data.catalog import CatalogConfig, load_catalog
-from dsat_core.data.importers import ImportReport, get_importer, run_import
+from dsat_core.data.importers import ImportReport, get_importer, import_report_markdown, run_import
 from dsat_core.data.stac_server import serve_static_catalog
 from flows.refresh_dataset import RefreshParams, RefreshResult, refresh_dataset
 
@@ -67,28 +67,12 @@ def import_items(config: CatalogConfig, params: ImportParams) -> ImportReport:
     )
 
 
-def report_markdown(report: ImportReport, *, max_reasons: int = 20) -> str:
-    lines = [
-        f"# Import of {report.importer}",
-        f"- source: `{report.source}`",
-        f"- catalog: `{report.out_dir}` (collection `{report.collection}`)",
-        f"- images: {report.n_records}, items: {report.n_items}, rejected: {len(report.rejected)}",
-        f"- seconds: {report.seconds}",
-    ]
-    if report.rejected:
-        lines += ["", "| image | reason |", "|---|---|"]
-        lines += [f"| {r['record']} | {r['reason']} |" for r in report.rejected[:max_reasons]]
-        if len(report.rejected) > max_reasons:
-            lines.append(f"| … | {len(report.rejected) - max_reasons} more in rejected.ndjson |")
-    return "\n".join(lines)
-
-
 @flow(name="import-dataset", log_prints=True)
 def import_dataset(params: ImportParams) -> ImportResult:
     logger = get_run_logger()
     config = load_config(params.catalog)
     report = import_items(config, params)
-    create_markdown_artifact(report_markdown(report), key="import-dataset-report")
+    create_markdown_artifact(import_report_markdown(report), key="import-dataset-report")
     logger.info("%d items, %d rejected -> %s", report.n_items, len(report.rejected), report.out_dir)
     result = ImportResult(
         out_dir=report.out_dir,

@@ -12,7 +12,7 @@ import yaml
 from affine import Affine
 
 from dsat_core.data.catalog import load_catalog
-from dsat_core.data.importers import get_importer, read_items, run_import
+from dsat_core.data.importers import get_importer, import_report_markdown, read_items, run_import
 from dsat_core.data.importers.base import bbox_of, parse_wkt_polygon
 from dsat_core.data.importers.miniature import PLACES, write_fmow, write_fmow_sentinel
 from dsat_core.data.store import DatasetStore
@@ -95,6 +95,8 @@ def test_malformed_fmow_sidecars_are_rejected_with_reasons_on_dask(tmp_path):
     assert "'timestamp' is missing" in by_path[str(paths[1])]
     assert "gsd is 10.0" in by_path[str(paths[2])]
     assert "image missing" in by_path[str(paths[3])]
+    markdown = import_report_markdown(report)
+    assert "images: 6, items: 2, rejected: 4" in markdown and by_path[str(paths[0])] in markdown
     lines = (tmp_path / "out" / "rejected.ndjson").read_text().splitlines()
     assert {json.loads(line)["record"] for line in lines} == set(reasons)
 

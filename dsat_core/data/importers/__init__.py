@@ -15,6 +15,7 @@ from dsat_core.data.importers.base import (
     ImportReport,
     LinkKey,
     MalformedRecord,
+    import_report_markdown,
     read_items,
     run_import,
 )
@@ -50,6 +51,7 @@ __all__ = [
     "SpaceNetImporter",
     "XbdImporter",
     "get_importer",
+    "import_report_markdown",
     "read_items",
     "run_import",
 ]

@@ -576,3 +576,20 @@ def read_items(catalog_dir: str | os.PathLike) -> list[dict[str, Any]]:
     """The items of an imported static catalog (for `start_stac_server` or a direct ingest)."""
     with open(Path(catalog_dir) / "items.ndjson") as f:
         return [json.loads(line) for line in f if line.strip()]
+
+
+def import_report_markdown(report: ImportReport, *, max_reasons: int = 20) -> str:
+    """A markdown summary of an import: counts and the first rejections with their reasons."""
+    lines = [
+        f"# Import of {report.importer}",
+        f"- source: `{report.source}`",
+        f"- catalog: `{report.out_dir}` (collection `{report.collection}`)",
+        f"- images: {report.n_records}, items: {report.n_items}, rejected: {len(report.rejected)}",
+        f"- seconds: {report.seconds}",
+    ]
+    if report.rejected:
+        lines += ["", "| image | reason |", "|---|---|"]
+        lines += [f"| {r['record']} | {r['reason']} |" for r in report.rejected[:max_reasons]]
+        if len(report.rejected) > max_reasons:
+            lines.append(f"| … | {len(report.rejected) - max_reasons} more in rejected.ndjson |")
+    return "\n".join(lines)
