@@ -88,6 +88,7 @@ def import_dataset(params: ImportParams) -> ImportResult:
                 stac_api=url,
                 use_dask=params.dask_address is not None,
                 dask_address=params.dask_address,
+                read_options=params.storage_options,  # the assets live in the copy
             )
             result.refresh = refresh_dataset(refresh)
     return result

@@ -39,6 +39,9 @@ class RefreshParams(BaseModel):
     storage_options: dict[str, Any] | None = Field(
         None, description="fsspec options for s3:// stores, without secrets (credentials come from the env)"
     )
+    read_options: dict[str, Any] | None = Field(
+        None, description="fsspec options for s3:// assets, e.g. {anon: true} for public buckets"
+    )
 
     def resolved_store_uri(self) -> str:
         return self.store_uri or os.environ.get("DSAT_STORE_URI") or f"data/{self.catalog}.zarr"
@@ -79,9 +82,16 @@ def plan(
 
 @task(name="read-and-stage", retries=2, retry_delay_seconds=5, task_run_name="read-and-stage-{item[id]}")
 def stage(
-    item: dict, config: CatalogConfig, store_uri: str, aoi_bbox: tuple | None, storage_options: dict | None
+    item: dict,
+    config: CatalogConfig,
+    store_uri: str,
+    aoi_bbox: tuple | None,
+    storage_options: dict | None,
+    read_options: dict | None = None,
 ) -> StagedScene:
-    return read_and_stage(item, config, store_uri, aoi_bbox=aoi_bbox, storage_options=storage_options)
+    return read_and_stage(
+        item, config, store_uri, aoi_bbox=aoi_bbox, storage_options=storage_options, read_options=read_options
+    )
 
 
 @task(name="commit")
@@ -98,10 +108,16 @@ def stage_items(
     store_uri: str,
     aoi_bbox: tuple | None,
     storage_options: dict | None,
+    read_options: dict | None = None,
 ) -> list[StagedScene]:
     """Read and stage every item, mapped; runs on the task runner given by `refresh_dataset`."""
     futures = stage.map(
-        items, unmapped(config), unmapped(store_uri), unmapped(aoi_bbox), unmapped(storage_options)
+        items,
+        unmapped(config),
+        unmapped(store_uri),
+        unmapped(aoi_bbox),
+        unmapped(storage_options),
+        unmapped(read_options),
     )
     wait(futures)
     return [f.result() for f in futures]
@@ -133,7 +149,11 @@ def refresh_dataset(params: RefreshParams = RefreshParams()) -> RefreshResult:
     todo = plan(items, store_uri, config, params.storage_options)
     logger.info("%d items found, %d new for %s", len(items), len(todo.todo), store_uri)
     stager = stage_items.with_options(task_runner=_task_runner(params)) if params.use_dask else stage_items
-    staged = stager(todo.todo, config, store_uri, params.bbox, params.storage_options) if todo.todo else []
+    staged = (
+        stager(todo.todo, config, store_uri, params.bbox, params.storage_options, params.read_options)
+        if todo.todo
+        else []
+    )
     report = commit(store_uri, staged, todo, params.storage_options)
     create_markdown_artifact(
         key="refresh-dataset-report", markdown=ingest_report_markdown(report), description="refresh-dataset"

@@ -182,26 +182,39 @@ def test_fmow_sentinel_pairs_become_super_resolution_pairs(tmp_path):
     assert sample["item_id"] in items
 
 
-def test_fmow_copy_on_s3_imports_and_reads(tmp_path, s3_server, s3_bucket):
-    """A copy in an S3 bucket (moto server): sidecars listed and read through s3fs, chips read and placed."""
+@pytest.mark.usefixtures("prefect_api")
+def test_fmow_copy_on_s3_imports_and_ingests(tmp_path, s3_server, s3_bucket):
+    """A copy in an S3 bucket (moto server): sidecars listed and read through s3fs, chips read from S3
+    (the copy's storage options reach the reader) and placed on the location's grid."""
     import s3fs
 
-    from dsat_core.data.reader import read_item
+    from flows.import_dataset import ImportParams, import_dataset
 
     write_fmow(tmp_path / "fmow")
     fs = s3fs.S3FileSystem(**s3_server)
     fs.put(str(tmp_path / "fmow") + "/", f"{s3_bucket}/fmow-rgb/", recursive=True)
-    source = f"s3://{s3_bucket}/fmow-rgb"
-    report = run_import(get_importer("fmow"), source, tmp_path / "out", storage_options=s3_server)
-    assert report.n_items == 6 and report.rejected == []
-    item = read_items(tmp_path / "out")[0]
-    assert item["assets"]["image"]["href"].startswith(f"s3://{s3_bucket}/fmow-rgb/train/")
-    config = load_catalog(_catalog(tmp_path, "fmow")).with_overrides(allowed_schemes=["s3"])
-    scene = read_item(item, config, storage_options=s3_server)
-    assert scene.rejected == [] and len(scene.products["rgb"]) == 4
-    west, south, east, north = item["properties"]["dsat:aoi_bbox"]
-    meta = scene.products["rgb"].metadata
-    assert all(west < m.lon < east and south < m.lat < north for m in meta)
+    params = ImportParams(
+        catalog=_catalog(tmp_path, "fmow"),
+        source=f"s3://{s3_bucket}/fmow-rgb",
+        out_dir=str(tmp_path / "out"),
+        storage_options=s3_server,
+        n_workers=0,
+        store_uri=str(tmp_path / "fmow.zarr"),
+    )
+    result = import_dataset(params)
+    assert (result.n_items, result.n_rejected) == (6, 0)
+    items = {i["id"]: i for i in read_items(tmp_path / "out")}
+    assert all(
+        i["assets"]["image"]["href"].startswith(f"s3://{s3_bucket}/fmow-rgb/train/") for i in items.values()
+    )
+    assert result.refresh is not None and sorted(result.refresh.items_added) == sorted(items)
+    ds = DatasetStore.open(str(tmp_path / "fmow.zarr")).open_xarray("rgb")
+    assert ds.sizes["tile"] == 24 and all(str(h).startswith("s3://") for h in ds["asset_href"].values)
+    for item_id, item in items.items():
+        west, south, east, north = item["properties"]["dsat:aoi_bbox"]
+        rows = ds["item_id"].values == item_id
+        assert np.all((ds["lon"].values[rows] > west) & (ds["lon"].values[rows] < east))
+        assert np.all((ds["lat"].values[rows] > south) & (ds["lat"].values[rows] < north))
 
 
 @pytest.mark.usefixtures("prefect_api")
