@@ -10,8 +10,9 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -123,6 +124,24 @@ def s3_bucket(s3_server: dict, request: pytest.FixtureRequest) -> str:
     )
     fs.mkdir(name)
     return name
+
+
+@pytest.fixture
+def local_catalog(tmp_path: Path) -> Callable[..., str]:
+    """A shipped catalog YAML rewritten into `tmp_path`: local files allowed under it, 32 px tiles, and any
+    other field changes given; returns the YAML path."""
+    import yaml
+
+    from dsat_core.data.catalog import load_catalog
+
+    def make(name: str, **changes: Any) -> str:
+        data = load_catalog(name).model_dump(mode="json")
+        data.update(allowed_roots=[str(tmp_path)], tile_size=32, **changes)
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(data))
+        return str(path)
+
+    return make
 
 
 # ------------------------------------------------------------------------------------------------------------

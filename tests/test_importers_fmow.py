@@ -8,7 +8,6 @@ from pathlib import Path
 import numpy as np
 import pystac
 import pytest
-import yaml
 from affine import Affine
 
 from dsat_core.data.catalog import load_catalog
@@ -20,15 +19,6 @@ from dsat_core.data.tasks import SuperResolutionDataset, TemporalDataset
 from dsat_core.evaluation.stac_output import validate_object
 
 COUNTRIES = {"FRA": "France", "DEU": "Germany"}
-
-
-def _catalog(tmp_path: Path, name: str, **changes) -> str:
-    """The shipped catalog YAML with local roots under `tmp_path` and small tiles."""
-    data = load_catalog(name).model_dump(mode="json")
-    data.update(allowed_roots=[str(tmp_path)], tile_size=32, **changes)
-    path = tmp_path / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(data))
-    return str(path)
 
 
 def test_fmow_items_follow_their_sidecars(tmp_path):
@@ -102,13 +92,13 @@ def test_malformed_fmow_sidecars_are_rejected_with_reasons_on_dask(tmp_path):
 
 
 @pytest.mark.usefixtures("prefect_api")
-def test_fmow_import_flow_to_zarr_links_temporal_sequences(tmp_path):
+def test_fmow_import_flow_to_zarr_links_temporal_sequences(tmp_path, local_catalog):
     from flows.import_dataset import ImportParams, import_dataset
 
     written = write_fmow(tmp_path / "fmow")
     store_uri = str(tmp_path / "fmow.zarr")
     params = ImportParams(
-        catalog=_catalog(tmp_path, "fmow"),
+        catalog=local_catalog("fmow"),
         source=str(tmp_path / "fmow"),
         out_dir=str(tmp_path / "imported"),
         n_workers=0,
@@ -146,14 +136,14 @@ def test_fmow_import_flow_to_zarr_links_temporal_sequences(tmp_path):
 
 
 @pytest.mark.usefixtures("prefect_api")
-def test_fmow_sentinel_pairs_become_super_resolution_pairs(tmp_path):
+def test_fmow_sentinel_pairs_become_super_resolution_pairs(tmp_path, local_catalog):
     from flows.import_dataset import ImportParams, import_dataset
 
     write_fmow(tmp_path / "fmow")
     rows = write_fmow_sentinel(tmp_path / "fmow-sentinel")
     store_uri = str(tmp_path / "sr.zarr")
     params = ImportParams(
-        catalog=_catalog(tmp_path, "fmow-sentinel"),
+        catalog=local_catalog("fmow-sentinel"),
         source=str(tmp_path / "fmow-sentinel"),
         out_dir=str(tmp_path / "imported"),
         options={"fmow_root": str(tmp_path / "fmow")},
@@ -183,7 +173,7 @@ def test_fmow_sentinel_pairs_become_super_resolution_pairs(tmp_path):
 
 
 @pytest.mark.usefixtures("prefect_api")
-def test_fmow_copy_on_s3_imports_and_ingests(tmp_path, s3_server, s3_bucket):
+def test_fmow_copy_on_s3_imports_and_ingests(tmp_path, s3_server, s3_bucket, local_catalog):
     """A copy in an S3 bucket (moto server): sidecars listed and read through s3fs, chips read from S3
     (the copy's storage options reach the reader) and placed on the location's grid."""
     import s3fs
@@ -194,7 +184,7 @@ def test_fmow_copy_on_s3_imports_and_ingests(tmp_path, s3_server, s3_bucket):
     fs = s3fs.S3FileSystem(**s3_server)
     fs.put(str(tmp_path / "fmow") + "/", f"{s3_bucket}/fmow-rgb/", recursive=True)
     params = ImportParams(
-        catalog=_catalog(tmp_path, "fmow"),
+        catalog=local_catalog("fmow"),
         source=f"s3://{s3_bucket}/fmow-rgb",
         out_dir=str(tmp_path / "out"),
         storage_options=s3_server,
@@ -218,18 +208,18 @@ def test_fmow_copy_on_s3_imports_and_ingests(tmp_path, s3_server, s3_bucket):
 
 
 @pytest.mark.usefixtures("prefect_api")
-def test_dsat_import_command(tmp_path, capsys):
+def test_dsat_import_command(tmp_path, capsys, local_catalog):
     from flows.cli import main
 
     write_fmow(tmp_path / "fmow")
-    argv = ["import", "--catalog", _catalog(tmp_path, "fmow"), "--source", str(tmp_path / "fmow")]
+    argv = ["import", "--catalog", local_catalog("fmow"), "--source", str(tmp_path / "fmow")]
     assert main([*argv, "--out", str(tmp_path / "out"), "--workers", "0", "--option", "kinds=[rgb]"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert (result["n_items"], result["n_rejected"], result["refresh"]) == (6, 0, None)
     assert len(read_items(tmp_path / "out")) == 6
 
 
-def test_fmow_full_multispectral_chips_are_read_on_the_sidecar_grid(tmp_path):
+def test_fmow_full_multispectral_chips_are_read_on_the_sidecar_grid(tmp_path, local_catalog):
     """fmow-full `_ms.tif` chips (4 bands, no georeferencing) import and read like the RGB JPEGs."""
     from dsat_core.data.reader import read_item
 
@@ -242,7 +232,7 @@ def test_fmow_full_multispectral_chips_are_read_on_the_sidecar_grid(tmp_path):
     assert [b["common_name"] for b in asset["eo:bands"]] == ["blue", "green", "red", "nir"]
     bands = [{"name": n, "asset": "image", "common_name": n} for n in ("blue", "green", "red", "nir")]
     scaling = {"mode": "fixed", "range": [0, 4095], "dtype": "uint16"}
-    config = load_catalog(_catalog(tmp_path, "fmow")).with_overrides(
+    config = load_catalog(local_catalog("fmow")).with_overrides(
         products={"multispectral": {"bands": bands, "scaling": scaling, "required": True}}
     )
     scene = read_item(item, config)

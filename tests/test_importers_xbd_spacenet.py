@@ -8,24 +8,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import yaml
 from affine import Affine
 from shapely.geometry import Polygon, box
 
-from dsat_core.data.catalog import load_catalog
 from dsat_core.data.importers import get_importer, read_items, run_import
 from dsat_core.data.importers.miniature import write_spacenet, write_xbd
 from dsat_core.data.store import DatasetStore
 from dsat_core.evaluation.stac_output import validate_object
-
-
-def _catalog(tmp_path: Path, name: str, **changes) -> str:
-    """The shipped catalog YAML with local roots under `tmp_path` and small tiles."""
-    data = load_catalog(name).model_dump(mode="json")
-    data.update(allowed_roots=[str(tmp_path)], tile_size=32, **changes)
-    path = tmp_path / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(data))
-    return str(path)
 
 
 def _iso(capture_date: str) -> str:
@@ -146,7 +135,7 @@ def test_malformed_xbd_labels_are_rejected_with_reasons_on_dask(tmp_path):
 
 
 @pytest.mark.usefixtures("prefect_api")
-def test_xbd_import_serve_refresh_to_zarr(tmp_path):
+def test_xbd_import_serve_refresh_to_zarr(tmp_path, local_catalog):
     from dsat_core.data.stac_server import start_rustac
     from flows.refresh_dataset import RefreshParams, refresh_dataset
 
@@ -156,7 +145,7 @@ def test_xbd_import_serve_refresh_to_zarr(tmp_path):
     server = start_rustac(["collection.json", "items.ndjson"], tmp_path / "imported")
     try:
         store_uri = str(tmp_path / "xbd.zarr")
-        params = RefreshParams(catalog=_catalog(tmp_path, "xbd"), store_uri=store_uri, stac_api=server.url)
+        params = RefreshParams(catalog=local_catalog("xbd"), store_uri=store_uri, stac_api=server.url)
         result = refresh_dataset(params)
     finally:
         server.stop()
@@ -277,13 +266,13 @@ def test_malformed_spacenet_files_are_rejected_with_reasons(tmp_path):
 
 
 @pytest.mark.usefixtures("prefect_api")
-def test_spacenet_import_flow_to_zarr(tmp_path):
+def test_spacenet_import_flow_to_zarr(tmp_path, local_catalog):
     from flows.import_dataset import ImportParams, import_dataset
 
     written = write_spacenet(tmp_path / "spacenet")
     store_uri = str(tmp_path / "spacenet.zarr")
     params = ImportParams(
-        catalog=_catalog(tmp_path, "spacenet"),
+        catalog=local_catalog("spacenet"),
         source=str(tmp_path / "spacenet"),
         out_dir=str(tmp_path / "imported"),
         n_workers=0,
