@@ -56,6 +56,7 @@ SENTINEL_BANDS = [  # (name, STAC common name) in the file's band order
     ("B11", "swir16"),
     ("B12", "swir22"),
 ]
+FMOW_CACHE_LOCATIONS = 64  # fMoW location folders whose items are kept while pairing
 CSV_COLUMNS = ("category", "location_id", "image_id", "timestamp", "polygon")
 
 
@@ -77,6 +78,7 @@ class FmowSentinelImporter(DatasetImporter):
         self.fmow_root = fmow_root
         self._fmow = FmowImporter(kinds=("rgb",))
         self._fmow_fs = None
+        self._fmow_cache: dict[str, list[tuple[datetime, dict[str, Any]]]] = {}
         if fmow_root is not None:
             self._fmow_fs, self._fmow_path = fsspec.core.url_to_fs(fmow_root, **(fmow_storage_options or {}))
 
@@ -155,22 +157,31 @@ class FmowSentinelImporter(DatasetImporter):
 
     def _nearest_fmow(self, row: dict[str, str], when: str) -> dict[str, Any] | None:
         """The fMoW-rgb item of the same split and location nearest in time (None when there is none)."""
-        fs, root = self._fmow_fs, self._fmow_path
         split = "train" if row["split"] == "train" else row["split"].removesuffix("_gt")
-        name = f"{row['category']}_{row['location_id']}"
-        folder = posixpath.join(root, split, row["category"], name)
+        location = f"{row['category']}_{row['location_id']}"
+        folder = posixpath.join(self._fmow_path, split, row["category"], location)
         target = datetime.fromisoformat(when.replace("Z", "+00:00"))
-        best, best_gap = None, None
+        candidates = self._fmow_items(folder)
+        gaps = [abs((taken - target).total_seconds()) for taken, _ in candidates]
+        return candidates[gaps.index(min(gaps))][1] if candidates else None
+
+    def _fmow_items(self, folder: str) -> list[tuple[datetime, dict[str, Any]]]:
+        """(date, item) of the fMoW-rgb images in a location folder; the last few folders are cached, as
+        the dates of one location are usually neighbouring rows of the CSV."""
+        if folder in self._fmow_cache:
+            return self._fmow_cache[folder]
+        fs, out = self._fmow_fs, []
+        name = posixpath.basename(folder)
         for sidecar in sorted(fs.glob(posixpath.join(folder, f"{name}_*_rgb.json"))):
-            record = self._fmow.record_for(sidecar, root)
+            record = self._fmow.record_for(sidecar, self._fmow_path)
             if record is None:
                 continue
             try:
                 item = self._fmow.to_item(fs, record)
             except MalformedRecord:
                 continue  # the fMoW import records it; here it is just not a candidate
-            taken = datetime.fromisoformat(item["properties"]["datetime"].replace("Z", "+00:00"))
-            gap = abs((taken - target).total_seconds())
-            if best_gap is None or gap < best_gap:
-                best, best_gap = item, gap
-        return best
+            out.append((datetime.fromisoformat(item["properties"]["datetime"].replace("Z", "+00:00")), item))
+        if len(self._fmow_cache) >= FMOW_CACHE_LOCATIONS:
+            self._fmow_cache.pop(next(iter(self._fmow_cache)))
+        self._fmow_cache[folder] = out
+        return out
