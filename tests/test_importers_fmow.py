@@ -165,6 +165,9 @@ def test_fmow_sentinel_pairs_become_super_resolution_pairs(tmp_path, local_catal
     store = DatasetStore.open(store_uri)
     assert set(store.products()) == {"multispectral", "rgb"}
     assert store.n_tiles("rgb") == store.n_tiles("multispectral") > 0
+    # each product keeps its own resolution on the shared 1 m grid: the Sentinel input says 10 m
+    assert np.allclose(store.open_xarray("rgb")["gsd"].values, 1.0)
+    assert np.allclose(store.open_xarray("multispectral")["gsd"].values, 10.0)
     sr = SuperResolutionDataset(store_uri, recipe={"factor": 1, "blur_sigma": 0.0})
     assert len(sr) == store.n_tiles("rgb")
     sample = sr[0]

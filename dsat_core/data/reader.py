@@ -28,10 +28,12 @@ How it reads:
    once, as a whole), constant tiles (largest per-band std of the scaled tile < `min_std`).
 6. Scaling (`dsat_core.data.scaling`): 'fixed' range, or per-scene 'percentile' of valid pixels, computed
    on a decimated read (≤ 1024 px a side, from source overviews where present) before the strips.
-7. Metadata: tile centre lon/lat (WGS84), grid GSD in metres, cloud cover, year/month/day from
-   `datetime`, else from `start_datetime` when the item's interval is at most `MAX_DATE_INTERVAL_DAYS`
-   long (a longer interval is no acquisition date: the fields stay missing). Lineage: hrefs read, CRS,
-   tile transform, window, `scene_datetime` (ISO datetime, or the ISO interval `start/end`), platform.
+7. Metadata: tile centre lon/lat (WGS84), GSD in metres (the grid's, or the product's finest asset-level
+   `gsd` when that is coarser: a product upsampled onto a finer grid keeps its real resolution), cloud
+   cover, year/month/day from `datetime`, else from `start_datetime` when the item's interval is at most
+   `MAX_DATE_INTERVAL_DAYS` long (a longer interval is no acquisition date: the fields stay missing).
+   Lineage: hrefs read, CRS, tile transform, window, `scene_datetime` (ISO datetime, or the ISO interval
+   `start/end`), platform.
 
 An item may narrow its own grid with the property `dsat:aoi_bbox` (WGS84, intersected with the run's AOI):
 importers use it to give every image of one place the same grid, so their tiles share windows (temporal
@@ -466,6 +468,7 @@ class _ProductPlan:
     spec: ProductSpec
     bands: list[tuple[str, int]]  # (source href, band index) per output band
     band_names: list[str]
+    gsd_m: float | None = None  # the finest asset-level `gsd` of the product's assets, when they state one
     low: np.ndarray | None = None
     high: np.ndarray | None = None
 
@@ -575,7 +578,9 @@ def _read(
             continue
         bands = [(checked(assets[key]["href"]), index) for _, key, index in resolved]
         asset_keys.update((href, key) for (href, _), (_, key, _) in zip(bands, resolved, strict=True))
-        plans.append(_ProductPlan(name, spec, bands, [b for b, _, _ in resolved]))
+        asset_gsds = [_item_gsd(assets[key]) for _, key, _ in resolved]
+        finest = min((g for g in asset_gsds if g is not None), default=None)
+        plans.append(_ProductPlan(name, spec, bands, [b for b, _, _ in resolved], finest))
     if not plans:
         raise _SceneRejected("no product has all its bands (see the product rejections)")
 
@@ -687,7 +692,7 @@ def _read(
                         continue
                     cover = None if cloud is None else min(max(cloud, 0.0), 1.0)
                     metadata = SatMetadata.from_datetime(
-                        when, lon=lon, lat=lat, gsd=grid.gsd_m, cloud_cover=cover
+                        when, lon=lon, lat=lat, gsd=max(grid.gsd_m, plan.gsd_m or 0.0), cloud_cover=cover
                     )
                     rows = buffers[plan.name].rows
                     rows["images"].append(scaled)

@@ -56,6 +56,7 @@ SENTINEL_BANDS = [  # (name, STAC common name) in the file's band order
     ("B11", "swir16"),
     ("B12", "swir22"),
 ]
+SENTINEL_GSD = 10.0  # m, the finest Sentinel-2 bands (the 20 / 60 m bands are resampled in the files)
 FMOW_CACHE_LOCATIONS = 64  # fMoW location folders whose items are kept while pairing
 CSV_COLUMNS = ("category", "location_id", "image_id", "timestamp", "polygon")
 
@@ -117,7 +118,7 @@ class FmowSentinelImporter(DatasetImporter):
         bbox, projection = header.bbox, header.projection
         properties: dict[str, Any] = {
             "datetime": when,
-            "gsd": 10.0,
+            "gsd": SENTINEL_GSD,
             "platform": "sentinel-2",
             "instruments": ["msi"],
             "dsat:class": row["category"],
@@ -133,6 +134,7 @@ class FmowSentinelImporter(DatasetImporter):
                 "type": "image/tiff; application=geotiff",
                 "roles": ["data"],
                 "eo:bands": [{"name": n, "common_name": c} for n, c in SENTINEL_BANDS],
+                "gsd": SENTINEL_GSD,
                 **projection,
             }
         }
@@ -143,8 +145,10 @@ class FmowSentinelImporter(DatasetImporter):
                 overlap = intersect_bbox(bbox, pair["bbox"])
                 if overlap is not None:
                     bbox = overlap
-                    assets["hr_image"] = pair["assets"]["image"] | {"roles": ["data", "target"]}
-                    properties.update({"gsd": pair["properties"]["gsd"], "dsat:pair": pair["id"]})
+                    hr_gsd = pair["properties"]["gsd"]
+                    target = {"roles": ["data", "target"], "gsd": hr_gsd}
+                    assets["hr_image"] = pair["assets"]["image"] | target
+                    properties.update({"gsd": hr_gsd, "dsat:pair": pair["id"]})
                     links.append({"rel": "related", "href": f"./{pair['id']}.json", "title": "fMoW target"})
         return stac_item(
             record.key,
