@@ -70,6 +70,11 @@ def platform_name(raw: Any) -> str:
     return f"{match[1]}-{match[2]}" if match else text
 
 
+def location_group(split: str, location: str) -> str:
+    """``dsat:group`` of the images of one fMoW location (``<category>_<id>``), shared with fMoW-Sentinel."""
+    return f"fmow/{split}/{location}"
+
+
 class FmowImporter(DatasetImporter):
     """fMoW images → STAC items (see the module docstring)."""
 
@@ -109,7 +114,7 @@ class FmowImporter(DatasetImporter):
 
     def group_of(self, record: ImportRecord) -> str:
         """``fmow/<split>/<location>``: the sorted listing yields each location's images together."""
-        return f"fmow/{record.fields['split']}/{record.fields['location']}"
+        return location_group(record.fields["split"], record.fields["location"])
 
     # ---------------------------------------------------------------------------------------- one item
     def to_item(self, fs: fsspec.AbstractFileSystem, record: ImportRecord) -> dict[str, Any]:

@@ -39,7 +39,7 @@ from dsat_core.data.importers.base import (
     read_geotiff_header,
     stac_item,
 )
-from dsat_core.data.importers.fmow import FmowImporter, href
+from dsat_core.data.importers.fmow import FmowImporter, href, location_group
 
 SENTINEL_BANDS = [  # (name, STAC common name) in the file's band order
     ("B1", "coastal"),
@@ -98,7 +98,7 @@ class FmowSentinelImporter(DatasetImporter):
 
     @staticmethod
     def _record(root: str, split: str, index: str, line: int, row: dict[str, str]) -> ImportRecord:
-        folder = "train" if split == "train" else split.removesuffix("_gt")
+        folder = _split_folder(split)
         name = f"{row['category']}_{row['location_id']}"
         image = posixpath.join(root, folder, row["category"], name, f"{name}_{row['image_id']}.tif")
         key = f"fmow-sentinel-{split}-{name}_{row['image_id']}"
@@ -116,15 +116,16 @@ class FmowSentinelImporter(DatasetImporter):
         if header.count != len(SENTINEL_BANDS):
             raise MalformedRecord(f"image {image}: {header.count} bands, expected {len(SENTINEL_BANDS)}")
         bbox, projection = header.bbox, header.projection
+        split, location = _split_folder(row["split"]), f"{row['category']}_{row['location_id']}"
         properties: dict[str, Any] = {
             "datetime": when,
             "gsd": SENTINEL_GSD,
             "platform": "sentinel-2",
             "instruments": ["msi"],
             "dsat:class": row["category"],
-            "dsat:group": f"fmow/{row['split'].removesuffix('_gt')}/{row['category']}_{row['location_id']}",
+            "dsat:group": location_group(split, location),
             "fmow:category": row["category"],
-            "fmow:location": f"{row['category']}_{row['location_id']}",
+            "fmow:location": location,
             "fmow:image_id": int(row["image_id"]),
             "fmow:polygon": row["polygon"],
         }
@@ -140,7 +141,8 @@ class FmowSentinelImporter(DatasetImporter):
         }
         links: list[dict[str, Any]] = []
         if self._fmow_fs is not None:
-            pair = self._nearest_fmow(row, when)
+            folder = posixpath.join(self._fmow_path, split, row["category"], location)
+            pair = self._nearest_fmow(folder, when)
             if pair is not None:
                 overlap = intersect_bbox(bbox, pair["bbox"])
                 if overlap is not None:
@@ -159,11 +161,8 @@ class FmowSentinelImporter(DatasetImporter):
             links=links,
         )
 
-    def _nearest_fmow(self, row: dict[str, str], when: str) -> dict[str, Any] | None:
-        """The fMoW-rgb item of the same split and location nearest in time (None when there is none)."""
-        split = "train" if row["split"] == "train" else row["split"].removesuffix("_gt")
-        location = f"{row['category']}_{row['location_id']}"
-        folder = posixpath.join(self._fmow_path, split, row["category"], location)
+    def _nearest_fmow(self, folder: str, when: str) -> dict[str, Any] | None:
+        """The fMoW-rgb item in a location folder nearest in time to `when` (None when there is none)."""
         target = datetime.fromisoformat(when.replace("Z", "+00:00"))
         candidates = self._fmow_items(folder)
         gaps = [abs((taken - target).total_seconds()) for taken, _ in candidates]
@@ -189,3 +188,8 @@ class FmowSentinelImporter(DatasetImporter):
             self._fmow_cache.pop(next(iter(self._fmow_cache)))
         self._fmow_cache[folder] = out
         return out
+
+
+def _split_folder(split: str) -> str:
+    """The image folder (and fMoW split) of a CSV split: ``test_gt.csv`` indexes ``test/``."""
+    return split.removesuffix("_gt")
