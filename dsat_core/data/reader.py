@@ -255,9 +255,9 @@ def _georeferenced(
         with fsspec.open(href, "rb", **(storage_options or {})) as f:
             name = stack.enter_context(MemoryFile(f.read())).name
     crs, t = georef
+    nodata = "" if src.nodata is None else f"<NoDataValue>{src.nodata!r}</NoDataValue>"
     bands = []
     for i, dtype in enumerate(src.dtypes, start=1):
-        nodata = "" if src.nodata is None else f"<NoDataValue>{src.nodata!r}</NoDataValue>"
         bands.append(
             f'<VRTRasterBand dataType="{_GDAL_TYPES.get(dtype, "Float64")}" band="{i}">{nodata}'
             f'<SimpleSource><SourceFilename relativeToVRT="0">{escape(name)}</SourceFilename>'
