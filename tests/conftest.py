@@ -9,10 +9,11 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import pytest
 
@@ -180,23 +181,39 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
            "--artifacts-destination", str(folder / "artifacts"),
            "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]  # fmt: skip
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    deadline = time.monotonic() + 90
-    while True:
-        try:
-            with urllib.request.urlopen(f"{url}/health", timeout=1) as response:
-                if response.status == 200:
-                    break
-        except OSError as err:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                stop_group(proc)
-                log.close()
-                raise RuntimeError(
-                    f"mlflow server did not start on {url}: {(folder / 'server.log').read_text()[-2000:]}"
-                ) from err
-        time.sleep(0.25)
+    wait_until_healthy(proc, f"{url}/health", log, timeout=90)
     yield url
     stop_group(proc)
     log.close()
+
+
+def wait_until_healthy(
+    proc: subprocess.Popen,
+    url: str,
+    log: IO[str],
+    *,
+    timeout: float,
+    healthy: Callable[[int], bool] = lambda status: status == 200,
+) -> None:
+    """Poll `url` until its HTTP status is `healthy`. If the server exits or `timeout` passes first, stop its
+    process group (it was started in its own session), close its `log` and raise with the log's tail."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                if healthy(response.status):
+                    return
+        except urllib.error.HTTPError as err:  # an error status is still an answer (e.g. 401 behind auth)
+            if healthy(err.code):
+                return
+        except OSError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            stop_group(proc)
+            log.close()
+            command = " ".join(map(str, proc.args[:3]))
+            raise RuntimeError(f"{command} did not start on {url}: {Path(log.name).read_text()[-3000:]}")
+        time.sleep(0.25)
 
 
 def stop_group(proc: subprocess.Popen, sig: int = signal.SIGTERM, timeout: float = 20) -> None:

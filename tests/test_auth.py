@@ -10,14 +10,14 @@ import re
 import secrets
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import IO
 
 import httpx
 import pytest
 import yaml
-from conftest import stop_group
+from conftest import stop_group, wait_until_healthy
 
 from dsat_core.data.stac_server import free_port
 
@@ -27,27 +27,11 @@ VENV_BIN = Path(sys.executable).parent
 
 
 # ------------------------------------------------------------------------------------------------ helpers
-def _start(cmd: list[str], env: dict[str, str], log: Path, health: str, timeout: float = 120):
-    """Start a server in its own session; wait until `health` answers (any HTTP status < 500)."""
+def _start(cmd: list[str], env: dict[str, str], log: Path) -> tuple[subprocess.Popen, IO[str]]:
+    """Start a server in its own session, its output to `log`."""
     sink = log.open("w")
     proc = subprocess.Popen(cmd, env=env, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True)
-    return proc, sink, health, timeout, log
-
-
-def _wait(started) -> subprocess.Popen:
-    proc, sink, health, timeout, log = started
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            if httpx.get(health, timeout=2).status_code < 500:
-                return proc
-        except httpx.HTTPError:
-            pass
-        if proc.poll() is not None or time.monotonic() > deadline:
-            stop_group(proc)
-            sink.close()
-            raise RuntimeError(f"{' '.join(proc.args[:3])} did not start: {log.read_text()[-3000:]}")
-        time.sleep(0.5)
+    return proc, sink
 
 
 def _compose() -> dict:
@@ -79,7 +63,6 @@ def auth_servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str,
         [str(VENV_BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(prefect_port)],
         prefect_env,
         root / "prefect.log",
-        f"http://127.0.0.1:{prefect_port}/api/health",
     )
 
     # the repository's auth config, with its user database moved into the temp folder
@@ -100,11 +83,13 @@ def auth_servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str,
          "--host", "127.0.0.1", "--port", str(mlflow_port), "--workers", "1"],
         mlflow_env,
         root / "mlflow.log",
-        f"http://127.0.0.1:{mlflow_port}/health",
     )  # fmt: skip
     try:
-        _wait(prefect)
-        _wait(mlflow)
+        for (proc, sink), health in (
+            (prefect, f"http://127.0.0.1:{prefect_port}/api/health"),
+            (mlflow, f"http://127.0.0.1:{mlflow_port}/health"),
+        ):  # any status below 500 is an answer: the auth apps say 401 once they are up
+            wait_until_healthy(proc, health, sink, timeout=120, healthy=lambda status: status < 500)
         yield {
             **creds,
             "prefect_api": f"http://127.0.0.1:{prefect_port}/api",

@@ -21,7 +21,7 @@ from typing import Any
 import httpx
 import pytest
 import yaml
-from conftest import stop_group
+from conftest import stop_group, wait_until_healthy
 
 from dsat_core.data.stac_server import free_port
 
@@ -152,18 +152,7 @@ def prefect_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[st
         stderr=subprocess.STDOUT,
         start_new_session=True,
     )
-    deadline = time.monotonic() + 120
-    while True:
-        try:
-            if httpx.get(f"{api}/health", timeout=2).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        if proc.poll() is not None or time.monotonic() > deadline:
-            stop_group(proc)
-            log.close()
-            raise RuntimeError(f"prefect server did not start on {api}:\n{log_path.read_text()[-3000:]}")
-        time.sleep(0.5)
+    wait_until_healthy(proc, f"{api}/health", log, timeout=120)
     client_env = {
         **server_env,
         "PREFECT_API_URL": api,
