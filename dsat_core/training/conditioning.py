@@ -6,13 +6,23 @@ means is the model's `missing_metadata`, which the trainers set from `TrainConfi
 "learned" (default) uses the learned "missing" embedding; "zero" embeds the value 0 as present, the
 reference's behaviour, for comparing the two (metadata sensitivity report, issue #7). Training and
 inference thus treat a missing field the same way.
+
+`noise_batch` is the first half of a training step that both trainers share: noise, timesteps and this
+dropout, drawn from one generator in a fixed order.
 """
 
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+from dsat_core.training.losses import diffusion_target
+
+if TYPE_CHECKING:
+    from dsat_core.training.config import TrainConfig
 
 # Optional phrases of a caption: comma/semicolon separated parts, or the fMoW template's
 # " of a {class}" / " in {country}" tails ("a satellite image of a port in Kenya").
@@ -51,3 +61,42 @@ def drop_metadata(mask: torch.Tensor, p: float, generator: torch.Generator) -> t
         return mask.clone()
     keep = torch.rand(mask.shape, generator=generator) >= p
     return mask & keep.to(mask.device)
+
+
+@dataclass
+class NoisedBatch:
+    """The shared first half of a training step: noised latents, their timesteps and loss target, and the
+    conditioning after dropout."""
+
+    noisy: torch.Tensor
+    timesteps: torch.Tensor
+    target: torch.Tensor
+    captions: list[str]
+    metadata_mask: torch.Tensor
+
+
+def noise_batch(
+    latents: torch.Tensor,
+    batch: dict[str, Any],
+    config: TrainConfig,
+    noise_scheduler: Any,
+    generator: torch.Generator,
+    device: torch.device,
+) -> NoisedBatch:
+    """Noise, timesteps, caption dropout and metadata dropout, drawn from `generator` in this order (so a
+    resumed run draws exactly what the uninterrupted one did), then the noised latents and the target."""
+    noise = torch.randn(latents.shape, generator=generator).to(device)
+    timesteps = torch.randint(
+        0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],), generator=generator
+    ).to(device)
+    captions = drop_captions(
+        list(batch["caption"]), config.caption_dropout, config.caption_phrase_dropout, generator
+    )
+    mask = drop_metadata(batch["metadata_mask"], config.metadata_dropout, generator).to(device)
+    return NoisedBatch(
+        noisy=noise_scheduler.add_noise(latents, noise, timesteps),
+        timesteps=timesteps,
+        target=diffusion_target(noise_scheduler, latents, noise, timesteps),
+        captions=captions,
+        metadata_mask=mask,
+    )

@@ -47,10 +47,10 @@ from dsat_core.models.controlnet3d import ControlNet3D, controlled_unet_forward,
 from dsat_core.models.metadata_embedding import set_missing_metadata
 from dsat_core.pipelines import DiffusionSatPipeline
 from dsat_core.pipelines.controlnet import SatControlNetPipeline
-from dsat_core.training.conditioning import drop_captions, drop_metadata
+from dsat_core.training.conditioning import drop_metadata, noise_batch
 from dsat_core.training.config import TrainConfig
 from dsat_core.training.loop import TrainingRun, TrainResult, frozen_dtype, make_optimizer, start_run
-from dsat_core.training.losses import diffusion_loss, diffusion_target, make_noise_scheduler
+from dsat_core.training.losses import diffusion_loss, make_noise_scheduler
 from dsat_core.training.mlflow_logging import MlflowTracker, image_grid
 from dsat_core.training.train_diffusionsat import Components, build_components
 
@@ -437,31 +437,23 @@ def _loss(
 ) -> torch.Tensor:
     """Min-SNR weighted v-prediction loss of the controlled UNet on one micro-batch (randomness: `gen`)."""
     latents = encode_latents(parts.vae, batch["pixel_values"].to(device, frozen_dtype)).float()
-    bsz = latents.shape[0]
-    noise = torch.randn(latents.shape, generator=gen).to(device)
-    timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (bsz,), generator=gen).to(device)
-    captions = drop_captions(
-        list(batch["caption"]), config.caption_dropout, config.caption_phrase_dropout, gen
-    )
-    mask = drop_metadata(batch["metadata_mask"], config.metadata_dropout, gen).to(device)
+    step = noise_batch(latents, batch, config, noise_scheduler, gen, device)
     cond_mask = drop_metadata(batch["cond_metadata_mask"], config.cond_metadata_dropout, gen).to(device)
-    noisy = noise_scheduler.add_noise(latents, noise, timesteps)
-    target = diffusion_target(noise_scheduler, latents, noise, timesteps)
     with accelerator.autocast():
-        states = parts.text_encoder.encode(captions, device)
+        states = parts.text_encoder.encode(step.captions, device)
         pred = controlled_unet_forward(
             parts.unet,
             model,
-            noisy.to(frozen_dtype),
-            timesteps,
+            step.noisy.to(frozen_dtype),
+            step.timesteps,
             states.to(frozen_dtype),
             batch["metadata"].to(device, torch.float32),
-            mask,
+            step.metadata_mask,
             batch["cond"].to(device),
             batch["cond_metadata"].to(device, torch.float32),
             cond_mask,
         )
-    return diffusion_loss(pred, target, timesteps, noise_scheduler, config.snr_gamma)
+    return diffusion_loss(pred, step.target, step.timesteps, noise_scheduler, config.snr_gamma)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -44,7 +44,7 @@ from dsat_core.models import (
 )
 from dsat_core.models.metadata_embedding import set_missing_metadata
 from dsat_core.pipelines import DiffusionSatPipeline
-from dsat_core.training.conditioning import drop_captions, drop_metadata
+from dsat_core.training.conditioning import noise_batch
 from dsat_core.training.config import TrainConfig
 from dsat_core.training.latent_cache import (
     CachedLatentDataset,
@@ -60,7 +60,7 @@ from dsat_core.training.loop import (
     start_run,
     weights_sha256,
 )
-from dsat_core.training.losses import diffusion_loss, diffusion_target, make_noise_scheduler
+from dsat_core.training.losses import diffusion_loss, make_noise_scheduler
 from dsat_core.training.mlflow_logging import image_grid
 
 logger = logging.getLogger("dsat_core.training")
@@ -301,20 +301,19 @@ def _loss(
         latents = batch["latents"].to(device, torch.float32)
     else:
         latents = encode_latents(parts.vae, batch["pixel_values"].to(device, frozen_dtype)).float()
-    bsz = latents.shape[0]
-    noise = torch.randn(latents.shape, generator=gen).to(device)
-    timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (bsz,), generator=gen).to(device)
-    captions = drop_captions(
-        list(batch["caption"]), config.caption_dropout, config.caption_phrase_dropout, gen
-    )
-    mask = drop_metadata(batch["metadata_mask"], config.metadata_dropout, gen).to(device)
+    step = noise_batch(latents, batch, config, noise_scheduler, gen, device)
     metadata = batch["metadata"].to(device, torch.float32)  # fp32 always (×1000-scaled values)
-    noisy = noise_scheduler.add_noise(latents, noise, timesteps)
-    target = diffusion_target(noise_scheduler, latents, noise, timesteps)
     with accelerator.autocast():
-        states = parts.text_encoder.encode(captions, device)
-        pred = unet(noisy, timesteps, states, metadata=metadata, metadata_mask=mask, return_dict=False)[0]
-    return diffusion_loss(pred, target, timesteps, noise_scheduler, config.snr_gamma)
+        states = parts.text_encoder.encode(step.captions, device)
+        pred = unet(
+            step.noisy,
+            step.timesteps,
+            states,
+            metadata=metadata,
+            metadata_mask=step.metadata_mask,
+            return_dict=False,
+        )[0]
+    return diffusion_loss(pred, step.target, step.timesteps, noise_scheduler, config.snr_gamma)
 
 
 def _save_pipeline(base_unet, ema, parts: Components, pipeline_dir: Path) -> None:
