@@ -172,8 +172,8 @@ def test_rejections_appended_across_commits(tmp_path: Path) -> None:
     _ingest(store, [make_scene_tiles("a", n_tiles=2, size=16, rejected_tiles=2)])
     failed = SceneTiles("b", rejected=[Rejection("b", "HTTP 503 reading B04.tif")])
     result = _ingest(store, [failed, make_scene_tiles("c", n_tiles=1, size=16, rejected_tiles=1)])
-    assert result.rejected == 2
     rejected = store.rejected()
+    assert result.rejected == rejected[2:]  # what this commit appended, as the store now lists it
     assert [(r.item_id, r.tile_index) for r in rejected] == [("a", 2), ("a", 3), ("b", -1), ("c", 1)]
     assert rejected[0].product == "rgb" and rejected[2].reason == "HTTP 503 reading B04.tif"
     # a scene rejected whole is retried later (not recorded as ingested); its new failure is appended too
@@ -272,20 +272,21 @@ def test_shard_copies_on_an_executor_match_local_commit(tmp_path: Path, monkeypa
 
     monkeypatch.setattr(store_module, "COLUMN_CHUNK", 40)  # columns are flushed before and between shards
 
-    first = [synthetic_scene(i, 50, 8) for i in range(2)]  # 100 tiles: the next commit starts mid-shard
-    second = [synthetic_scene(i, 50, 8) for i in range(2, 6)]
+    first = [synthetic_scene(i, 50, 8) for i in range(3)]  # 150 tiles: the next commit starts mid-shard
+    second = [synthetic_scene(i, 50, 8) for i in range(3, 6)]
     reference = _new(tmp_path, "ref.zarr")
     _ingest(reference, first)
     _ingest(reference, second)
     store = _new(tmp_path)
-    calls = []
+    commits: list[list[tuple[int, int]]] = []
     with ThreadPoolExecutor(2) as pool:
 
         def submit(fn, *args):
-            calls.append(args[3])  # the first row of the copy
+            commits[-1].append((args[3], sum(len(rows) for _, rows in args[4])))  # (first row, rows)
             return pool.submit(fn, *args)
 
-        store.commit([store.stage(s) for s in first], batch_tiles=64, submit=submit)
+        commits.append([])
+        store.commit([store.stage(s) for s in first], batch_tiles=150, submit=submit)
         staged = [store.stage(s) for s in second]
 
         def failing(fn, *args):
@@ -293,9 +294,15 @@ def test_shard_copies_on_an_executor_match_local_commit(tmp_path: Path, monkeypa
 
         with pytest.raises(OSError, match="worker lost"):
             store.commit(staged, submit=failing)
-        assert DatasetStore.open(store.uri).n_tiles("rgb") == 100 and len(store.staged()) == 4
+        assert DatasetStore.open(store.uri).n_tiles("rgb") == 150 and len(store.staged()) == 3
+        commits.append([])
         store.commit(batch_tiles=64, submit=submit)
-    assert calls and all(row % 64 == 0 or row == 100 for row in calls)  # whole shards (or up to a boundary)
+    # rows 0-128 (two whole shards) went in one task, the final partial shard in its own
+    assert commits[0] == [(0, 128), (128, 22)]
+    assert commits[1][0] == (150, 42) and sum(n for _, n in commits[1]) == 150  # up to the next boundary
+    for copies in commits:  # within a commit no shard is written by two tasks
+        shards = [shard for row, n in copies for shard in range(row // 64, (row + n - 1) // 64 + 1)]
+        assert len(shards) == len(set(shards))
     assert store.n_tiles("rgb") == 300 and store.content_hash == reference.content_hash
     ours, ref = store.open_xarray("rgb"), reference.open_xarray("rgb")
     np.testing.assert_array_equal(ours.images.values, ref.images.values)

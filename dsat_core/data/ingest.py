@@ -86,6 +86,7 @@ def _merge(report: IngestReport, result: CommitResult) -> None:
         for product, n in getattr(result, attr).items():
             total[product] = total.get(product, 0) + n
     report.items_added.extend(result.items_added)
+    report.rejected.extend(result.rejected)
     report.version = result.version
     report.content_hash = result.content_hash
 
@@ -118,7 +119,6 @@ def ingest_items(
 
     began = time.perf_counter()
     store = DatasetStore.open(store_uri, storage_options=storage_options, create=True, catalog=config)
-    n_rejected_before = int(store.attrs.get("n_rejected", 0))
     plan = plan_ingest(items, store)
     report = IngestReport(store_uri=store_uri, version=store.version, content_hash=store.content_hash)
     report.skipped_items, report.n_items = plan.skipped, len(plan.todo)
@@ -195,13 +195,10 @@ def ingest_items(
         if bad:
             add(store.stage(SceneTiles("<invalid items>", rejected=bad)))
         commit()
-    return _finish_report(report, store, n_rejected_before, began)
+    return _finish_report(report, store, began)
 
 
-def _finish_report(
-    report: IngestReport, store: DatasetStore, n_rejected_before: int, began: float
-) -> IngestReport:
-    report.rejected = store.rejected()[n_rejected_before:]
+def _finish_report(report: IngestReport, store: DatasetStore, began: float) -> IngestReport:
     report.total_tiles = {p: store.n_tiles(p) for p in store.products()}
     report.version, report.content_hash = store.version, store.content_hash
     report.seconds = time.perf_counter() - began
@@ -239,7 +236,6 @@ def commit_staged(
 ) -> IngestReport:
     """Commit scenes staged elsewhere (e.g. by Prefect tasks) as one version; report like `ingest_items`."""
     began = time.perf_counter() if began is None else began
-    n_rejected_before = int(store.attrs.get("n_rejected", 0))
     report = IngestReport(store_uri=store.uri, version=store.version, content_hash=store.content_hash)
     report.skipped_items, report.n_items = plan.skipped, len(plan.todo)
     staged = list(staged)
@@ -250,7 +246,7 @@ def commit_staged(
         for scene in staged:
             transaction.add(scene)
         _merge(report, transaction.finish())
-    return _finish_report(report, store, n_rejected_before, began)
+    return _finish_report(report, store, began)
 
 
 def _progress(total: int):

@@ -21,7 +21,7 @@ every per-tile column as a 1-D/2-D variable along ``tile``.
 
 Commit protocol (single writer): staged tiles whose identity ``(item id, window)`` is new are appended
 (arrays are resized, then written; the committer decides every row, and may hand the copies of whole image
-shards from staging to other processes, one task per shard, and waits for all of them), then rejections,
+shards from staging to other processes, no shard in two tasks, and waits for all of them), then rejections,
 then the ROOT attrs are rewritten in one atomic object write (the commit point: committed counts
 ``n_tiles``/``n_rejected``, items, content hash, versions), then the product attrs mirror, then the staging
 groups are deleted. Readers (`DatasetStore.open_xarray`, `TileDataset`) slice every array to the committed
@@ -33,6 +33,7 @@ a tail after a crash: slice with the ``n_tiles`` attr.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import re
 import threading
@@ -54,6 +55,7 @@ from dsat_core.metadata import FIELD_NAMES
 SCHEMA_VERSION = 1
 TILES_PER_SHARD = 64
 COLUMN_CHUNK = 4096
+SHARDS_PER_COPY_TASK = 4  # a commit's image copies: fewer, larger tasks (each costs the scheduler)
 STAGING = "_staging"
 REJECTED = "rejected"
 FLOAT_FIELDS = ("lon", "lat", "gsd", "cloud_cover")
@@ -118,7 +120,7 @@ class CommitResult:
     version: int
     added_tiles: dict[str, int] = field(default_factory=dict)
     skipped_duplicates: dict[str, int] = field(default_factory=dict)
-    rejected: int = 0
+    rejected: list[Rejection] = field(default_factory=list)  # appended to the store's log by this commit
     items_added: list[str] = field(default_factory=list)
     content_hash: str = ""
 
@@ -521,10 +523,10 @@ class DatasetStore:
         readers), then `finish` to publish them as one version. Single writer.
 
         ``submit`` (like ``Executor.submit`` or ``distributed.Client.submit``: ``submit(fn, *args)`` returns
-        a future with ``result()``) runs the image copies of whole shards elsewhere, one task per shard, so
-        no two tasks write the same shard object; the driver still decides every row, writes the partial
-        tail shard and the per-tile columns, waits for the tasks and then writes the commit point. Without
-        it everything is written in this process.
+        a future with ``result()``) runs the image copies elsewhere, in tasks of up to
+        `SHARDS_PER_COPY_TASK` whole shards, so no two tasks write the same shard object; the driver still
+        decides every row, writes the per-tile columns and rejections, waits for the tasks and then writes
+        the commit point. Without it everything is written in this process.
         """
         return CommitTransaction(self, batch_tiles=batch_tiles, submit=submit)
 
@@ -611,7 +613,7 @@ class CommitTransaction:
 
     def _flush_images(self, product: str, final: bool = False) -> None:
         """Assign pending staged rows to image rows and copy them; before the end only up to a shard
-        boundary (no shard is written twice). With ``submit`` each shard is one task; the tail is local."""
+        boundary (no shard is written twice). With ``submit`` the copies are tasks, else all is local."""
         sources = self._image_sources.pop(product, [])
         total = sum(len(rows) for _, rows in sources)
         if not total:
@@ -627,27 +629,18 @@ class CommitTransaction:
         if images.shape[0] < end:
             images.resize((end, *images.shape[1:]))
         self._image_end[product] = end
-        pieces = []  # (row, number of rows): whole shards go to tasks, a partial tail is written here
-        if self.submit is not None and aligned > 0:
-            row = start
-            while row < start + aligned:
-                step = min((row // TILES_PER_SHARD + 1) * TILES_PER_SHARD, start + aligned) - row
-                pieces.append((row, step, True))
-                row += step
-            if count > aligned:
-                pieces.append((row, count - aligned, False))
-        else:
-            pieces.append((start, count, False))
-        for row, n, remote in pieces:
-            part, sources = _split_sources(sources, n)
-            if remote:
-                self._futures.append(
-                    self.submit(
-                        write_image_rows, self.store.uri, self.store.storage_options, product, row, part
-                    )
-                )
-            else:
-                _copy_image_rows(self.store.root.store, product, row, part)
+        if self.submit is None:
+            part, sources = _split_sources(sources, count)
+            _copy_image_rows(self.store.root.store, product, start, part)
+        else:  # up to SHARDS_PER_COPY_TASK shards a task, one at the end (to spread the last copies)
+            uri, options = self.store.uri, self.store.storage_options
+            step = TILES_PER_SHARD * (1 if final else SHARDS_PER_COPY_TASK)
+            mid_shard = start % TILES_PER_SHARD  # then the first task only fills up that shard
+            first = start + step if not mid_shard else start - mid_shard + TILES_PER_SHARD
+            bounds = [start, *range(first, end, step), end]
+            for row, stop in itertools.pairwise(bounds):
+                part, sources = _split_sources(sources, stop - row)
+                self._futures.append(self.submit(write_image_rows, uri, options, product, row, part))
         if sources:
             self._image_sources[product] = sources
 
@@ -721,21 +714,21 @@ class CommitTransaction:
     def finish(self) -> CommitResult:
         """Write the rest, then the commit point (root attrs), then delete the staging groups."""
         store, result, attrs, n_tiles = self.store, self.result, self.attrs, self.n_tiles
-        try:
+        n_rejected = int(attrs.get("n_rejected", 0))
+        try:  # the driver writes columns and rejections while the last image copies run
             for product in list(self._image_sources):
                 self._flush_images(product, final=True)
             for product in list(self._columns):
                 self._flush_columns(product)
+            if self._rejections:
+                n_rejected = store._append_rejections(n_rejected, self._rejections)
+            else:
+                store._truncate_rejections(n_rejected)
         finally:
             self._wait()  # no copy may still be running once this returns or raises
         if store._crash_hook is not None:
             store._crash_hook()
-        n_rejected = int(attrs.get("n_rejected", 0))
-        if self._rejections:
-            n_rejected = store._append_rejections(n_rejected, self._rejections)
-        else:
-            store._truncate_rejections(n_rejected)
-        result.rejected = len(self._rejections)
+        result.rejected = list(self._rejections)
         all_hashes = [
             h
             for p in n_tiles
