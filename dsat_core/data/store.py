@@ -55,6 +55,7 @@ from dsat_core.metadata import FIELD_NAMES
 SCHEMA_VERSION = 1
 TILES_PER_SHARD = 64
 COLUMN_CHUNK = 4096
+IMAGE_ROWS_AHEAD = 16 * TILES_PER_SHARD  # a commit grows the images array by this much more
 SHARDS_PER_COPY_TASK = 4  # a commit's image copies: fewer, larger tasks (each costs the scheduler)
 STAGING = "_staging"
 REJECTED = "rejected"
@@ -594,6 +595,7 @@ class CommitTransaction:
         # images: staged rows not yet assigned to a write, and the end of the rows already assigned
         self._image_sources: dict[str, list[ImageSource]] = {}
         self._image_end: dict[str, int] = {}
+        self._images: dict[str, zarr.Array] = {}  # the images arrays being appended to
         # per-tile columns: pending rows (kept on the driver, written in chunk-sized batches)
         self._columns: dict[str, list[dict[str, np.ndarray]]] = {}
         self._futures: list[Any] = []
@@ -624,10 +626,11 @@ class CommitTransaction:
         if count <= 0:
             self._image_sources[product] = sources
             return
-        images = self.store.root[product]["images"]
-        end = start + count
-        if images.shape[0] < end:
-            images.resize((end, *images.shape[1:]))
+        if product not in self._images:
+            self._images[product] = self.store.root[product]["images"]
+        images, end = self._images[product], start + count
+        if images.shape[0] < end:  # grown ahead (fewer metadata writes), cut to size by `finish`
+            images.resize((end + IMAGE_ROWS_AHEAD, *images.shape[1:]))
         self._image_end[product] = end
         if self.submit is None:
             part, sources = _split_sources(sources, count)
@@ -726,6 +729,9 @@ class CommitTransaction:
                 store._truncate_rejections(n_rejected)
         finally:
             self._wait()  # no copy may still be running once this returns or raises
+        for product, images in self._images.items():
+            if images.shape[0] != n_tiles[product]:
+                images.resize((n_tiles[product], *images.shape[1:]))
         if store._crash_hook is not None:
             store._crash_hook()
         result.rejected = list(self._rejections)
