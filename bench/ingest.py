@@ -220,7 +220,7 @@ def main() -> None:
     parser.add_argument("--catalog", default="local-samples")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/dsat-bench"))
     parser.add_argument(
-        "--repeat", type=int, default=3, help="best of N runs per path (shared machines are noisy)"
+        "--repeat", type=int, default=3, help="rounds; each path keeps its best time (noisy machines)"
     )
     args = parser.parse_args()
 
