@@ -346,9 +346,12 @@ def test_killed_worker_leaves_a_crashed_run_and_a_rerun_resumes_from_the_checkpo
         assert _state(api, first)["type"] == "RUNNING"
         # ... and dies with everything it started, the way a node or pod dies: SIGKILL, nothing reported.
         # Killing only the worker's group is not enough: Prefect runs each flow run in its own session.
+        # All are stopped before any is killed: a worker that outlives its flow run by a moment reports it
+        # CRASHED itself, which a dead node never does.
         groups = _process_groups_under(worker.pid)
-        for group in groups:
-            os.killpg(group, signal.SIGKILL)
+        for sig in (signal.SIGSTOP, signal.SIGKILL):
+            for group in groups:
+                os.killpg(group, sig)
         killed_at = time.monotonic()
     finally:
         stop_group(worker, signal.SIGKILL)
