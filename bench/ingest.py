@@ -8,8 +8,9 @@ pixels written), peak RSS and cores busy (CPU seconds / wall seconds), both over
 process, i.e. driver + Dask nannies/workers; time is the best of ``--repeat`` rounds (each round runs every
 path once), memory the worst.
 
-1. pipeline: `ingest_items` (real `read_item`, quality filters, captions, lineage, staging + commit) on a
-   LocalCluster that is started (and warmed up) before the clock starts, with 1 and 2 workers;
+1. pipeline: `ingest_items` (real `read_item`, quality filters, captions, lineage, staging + commit) on the
+   project's LocalCluster (`dask_client`, as `ingest_items` starts it) that is started (and warmed up) before
+   the clock starts, with 1 and 2 workers;
    the 2-worker run is repeated on half the scenes to show that peak memory does not grow with scenes.
 2. peer: `odc.stac.load` of each item onto its native grid, numpy tiling, per-scene 2/98 % scaling to
    uint8, appended to a zarr array with the same chunking; no metadata, captions, filters. One process.
@@ -122,17 +123,13 @@ def load_items(n_scenes: int) -> list[dict]:
 
 
 def run_pipeline(items, config, workdir: Path, n_workers: int) -> dict:
-    from distributed import Client, LocalCluster
-
+    from dsat_core.data.cluster import dask_client
     from dsat_core.data.ingest import ingest_items
     from dsat_core.data.reader import read_item
 
     uri = str(workdir / f"pipeline-{n_workers}w-{len(items)}.zarr")
     shutil.rmtree(uri, ignore_errors=True)
-    with (
-        LocalCluster(n_workers=n_workers, threads_per_worker=1, dashboard_address=":0") as cluster,
-        Client(cluster) as client,
-    ):
+    with dask_client(n_workers=n_workers) as client:  # the project's LocalCluster, as ingest_items makes it
         warm = items[0]  # a long-running cluster has warm workers (GDAL, pyproj, geocoder caches)
         client.run(lambda: read_item(warm, config) and None)
         with Usage() as usage:

@@ -11,6 +11,7 @@ from prefect.futures import wait
 from pydantic import BaseModel, Field
 
 from dsat_core.data.catalog import CatalogConfig, load_catalog
+from dsat_core.data.cluster import local_cluster_kwargs
 from dsat_core.data.ingest import (
     IngestPlan,
     IngestReport,
@@ -130,12 +131,7 @@ def _task_runner(params: RefreshParams):
     if address:
         return DaskTaskRunner(address=address)
     return DaskTaskRunner(
-        cluster_class="distributed.LocalCluster",
-        cluster_kwargs={
-            "n_workers": params.n_workers,
-            "threads_per_worker": 1,
-            "dashboard_address": "127.0.0.1:0",  # ":0" would serve the dashboard on every interface
-        },
+        cluster_class="distributed.LocalCluster", cluster_kwargs=local_cluster_kwargs(params.n_workers)
     )
 
 

@@ -8,8 +8,9 @@ from pathlib import Path
 
 import cloudpickle
 import pytest
-from distributed import Client, LocalCluster
+from distributed import Client
 
+from dsat_core.data.cluster import dask_client
 from dsat_core.data.ingest import ingest_items, ingest_report_markdown
 from dsat_core.data.store import DatasetStore
 from dsat_core.data.synthetic import (
@@ -31,11 +32,23 @@ def raising_reader(item, config, *, aoi_bbox=None, storage_options=None):
 
 @pytest.fixture(scope="module")
 def client() -> Iterator[Client]:
-    with (
-        LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster,
-        Client(cluster) as dask_client,
-    ):
-        yield dask_client
+    with dask_client(n_workers=2) as own:  # the LocalCluster that ingest_items starts when given no client
+        yield own
+
+
+def _zarr_threads() -> object:
+    import zarr
+
+    return zarr.config.get("threading.max_workers")
+
+
+def test_local_cluster_workers_are_single_threaded_for_zarr_too(client: Client) -> None:
+    """One task at a time per worker, and zarr's codec pool of each worker capped at one thread (zarr's
+    default, cores + 4 threads in every worker, oversubscribes the cores); the driver keeps zarr's default."""
+    workers = client.scheduler_info(n_workers=-1)["workers"].values()
+    assert [w["nthreads"] for w in workers] == [1, 1]
+    assert list(client.run(_zarr_threads).values()) == [1, 1]
+    assert _zarr_threads() is None
 
 
 def test_ingest_matches_direct_store_and_refresh_adds_only_new(client: Client, tmp_path: Path) -> None:

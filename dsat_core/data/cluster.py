@@ -6,6 +6,24 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+# Environment of each worker process. A worker runs one task at a time on one core (``threads_per_worker=1``),
+# and as Dask caps OpenMP / MKL / OpenBLAS at one thread per worker, zarr's codec thread pool is capped
+# too: by default it starts cores + 4 threads in every worker, which then fight each other for the same
+# cores (more CPU for the same writes, measured in bench/ingest.py).
+WORKER_ENV = {"ZARR_THREADING__MAX_WORKERS": "1"}
+
+
+def local_cluster_kwargs(n_workers: int) -> dict[str, Any]:
+    """Keyword arguments of the project's `LocalCluster`: single-threaded worker processes with
+    `WORKER_ENV`, the dashboard on 127.0.0.1 (``":0"`` would bind every interface)."""
+    return {
+        "n_workers": n_workers,
+        "threads_per_worker": 1,
+        "processes": True,
+        "dashboard_address": "127.0.0.1:0",
+        "env": dict(WORKER_ENV),
+    }
+
 
 @contextmanager
 def dask_client(
@@ -13,7 +31,7 @@ def dask_client(
 ) -> Iterator[Any]:
     """Yield ``client``, else a client of ``scheduler_address``, else of a new local cluster (closed after).
 
-    The local cluster has ``n_workers`` single-threaded worker processes, its dashboard on 127.0.0.1.
+    The local cluster is ``LocalCluster(**local_cluster_kwargs(n_workers))``.
     """
     if client is not None:
         yield client
@@ -24,12 +42,7 @@ def dask_client(
         with Client(scheduler_address) as own:
             yield own
         return
-    cluster = LocalCluster(
-        n_workers=n_workers,
-        threads_per_worker=1,
-        processes=True,
-        dashboard_address="127.0.0.1:0",  # ":0" binds every interface
-    )
+    cluster = LocalCluster(**local_cluster_kwargs(n_workers))
     try:
         with Client(cluster) as own:
             yield own

@@ -58,6 +58,10 @@ COLUMN_CHUNK = 4096
 IMAGE_ROWS_AHEAD = 16 * TILES_PER_SHARD  # a commit grows the images array by this much more
 SHARDS_PER_COPY_TASK = 4  # a commit's image copies: fewer, larger tasks (each costs the scheduler)
 STAGING = "_staging"
+# Image writes store every chunk: zarr's default compares each chunk with the fill value to skip empty ones,
+# a pass over the pixels of every tile, to save the bytes of tiles that the quality filters reject anyway
+# (constant tiles); an all-fill tile that does get through is stored, and reads back the same.
+WRITE_EVERY_CHUNK = {"write_empty_chunks": True}
 REJECTED = "rejected"
 FLOAT_FIELDS = ("lon", "lat", "gsd", "cloud_cover")
 INT_FIELDS = ("year", "month", "day")
@@ -402,6 +406,7 @@ class DatasetStore:
                 dtype=images.dtype,
                 chunks=(min(len(images), TILES_PER_SHARD), *images.shape[1:]),
                 compressors=None,  # read back once by the commit: raw bytes are cheapest
+                config=WRITE_EVERY_CHUNK,
             )
             arr[...] = images
             payload["products"][name] = {
@@ -819,6 +824,7 @@ def _copy_image_rows(zstore: Any, product: str, start: int, sources: list[ImageS
         parts.append(block if hi - lo == len(rows) else block[rows - lo])
     data = np.concatenate(parts) if len(parts) > 1 else parts[0]
     images = zarr.open_array(zstore, path=f"{product}/images", mode="r+", zarr_format=3)
+    images = images.with_config(WRITE_EVERY_CHUNK)
     if images.shape[0] < start + len(data):
         raise StoreError(
             f"{product}/images has {images.shape[0]} rows, cannot write rows {start}..{start + len(data)}"

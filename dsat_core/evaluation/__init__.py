@@ -1,28 +1,66 @@
 """Evaluation: image metrics (FID, KID, IS, PSNR, SSIM, LPIPS, CLIP), baselines, quality maps, STAC output,
-metadata sensitivity. Pure library code: flows call these functions and log the results."""
+metadata sensitivity. Pure library code: flows call these functions and log the results.
 
-from dsat_core.evaluation.geo_map import plot_quality_map, quality_map
-from dsat_core.evaluation.image_ops import (
-    bicubic_upsample,
-    classical_inpaint,
-    nearest_date_frame,
-    nearest_date_index,
-    rgb_band_indices,
-    to_rgb,
-)
-from dsat_core.evaluation.inception import InceptionFeatures, InceptionScoreUnavailable, load_logits_model
-from dsat_core.evaluation.metrics import (
-    METRICS,
-    PSNR_CAP_DB,
-    ImageMetrics,
-    PairedMetrics,
-    frechet_distance,
-    kernel_inception_distance,
-    paired_metrics,
-    prepare_images,
-)
-from dsat_core.evaluation.sensitivity import robustness, sensitivity, shuffled_metadata, vary_field
-from dsat_core.evaluation.stac_output import validate_catalog, write_generated_stac
+Names are imported on first use (the STAC output needs rasterio / pyproj / pystac, the metrics torch).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from dsat_core._lazy import lazy_exports
+
+if TYPE_CHECKING:
+    from dsat_core.evaluation.geo_map import plot_quality_map, quality_map
+    from dsat_core.evaluation.image_ops import (
+        bicubic_upsample,
+        classical_inpaint,
+        nearest_date_frame,
+        nearest_date_index,
+        rgb_band_indices,
+        to_rgb,
+    )
+    from dsat_core.evaluation.inception import InceptionFeatures, InceptionScoreUnavailable, load_logits_model
+    from dsat_core.evaluation.metrics import (
+        METRICS,
+        PSNR_CAP_DB,
+        ImageMetrics,
+        PairedMetrics,
+        frechet_distance,
+        kernel_inception_distance,
+        paired_metrics,
+        prepare_images,
+    )
+    from dsat_core.evaluation.sensitivity import robustness, sensitivity, shuffled_metadata, vary_field
+    from dsat_core.evaluation.stac_output import validate_catalog, write_generated_stac
+
+_MODULE_OF = {
+    "ImageMetrics": "metrics",
+    "InceptionFeatures": "inception",
+    "InceptionScoreUnavailable": "inception",
+    "METRICS": "metrics",
+    "PSNR_CAP_DB": "metrics",
+    "PairedMetrics": "metrics",
+    "bicubic_upsample": "image_ops",
+    "classical_inpaint": "image_ops",
+    "frechet_distance": "metrics",
+    "kernel_inception_distance": "metrics",
+    "load_logits_model": "inception",
+    "nearest_date_frame": "image_ops",
+    "nearest_date_index": "image_ops",
+    "paired_metrics": "metrics",
+    "plot_quality_map": "geo_map",
+    "prepare_images": "metrics",
+    "quality_map": "geo_map",
+    "rgb_band_indices": "image_ops",
+    "robustness": "sensitivity",
+    "sensitivity": "sensitivity",
+    "shuffled_metadata": "sensitivity",
+    "to_rgb": "image_ops",
+    "validate_catalog": "stac_output",
+    "vary_field": "sensitivity",
+    "write_generated_stac": "stac_output",
+}
 
 __all__ = [
     "METRICS",
@@ -51,3 +89,5 @@ __all__ = [
     "vary_field",
     "write_generated_stac",
 ]
+
+__getattr__, __dir__ = lazy_exports(__name__, _MODULE_OF, globals())
