@@ -88,10 +88,19 @@ def _cmd_import(args: argparse.Namespace) -> int:
 def _cmd_stac_serve(args: argparse.Namespace) -> int:
     import time
 
-    from dsat_core.data.stac_server import serve_static_catalog
+    from dsat_core.data.stac_server import SkippedItem, serve_static_catalog
 
-    with serve_static_catalog(args.catalog, args.collection, host=args.host, port=args.port) as url:
-        print(f"STAC API over {args.catalog} at {url} (collection {args.collection!r}); Ctrl-C stops it")
+    def report(skipped: SkippedItem) -> None:
+        print(f"dsat stac serve: {skipped}", file=sys.stderr, flush=True)
+
+    serving = serve_static_catalog(
+        args.catalog, args.collection, host=args.host, port=args.port, on_skip=report
+    )
+    with serving as url:
+        print(
+            f"STAC API over {args.catalog} at {url} (collection {args.collection!r}); Ctrl-C stops it",
+            flush=True,
+        )
         try:
             while True:
                 time.sleep(3600)
@@ -171,6 +180,43 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
     run_demo(Path(args.output), steps=args.steps)
     return 0
+
+
+def _cmd_convert(args: argparse.Namespace) -> int:
+    from dsat_core.pipelines.reference import convert_reference, export_reference
+
+    if args.convert_command == "reference":
+        record = convert_reference(
+            args.checkpoint, args.out, base=args.base, allow_pickle=args.allow_pickle, license=args.license
+        )
+        tensors = sum(c["count"] for c in record.components.values())
+        print(f"{args.out}: {tensors} tensors converted from {record.source} (sha256 {record.sha256})")
+    else:
+        print(export_reference(args.model, args.out))
+    return 0
+
+
+def _add_convert_parser(sub: argparse._SubParsersAction) -> None:
+    convert = sub.add_parser(
+        "convert", help="convert released DiffusionSat checkpoints to and from this project"
+    )
+    kinds = convert.add_subparsers(dest="convert_command", required=True)
+    ref = kinds.add_parser("reference", help="a reference-code checkpoint folder → a project pipeline folder")
+    ref.add_argument(
+        "--checkpoint", required=True, help="the released folder (pipeline, unet/ or controlnet/)"
+    )
+    ref.add_argument("--out", required=True, help="the project pipeline folder to write")
+    ref.add_argument("--base", help="where the parts the checkpoint lacks come from (e.g. the base UNet)")
+    ref.add_argument(
+        "--allow-pickle", action="store_true", help="read .bin/.ckpt weights (torch.load weights_only=True)"
+    )
+    ref.add_argument(
+        "--license", help="licence text for the model card (default: the DiffusionSat release's)"
+    )
+    export = kinds.add_parser("export-reference", help="a project pipeline folder → the reference layout")
+    export.add_argument("--model", required=True, help="a project pipeline folder")
+    export.add_argument("--out", required=True)
+    convert.set_defaults(func=_cmd_convert)
 
 
 def _add_source_args(parser: argparse.ArgumentParser) -> None:
@@ -264,11 +310,20 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--output", default="evaluate-output")
     evaluate.set_defaults(func=_cmd_evaluate)
 
+    _add_convert_parser(sub)
+
     demo = sub.add_parser("demo", help="the main job end to end on the shipped sample scenes (CPU, minutes)")
     demo.add_argument("--output", default="demo-output")
     demo.add_argument("--steps", type=int, default=None, help="training steps (default: the demo's own)")
     demo.set_defaults(func=_cmd_demo)
     return parser
+
+
+def _user_errors() -> tuple[type[Exception], ...]:
+    """Errors reported as one line and exit code 2 (only looked up once a command has failed)."""
+    from dsat_core.data.stac import StacApiUnreachable
+
+    return (ValueError, FileNotFoundError, StacApiUnreachable)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -277,7 +332,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError) as err:
+    except _user_errors() as err:
         print(f"dsat {args.command}: error: {err}", file=sys.stderr)
         return 2
 

@@ -89,7 +89,9 @@ def test_inception_features_shape_and_batch_invariance(inception):
     f_one = torch.cat([inception(imgs[i : i + 1]) for i in range(2)])
     assert f_all.shape == (2, 2048) and f_all.dtype == torch.float32
     assert inception.num_features == 2048
-    assert torch.equal(f_all, f_one)  # batch composition does not change the features
+    # batch composition does not change the features (kernels for other batch sizes may round differently;
+    # a batch-dependent bug such as batch-norm statistics moves them by orders of magnitude more)
+    torch.testing.assert_close(f_one, f_all, rtol=1e-4, atol=1e-4)
     # uint8 and the same images as float in [0, 1] give the same features
     assert torch.allclose(f_all, inception(imgs.float() / 255), atol=1e-5)
 

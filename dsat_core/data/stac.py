@@ -94,6 +94,42 @@ def filter_items(items: Iterable[dict], config: CatalogConfig, max_items: int | 
     return out
 
 
+class StacApiUnreachable(ConnectionError):
+    """The STAC API at `url` could not be reached (or answered with an HTTP error); `reason` says how."""
+
+    def __init__(self, url: str, reason: str) -> None:
+        super().__init__(
+            f"cannot reach STAC API {url} ({reason}): check the URL (the catalog's stac_api or --stac-api) "
+            "and the network"
+        )
+        self.url, self.reason = url, reason
+
+    def __reduce__(self) -> tuple[type, tuple[str, str]]:  # picklable (Prefect task results)
+        return type(self), (self.url, self.reason)
+
+
+def _unreachable_reason(err: Exception) -> str:
+    """A few words for why a pystac-client request failed: refused, host not found, timed out, HTTP 404."""
+    import requests
+
+    status = getattr(err, "status_code", None)
+    if status:
+        return f"HTTP {status}"
+    cause = err.__cause__ or err.__context__ or err
+    text = str(cause)
+    if isinstance(cause, requests.exceptions.Timeout):
+        return "timed out"
+    if isinstance(cause, requests.exceptions.SSLError):
+        return "TLS error"
+    if isinstance(cause, requests.exceptions.ConnectionError):
+        if "refused" in text:
+            return "connection refused"
+        if "NameResolution" in text or "Name or service not known" in text or "nodename nor servname" in text:
+            return "host not found"
+        return "connection failed"
+    return text.splitlines()[0][:200] if text else type(cause).__name__
+
+
 def search_items(
     config: CatalogConfig,
     *,
@@ -107,22 +143,26 @@ def search_items(
     """Search `api_url` (default `config.stac_api`) and return matching item dicts, all pages read.
 
     `bbox` / `datetime` / `max_items` default to the config's; `intersects` (a GeoJSON geometry) replaces the
-    bbox. `page_size` is the `limit` sent per page.
+    bbox. `page_size` is the `limit` sent per page. `StacApiUnreachable` when the API cannot be reached.
     """
     from pystac_client import Client
+    from pystac_client.exceptions import APIError
 
     url = api_url or config.stac_api
     if intersects is None:
         bbox = bbox if bbox is not None else config.bbox
-    search = Client.open(url).search(
-        collections=config.collections,
-        bbox=None if intersects is not None else bbox,
-        intersects=intersects,
-        datetime=datetime or config.datetime,
-        limit=page_size,
-    )
     limit = max_items if max_items is not None else config.max_items
-    return filter_items(search.items_as_dicts(), config, limit)
+    try:
+        search = Client.open(url).search(
+            collections=config.collections,
+            bbox=None if intersects is not None else bbox,
+            intersects=intersects,
+            datetime=datetime or config.datetime,
+            limit=page_size,
+        )
+        return filter_items(search.items_as_dicts(), config, limit)
+    except APIError as err:
+        raise StacApiUnreachable(str(url), _unreachable_reason(err)) from err
 
 
 def load_static_catalog(path: str | Path) -> list[dict]:

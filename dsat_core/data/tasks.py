@@ -18,6 +18,12 @@ band selection, Gaussian blur (σ in high-res pixels), area-average downsampling
 back to the target size (bicubic by default) so it lines up with the target pixel for pixel (T = 1). Its
 metadata GSD is the native GSD × factor (the resolution the frame really carries). The recipe is stored in
 ``dataset.recipe`` (a dict, logged as MLflow params by the trainer).
+A degradation mapping may instead name a fixed input recipe (`dsat_core.data.sr_inputs.SRInputRecipe`):
+``{"input_recipe": "fmow-sentinel-reference", "cond_resolution": 256}`` gives exactly the input the released
+DiffusionSat SR ControlNet was trained on — raw Sentinel-2 values recovered from the store's recorded scaling,
+the reference's per-band statistics and uint8 quantisation, 10 bands in its order, resized to
+``cond_resolution`` (not to the target size), metadata GSD 10 m — as ``cond = 2·v − 1``; the frame is not
+degraded (factor 1, no blur), and the full recipe is recorded under ``recipe["degradation"]["input_recipe"]``.
 
 ``temporal`` (`TemporalDataset`) — T tiles of one place at other dates, with their dates → the tile at
 a target date. Tiles are grouped by place: same CRS and same tile transform (the same window of the same
@@ -36,8 +42,9 @@ not offered.)
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import date
 from typing import Any, Literal
 
@@ -47,6 +54,13 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from dsat_core.data.dataset import TileDataset
+from dsat_core.data.sr_inputs import (
+    SRInputRecipe,
+    band_positions,
+    check_raw_recoverable,
+    get_input_recipe,
+    unscale,
+)
 from dsat_core.data.store import DatasetStore, StoreError
 from dsat_core.evaluation.image_ops import rgb_band_indices
 from dsat_core.metadata import SatMetadata, effective_gsd
@@ -210,8 +224,45 @@ def gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
     )
 
 
+def split_sr_recipe(
+    recipe: DegradationRecipe | Mapping[str, Any] | None,
+) -> tuple[DegradationRecipe, SRInputRecipe | None]:
+    """The degradation and the optional fixed input recipe that an SR recipe (or mapping) describes.
+
+    Mapping keys ``input_recipe`` (a registered name, an `SRInputRecipe` or its recorded `to_dict`) and
+    ``cond_resolution`` (overrides the input recipe's) select a fixed input; the other keys are
+    `DegradationRecipe` fields, which then default to (and must stay) ``factor=1, blur_sigma=0``.
+    """
+    if recipe is None:
+        return DegradationRecipe(), None
+    if isinstance(recipe, DegradationRecipe):
+        return recipe, None
+    values = dict(recipe)
+    selected = values.pop("input_recipe", None)
+    cond_resolution = values.pop("cond_resolution", None)
+    if selected is None:
+        if cond_resolution is not None:
+            raise ValueError("cond_resolution needs an input_recipe (a degraded frame has the target's size)")
+        return DegradationRecipe(**values), None
+    inputs = get_input_recipe(selected)
+    if cond_resolution is not None:
+        inputs = replace(inputs, cond_resolution=int(cond_resolution))
+    degradation = DegradationRecipe(**{"factor": 1, "blur_sigma": 0.0, **values})
+    if degradation.factor != 1 or degradation.blur_sigma != 0:
+        raise ValueError(
+            f"input recipe {inputs.name!r} is the model's input as is: use factor 1 and blur_sigma 0, "
+            f"got factor {degradation.factor}, blur_sigma {degradation.blur_sigma}"
+        )
+    return degradation, inputs
+
+
 class SuperResolutionDataset(_TaskDataset):
-    """Degraded multispectral frame (T = 1) → RGB tile of the same scene and window (see module docstring)."""
+    """Degraded multispectral frame (T = 1) → RGB tile of the same scene and window (see module docstring).
+
+    With a fixed input recipe (``recipe={"input_recipe": ...}``, see `split_sr_recipe`) the frame is that
+    recipe applied to the raw values of the conditioning tile, ``cond`` (C, 1, r, r) with r its
+    ``cond_resolution``; ``degradation.bands`` then names the product's bands it uses, in its order.
+    """
 
     task = "sr"
 
@@ -230,17 +281,26 @@ class SuperResolutionDataset(_TaskDataset):
         **filters: Any,
     ) -> None:
         super().__init__(transform)
-        if recipe is None:
-            recipe = DegradationRecipe()
-        elif isinstance(recipe, Mapping):
-            recipe = DegradationRecipe(**recipe)
-        self.degradation = recipe
+        recipe, inputs = split_sr_recipe(recipe)
         self.target = TileDataset(
             store_uri, target_product, resolution=resolution, storage_options=storage_options, **filters
         )
         self.cond_tiles = TileDataset(
             store_uri, cond_product, resolution=resolution, storage_options=storage_options
         )
+        self.input_recipe = inputs
+        if inputs is not None:
+            self._input_positions = band_positions(
+                self.cond_tiles.bands, inputs.output_bands, f"{store_uri}/{cond_product}"
+            )
+            names = tuple(self.cond_tiles.bands[p] for p in self._input_positions)
+            if recipe.bands is not None and recipe.bands != names:
+                raise ValueError(
+                    f"degradation bands {list(recipe.bands)} differ from the bands {list(names)} that input "
+                    f"recipe {inputs.name!r} takes from {cond_product!r}"
+                )
+            recipe = replace(recipe, bands=names)
+        self.degradation = recipe
         recipe.band_indices(self.cond_tiles.bands)  # fail early on unknown bands
         self.resolution = resolution
         store = DatasetStore.open(store_uri, storage_options=storage_options, read_only=True)
@@ -262,16 +322,56 @@ class SuperResolutionDataset(_TaskDataset):
                 f"{store_uri}: no tile of {target_product!r} has a {cond_product!r} tile with the same "
                 "item and window (SR needs both products read from the same scenes)"
             )
+        if inputs is not None:
+            self._check_raw_values(store, store_uri, cond_product, inputs)
         bands = list(recipe.bands) if recipe.bands is not None else list(self.cond_tiles.bands)
         self.cond_bands = bands
+        degradation = recipe.to_dict()
+        if inputs is not None:
+            degradation["input_recipe"] = inputs.to_dict()
         self.recipe = {
             "task": "sr",
             "target_product": target_product,
             "cond_product": cond_product,
             "cond_bands": bands,
-            "degradation": recipe.to_dict(),
+            "degradation": degradation,
             "resolution": resolution,
         }
+
+    def _check_raw_values(
+        self, store: DatasetStore, store_uri: str, cond_product: str, inputs: SRInputRecipe
+    ) -> None:
+        """Keep the recorded scaling of the paired conditioning tiles; fail if it cannot give raw values."""
+        group = store.product_group(cond_product)
+        n, rows = self.cond_tiles.n_store_tiles, self.cond_tiles.indices
+        self._scale_low = np.asarray(group["scale_min"][:n])[rows][:, self._input_positions]
+        self._scale_high = np.asarray(group["scale_max"][:n])[rows][:, self._input_positions]
+        used = sorted({pos for _, pos in self.pairs})
+        where = f"{store_uri}/{cond_product}"
+        step = check_raw_recoverable(
+            self._scale_low[used], self._scale_high[used], self.cond_tiles.dtype.name, inputs, where
+        )
+        if step >= 1.0:
+            warnings.warn(
+                f"{where}: stored with steps of up to {step:.3g} per level, so the raw values for input "
+                f"recipe {inputs.name!r} are approximate (within {step / 2:.3g}); store them as uint16 "
+                "for the exact input",
+                stacklevel=3,
+            )
+
+    def _recipe_frame(self, cond_pos: int) -> torch.Tensor:
+        """(C, r, r) ``2·v − 1`` with v the input recipe applied to the raw values of a conditioning tile."""
+        inputs = self.input_recipe
+        row = int(self.cond_tiles.indices[cond_pos])
+        stored = np.asarray(self.cond_tiles._array("images")[row])[self._input_positions]
+        raw = unscale(
+            stored,
+            self._scale_low[cond_pos],
+            self._scale_high[cond_pos],
+            self.cond_tiles.dtype.name,
+            integer=inputs.integer_dn,
+        )
+        return torch.from_numpy(inputs.apply(raw, inputs.output_bands)) * 2.0 - 1.0
 
     @property
     def conditioning_channels(self) -> int:
@@ -283,14 +383,20 @@ class SuperResolutionDataset(_TaskDataset):
     def __getitem__(self, i: int) -> dict[str, Any]:
         target_pos, cond_pos = self.pairs[i]
         sample = self._target(self.target, target_pos)
-        cond_sample = self.cond_tiles[cond_pos]
-        frame = self.degradation.apply(cond_sample["pixel_values"], self.cond_tiles.bands)
         meta = self.cond_tiles.metadata(cond_pos)
-        if meta.gsd is not None:  # effective GSD of the (resized) tile × the degradation factor
-            gsd = meta.gsd
-            if self.resolution is not None and self._cond_tile_side != self.resolution:
-                gsd = effective_gsd(gsd, self._cond_tile_side, self.resolution)
-            meta = meta.replace(gsd=gsd * self.degradation.factor)
+        if self.input_recipe is not None:
+            frame = self._recipe_frame(cond_pos)
+            gsd = self.input_recipe.gsd
+            if gsd is None and meta.gsd is not None:  # the effective GSD of the resized frame
+                gsd = effective_gsd(meta.gsd, self._cond_tile_side, self.input_recipe.cond_resolution)
+            meta = meta.replace(gsd=gsd)
+        else:
+            frame = self.degradation.apply(self.cond_tiles[cond_pos]["pixel_values"], self.cond_tiles.bands)
+            if meta.gsd is not None:  # effective GSD of the (resized) tile × the degradation factor
+                gsd = meta.gsd
+                if self.resolution is not None and self._cond_tile_side != self.resolution:
+                    gsd = effective_gsd(gsd, self._cond_tile_side, self.resolution)
+                meta = meta.replace(gsd=gsd * self.degradation.factor)
         vector, mask = _encode(meta)
         sample.update(
             cond=frame[:, None].contiguous(), cond_metadata=vector[None], cond_metadata_mask=mask[None]
@@ -538,7 +644,7 @@ class TaskSpec:
     product: str = "rgb"
     cond_product: str = "multispectral"
     resolution: int | None = None
-    degradation: dict[str, Any] = field(default_factory=dict)
+    degradation: dict[str, Any] = field(default_factory=dict)  # sr: `split_sr_recipe` keys
     sequence_length: int = 3
     direction: Literal["both", "forward", "backward"] = "both"
     mask_kind: MaskKind = "mixed"
@@ -560,7 +666,7 @@ def make_task_dataset(spec: TaskSpec) -> SuperResolutionDataset | TemporalDatase
     )
     if spec.task == "sr":
         return SuperResolutionDataset(
-            spec.store_uri, spec.product, spec.cond_product, DegradationRecipe(**spec.degradation), **common
+            spec.store_uri, spec.product, spec.cond_product, spec.degradation, **common
         )
     if spec.task == "temporal":
         return TemporalDataset(spec.store_uri, spec.product, spec.sequence_length, spec.direction, **common)
@@ -591,4 +697,5 @@ __all__ = [
     "make_task_dataset",
     "random_box_mask",
     "random_stroke_mask",
+    "split_sr_recipe",
 ]

@@ -21,13 +21,20 @@ mid block; the parts of diffusers' `ControlNetModel`) that reads a conditioning 
    ``mid_block_additional_residual``.
 
 A freshly built ControlNet3D outputs exact zeros, so the controlled UNet starts as the base UNet.
+
+Registered options for models converted from the authors' released checkpoints (defaults = the above):
+``temporal_attention_heads`` (per-position heads), ``temporal_mixing="after_zero_conv"`` (zero conv first,
+then the gated temporal transformer), ``frame_reduction="sum"``, ``conditioning_downsample_factor`` (the
+embedder's stride, when it differs from the VAE factor), ``conditioning_range`` (the range the embedder
+was trained on) and ``share_cond_metadata_embedding`` (one metadata embedding for target and frames).
 """
 
 from __future__ import annotations
 
 import math
+import typing
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -38,6 +45,12 @@ from diffusers.models.transformers.transformer_temporal import TransformerTempor
 from torch import nn
 
 from .metadata_embedding import MetadataEmbedding, MissingMetadata, check_missing_metadata
+
+TemporalMixing = Literal["before_zero_conv", "after_zero_conv"]
+FrameReduction = Literal["mean", "sum"]
+TEMPORAL_MIXING_MODES: tuple[str, ...] = typing.get_args(TemporalMixing)
+FRAME_REDUCTIONS: tuple[str, ...] = typing.get_args(FrameReduction)
+DEFAULT_CONDITIONING_RANGE: tuple[float, float] = (-1.0, 1.0)
 
 # UNet config keys the ControlNet encoder copies (the same list diffusers' `ControlNetModel.from_unet` uses).
 ENCODER_CONFIG_KEYS: tuple[str, ...] = (
@@ -79,6 +92,50 @@ _UNSUPPORTED_UNET_FEATURES: dict[str, Any] = {
 def _as_tuple(value: Any) -> Any:
     """Lists (as JSON configs give them back) → tuples; scalars and None unchanged."""
     return tuple(value) if isinstance(value, list | tuple) else value
+
+
+def _is_power_of_two(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1 and not value & (value - 1)
+
+
+def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+
+
+def _conditioning_range(value: Sequence[float]) -> list[float]:
+    """``(low, high)`` as a list of two floats with low < high (ValueError otherwise)."""
+    pair = [float(v) for v in value]
+    if len(pair) != 2 or not all(math.isfinite(v) for v in pair) or pair[0] >= pair[1]:
+        raise ValueError(f"conditioning_range must be two finite floats (low, high), low < high: {value!r}")
+    return pair
+
+
+def _temporal_heads(
+    heads: Sequence[Sequence[int]] | None,
+    positions: Sequence[int],
+    widths: Sequence[int],
+    head_dim: int,
+) -> list[tuple[int, int]]:
+    """(num_heads, head_dim) of each temporal layer: ``heads`` as given, or width // min(head_dim, width)."""
+    if heads is None:
+        pairs = []
+        for pos, width in zip(positions, widths, strict=True):
+            dim = min(head_dim, width)
+            if width % dim:
+                raise ValueError(f"residual {pos} has {width} channels, not a multiple of head dim {dim}")
+            pairs.append((width // dim, dim))
+        return pairs
+    pairs = [tuple(pair) for pair in heads]
+    if len(pairs) != len(positions):
+        raise ValueError(
+            f"temporal_attention_heads has {len(pairs)} (num_heads, head_dim) pairs for "
+            f"{len(positions)} temporal_layers {list(positions)}; give one pair per layer"
+        )
+    for pos, pair in zip(positions, pairs, strict=True):
+        if len(pair) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in pair):
+            raise ValueError(f"temporal_attention_heads for residual {pos} must be 2 positive ints: {pair}")
+    return [(int(h), int(d)) for h, d in pairs]
 
 
 def zero_module(module: nn.Module) -> nn.Module:
@@ -163,6 +220,23 @@ class ControlNet3D(ModelMixin, ConfigMixin):
 
     Call it as ``down, mid = controlnet(sample, t, text, metadata, metadata_mask, cond, cond_metadata,
     cond_metadata_mask)`` and pass ``down`` / ``mid`` to the frozen `SatUNet` (see `controlled_unet_forward`).
+
+    Options for converted reference checkpoints (registered, so `save_pretrained` keeps them; the defaults
+    are the behaviour described in the module docstring):
+
+    - ``temporal_attention_heads``: one (num_heads, head_dim) pair per entry of the sorted
+      ``temporal_layers``; num_heads·head_dim may differ from the residual's width (the transformer's
+      proj_in / proj_out map between them). None: width // min(temporal_attention_head_dim, width) heads.
+    - ``temporal_mixing``: "before_zero_conv" (gated temporal transformer on the encoder residual, then the
+      zero conv) or "after_zero_conv" (the reference: zero conv first, the gated transformer on its output).
+    - ``frame_reduction``: how the per-frame residuals (down and mid) are combined over T: "mean" or "sum"
+      (the reference).
+    - ``conditioning_downsample_factor``: the embedder's total spatial stride (a power of 2; None → the
+      ``vae_scale_factor``); ``cond`` frames must be latent size × this factor.
+    - ``conditioning_range``: the value range the model was trained on; callers always pass ``cond`` in
+      [-1, 1] and the WHOLE tensor (all channels, masks included) is mapped linearly onto this range.
+    - ``share_cond_metadata_embedding``: frame metadata go through ``metadata_embedding`` too (the
+      reference); there is then no ``cond_metadata_embedding`` (None, nothing in the state dict).
     """
 
     _supports_gradient_checkpointing = True
@@ -180,6 +254,12 @@ class ControlNet3D(ModelMixin, ConfigMixin):
         use_metadata: bool = True,
         num_metadata_fields: int = 7,
         missing_metadata: MissingMetadata = "learned",
+        temporal_attention_heads: Sequence[Sequence[int]] | None = None,
+        temporal_mixing: TemporalMixing = "before_zero_conv",
+        frame_reduction: FrameReduction = "mean",
+        conditioning_downsample_factor: int | None = None,
+        conditioning_range: Sequence[float] = DEFAULT_CONDITIONING_RANGE,
+        share_cond_metadata_embedding: bool = False,
         # the UNet encoder (same meaning as in `UNet2DConditionModel`)
         in_channels: int = 4,
         flip_sin_to_cos: bool = True,
@@ -210,8 +290,18 @@ class ControlNet3D(ModelMixin, ConfigMixin):
         super().__init__()
         if conditioning_channels < 1:
             raise ValueError(f"conditioning_channels must be >= 1, got {conditioning_channels}")
-        if vae_scale_factor < 1 or vae_scale_factor & (vae_scale_factor - 1):
+        if not _is_power_of_two(vae_scale_factor):
             raise ValueError(f"vae_scale_factor must be a power of two, got {vae_scale_factor}")
+        cond_factor = conditioning_downsample_factor
+        if cond_factor is not None and not _is_power_of_two(cond_factor):
+            raise ValueError(
+                f"conditioning_downsample_factor must be a power of two or None, got "
+                f"{conditioning_downsample_factor!r}"
+            )
+        _check_choice("temporal_mixing", temporal_mixing, TEMPORAL_MIXING_MODES)
+        _check_choice("frame_reduction", frame_reduction, FRAME_REDUCTIONS)
+        # JSON-like forms, so a config compares equal before and after save_pretrained / from_pretrained
+        self.register_to_config(conditioning_range=_conditioning_range(conditioning_range))
         if not isinstance(layers_per_block, int):
             raise ValueError(f"ControlNet3D needs an int layers_per_block, got {layers_per_block!r}")
         check_missing_metadata(missing_metadata)
@@ -260,37 +350,47 @@ class ControlNet3D(ModelMixin, ConfigMixin):
                 missing_metadata=missing_metadata,
             )
             self.metadata_embedding = MetadataEmbedding(**kwargs)
-            self.cond_metadata_embedding = MetadataEmbedding(**kwargs)
+            if not share_cond_metadata_embedding:
+                self.cond_metadata_embedding = MetadataEmbedding(**kwargs)
 
         self.cond_embedding = ConditioningEmbedding3D(
             conditioning_channels,
             block_out_channels[0],
             tuple(conditioning_embedding_channels),
-            int(math.log2(vae_scale_factor)),
+            int(math.log2(conditioning_downsample_factor or vae_scale_factor)),
             conditioning_temporal_kernel,
         )
 
         channels, _ = residual_layout(block_out_channels, layers_per_block)
         if temporal_layers is None:
             temporal_layers = default_temporal_layers(block_out_channels, layers_per_block)
-        temporal_layers = sorted({int(p) for p in temporal_layers})
+        given = [int(p) for p in temporal_layers]
+        temporal_layers = sorted(set(given))
+        if temporal_attention_heads is not None and given != temporal_layers:
+            raise ValueError(
+                f"temporal_attention_heads pairs with temporal_layers in order: pass temporal_layers sorted "
+                f"and without repeats (got {given})"
+            )
         bad = [p for p in temporal_layers if not 0 <= p < len(channels)]
         if bad:
             raise ValueError(
                 f"temporal_layers {bad} outside the {len(channels)} residual positions 0..{len(channels) - 1}"
             )
+        heads = _temporal_heads(
+            temporal_attention_heads,
+            temporal_layers,
+            [channels[p] for p in temporal_layers],
+            temporal_attention_head_dim,
+        )
         self.register_to_config(temporal_layers=temporal_layers)
+        if temporal_attention_heads is not None:
+            self.register_to_config(temporal_attention_heads=[list(pair) for pair in heads])
         self.temporal_blocks = nn.ModuleDict()
         self.temporal_gates = nn.ParameterDict()
-        for pos in temporal_layers:
+        for pos, (num_heads, head_dim) in zip(temporal_layers, heads, strict=True):
             width = channels[pos]
-            head_dim = min(temporal_attention_head_dim, width)
-            if width % head_dim:
-                raise ValueError(
-                    f"residual {pos} has {width} channels, not a multiple of head dim {head_dim}"
-                )
             self.temporal_blocks[str(pos)] = TransformerTemporalModel(
-                num_attention_heads=width // head_dim,
+                num_attention_heads=num_heads,
                 attention_head_dim=head_dim,
                 in_channels=width,
                 num_layers=1,
@@ -315,6 +415,12 @@ class ControlNet3D(ModelMixin, ConfigMixin):
         vae_scale_factor: int = 8,
         temporal_attention_head_dim: int = 64,
         conditioning_temporal_kernel: int = 3,
+        temporal_attention_heads: Sequence[Sequence[int]] | None = None,
+        temporal_mixing: TemporalMixing = "before_zero_conv",
+        frame_reduction: FrameReduction = "mean",
+        conditioning_downsample_factor: int | None = None,
+        conditioning_range: Sequence[float] = DEFAULT_CONDITIONING_RANGE,
+        share_cond_metadata_embedding: bool = False,
         load_weights_from_unet: bool = True,
     ) -> ControlNet3D:
         """A ControlNet3D whose encoder copies ``unet``'s config and (by default) weights.
@@ -323,6 +429,8 @@ class ControlNet3D(ModelMixin, ConfigMixin):
         after each downsampler, as the reference; ``()`` → none). ``vae_scale_factor``: pixels per latent.
         ``conditioning_temporal_kernel``: temporal size of the embedder's convs (3 = reference; 1 = frames
         embedded independently, which makes the residuals invariant to the order of the frames).
+        ``temporal_attention_heads`` ... ``share_cond_metadata_embedding``: the reference-checkpoint options
+        (see the class docstring), passed through to the config.
         The UNet itself is not modified (freeze it with `freeze`).
         """
         config = unet.config
@@ -338,6 +446,12 @@ class ControlNet3D(ModelMixin, ConfigMixin):
             temporal_layers=temporal_layers,
             temporal_attention_head_dim=temporal_attention_head_dim,
             conditioning_temporal_kernel=conditioning_temporal_kernel,
+            temporal_attention_heads=temporal_attention_heads,
+            temporal_mixing=temporal_mixing,
+            frame_reduction=frame_reduction,
+            conditioning_downsample_factor=conditioning_downsample_factor,
+            conditioning_range=tuple(conditioning_range),
+            share_cond_metadata_embedding=share_cond_metadata_embedding,
             use_metadata=metadata_embedding is not None,
             num_metadata_fields=config.get("num_metadata_fields", 7),
             missing_metadata=config.get("missing_metadata", "learned"),
@@ -348,11 +462,24 @@ class ControlNet3D(ModelMixin, ConfigMixin):
                 getattr(controlnet, name).load_state_dict(getattr(unet, name).state_dict())
             if metadata_embedding is not None:
                 controlnet.metadata_embedding.load_state_dict(metadata_embedding.state_dict())
-                controlnet.cond_metadata_embedding.load_state_dict(metadata_embedding.state_dict())
+                if controlnet.cond_metadata_embedding is not None:
+                    controlnet.cond_metadata_embedding.load_state_dict(metadata_embedding.state_dict())
         param = next(unet.parameters())
         return controlnet.to(device=param.device)
 
     # ------------------------------------------------------------------ properties
+    @property
+    def conditioning_factor(self) -> int:
+        """Pixels of ``cond`` per latent along one side (``conditioning_downsample_factor`` or the VAE's)."""
+        return int(self.config.conditioning_downsample_factor or self.config.vae_scale_factor)
+
+    @property
+    def frame_metadata_embedding(self) -> MetadataEmbedding | None:
+        """The embedding the frames' metadata go through (``metadata_embedding`` when shared)."""
+        if self.config.get("share_cond_metadata_embedding", False):
+            return self.metadata_embedding
+        return self.cond_metadata_embedding
+
     @property
     def num_residuals(self) -> int:
         """Number of down-block residuals (SD 2.1: 12); the mid residual comes on top."""
@@ -409,9 +536,11 @@ class ControlNet3D(ModelMixin, ConfigMixin):
             timestep: scalar or (B,) diffusion timesteps.
             encoder_hidden_states: text states (B, L, cross_attention_dim).
             metadata / metadata_mask: the target's encoded metadata (B, 7) and presence mask (None → missing).
-            cond: the conditioning sequence (B, C, T, H, W) with H = h·vae_scale_factor
-                ((B, C, H, W) → T = 1).
-            cond_metadata / cond_metadata_mask: each frame's metadata (B, T, 7) and mask (None → missing).
+            cond: the conditioning sequence (B, C, T, H, W) in [-1, 1] with H = h·`conditioning_factor`
+                ((B, C, H, W) → T = 1); mapped onto ``conditioning_range`` before the embedder.
+            cond_metadata / cond_metadata_mask: each frame's metadata (B, T, 7) and mask (None → missing),
+                or (B, 7) for every frame. The reference layout (B, 7, T) is rejected (transpose it first);
+                with T == 7 the two layouts cannot be told apart and (B, T, 7) is assumed.
             conditioning_scale: multiplies every residual.
 
         Returns:
@@ -431,16 +560,17 @@ class ControlNet3D(ModelMixin, ConfigMixin):
             raise ValueError(
                 f"cond has {channels} channels, this ControlNet3D takes {self.config.conditioning_channels}"
             )
-        factor = self.config.vae_scale_factor
+        factor = self.conditioning_factor
         if (height, width) != (sample.shape[2] * factor, sample.shape[3] * factor):
             raise ValueError(
-                f"cond frames are {height}x{width}; latents {tuple(sample.shape[2:])} × vae_scale_factor "
-                f"{factor} need {sample.shape[2] * factor}x{sample.shape[3] * factor}"
+                f"cond frames are {height}x{width}; latents {tuple(sample.shape[2:])} × conditioning factor "
+                f"{factor} (conditioning_downsample_factor, else vae_scale_factor) need "
+                f"{sample.shape[2] * factor}x{sample.shape[3] * factor}"
             )
-        if cond_metadata is not None and cond_metadata.ndim == 2:  # one vector for every frame
-            cond_metadata = cond_metadata[:, None].expand(-1, frames, -1)
-            if cond_metadata_mask is not None:
-                cond_metadata_mask = cond_metadata_mask[:, None].expand(-1, frames, -1)
+        cond_metadata = self._frame_metadata_layout(cond_metadata, "cond_metadata", batch, frames)
+        cond_metadata_mask = self._frame_metadata_layout(
+            cond_metadata_mask, "cond_metadata_mask", batch, frames
+        )
         device, dtype = sample.device, sample.dtype
 
         # 1. per-frame embedding: timestep + target metadata (per sample) + frame metadata (per frame)
@@ -454,7 +584,7 @@ class ControlNet3D(ModelMixin, ConfigMixin):
             emb = emb + target_md.to(dtype)
         emb = emb.repeat_interleave(frames, dim=0)
         frame_md = self._embed_metadata(
-            self.cond_metadata_embedding, cond_metadata, cond_metadata_mask, batch * frames, device
+            self.frame_metadata_embedding, cond_metadata, cond_metadata_mask, batch * frames, device
         )
         if frame_md is not None:
             emb = emb + frame_md.to(dtype)
@@ -462,7 +592,7 @@ class ControlNet3D(ModelMixin, ConfigMixin):
 
         # 2. latents repeated over T + embedded conditioning frames
         hidden = self.conv_in(sample).repeat_interleave(frames, dim=0)
-        cond_emb = self.cond_embedding(cond.to(dtype))  # (B, c0, T, h, w)
+        cond_emb = self.cond_embedding(self.map_conditioning_range(cond).to(dtype))  # (B, c0, T, h, w)
         hidden = hidden + cond_emb.transpose(1, 2).reshape(
             batch * frames, *cond_emb.shape[1:2], *cond_emb.shape[3:]
         )
@@ -488,24 +618,72 @@ class ControlNet3D(ModelMixin, ConfigMixin):
             else:
                 hidden = self.mid_block(hidden, emb)
 
-        # 4. temporal mixing, zero convs, mean over T
+        # 4. temporal mixing and zero convs (in the configured order), then mean / sum over T
+        after = self.config.get("temporal_mixing", "before_zero_conv") == "after_zero_conv"
         down = []
         for pos, (res, zero_conv) in enumerate(zip(residuals, self.controlnet_down_blocks, strict=True)):
-            key = str(pos)
-            if key in self.temporal_blocks:
-                alpha = straight_through_clamp(self.temporal_gates[key]).to(res.dtype)
-                mixed = self.temporal_blocks[key](
-                    res, num_frames=frames, cross_attention_kwargs=cross_attention_kwargs
-                ).sample
-                res = alpha * mixed + (1 - alpha) * res
-            down.append(self._to_residual(res, zero_conv, batch, frames) * conditioning_scale)
-        mid = self._to_residual(hidden, self.controlnet_mid_block, batch, frames) * conditioning_scale
-        return tuple(down), mid
+            if after:  # the reference: zero conv on (B, C, T, h, w), then the gated temporal transformer
+                res = _frames_first(zero_conv(_frames_last(res, batch, frames)))
+                res = self._temporal_mix(pos, res, frames, cross_attention_kwargs)
+                res = _frames_last(res, batch, frames)
+            else:
+                res = self._temporal_mix(pos, res, frames, cross_attention_kwargs)
+                res = zero_conv(_frames_last(res, batch, frames))
+            down.append(self._reduce_frames(res) * conditioning_scale)
+        mid = self._reduce_frames(self.controlnet_mid_block(_frames_last(hidden, batch, frames)))
+        return tuple(down), mid * conditioning_scale
 
-    @staticmethod
-    def _to_residual(x: torch.Tensor, zero_conv: nn.Conv3d, batch: int, frames: int) -> torch.Tensor:
-        x = x.reshape(batch, frames, *x.shape[1:]).transpose(1, 2)  # (B, C, T, h, w)
-        return zero_conv(x).mean(dim=2)
+    def map_conditioning_range(self, cond: torch.Tensor) -> torch.Tensor:
+        """``cond`` in [-1, 1] (all channels) → linearly onto ``conditioning_range`` (default: identity)."""
+        low, high = (float(v) for v in self.config.get("conditioning_range", DEFAULT_CONDITIONING_RANGE))
+        if (low, high) == DEFAULT_CONDITIONING_RANGE:
+            return cond
+        return (cond + 1.0) * ((high - low) / 2.0) + low
+
+    def _frame_metadata_layout(
+        self, values: torch.Tensor | None, name: str, batch: int, frames: int
+    ) -> torch.Tensor | None:
+        """``values`` (B, T, F), or (B, F) expanded over T; any other layout → ValueError."""
+        if values is None:
+            return None
+        fields = self.config.num_metadata_fields
+        shape = tuple(values.shape)
+        if shape == (batch, fields):  # one vector for every frame
+            return values[:, None].expand(-1, frames, -1)
+        if shape == (batch, frames, fields):
+            return values
+        hint = ""
+        if shape == (batch, fields, frames):
+            hint = "; this is the reference layout (B, F, T): transpose it (.transpose(1, 2)) to (B, T, F)"
+        raise ValueError(
+            f"{name} must be (B, T, F) = ({batch}, {frames}, {fields}) or (B, F) = ({batch}, {fields}), "
+            f"got {shape}{hint}"
+        )
+
+    def _temporal_mix(
+        self, pos: int, x: torch.Tensor, frames: int, cross_attention_kwargs: dict[str, Any] | None
+    ) -> torch.Tensor:
+        """α·attn(x) + (1 − α)·x on the (B·T, C, h, w) view at a temporal position; else ``x``."""
+        key = str(pos)
+        if key not in self.temporal_blocks:
+            return x
+        alpha = straight_through_clamp(self.temporal_gates[key]).to(x.dtype)
+        mixed = self.temporal_blocks[key](x, num_frames=frames, cross_attention_kwargs=cross_attention_kwargs)
+        return alpha * mixed.sample + (1 - alpha) * x
+
+    def _reduce_frames(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, T, h, w) → (B, C, h, w) by ``frame_reduction`` (mean or sum over T)."""
+        return x.sum(dim=2) if self.config.get("frame_reduction", "mean") == "sum" else x.mean(dim=2)
+
+
+def _frames_last(x: torch.Tensor, batch: int, frames: int) -> torch.Tensor:
+    """(B·T, C, h, w) → (B, C, T, h, w)."""
+    return x.reshape(batch, frames, *x.shape[1:]).transpose(1, 2)
+
+
+def _frames_first(x: torch.Tensor) -> torch.Tensor:
+    """(B, C, T, h, w) → (B·T, C, h, w)."""
+    return x.transpose(1, 2).reshape(-1, x.shape[1], *x.shape[3:])
 
 
 def freeze(module: nn.Module) -> nn.Module:

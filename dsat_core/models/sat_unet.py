@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import inspect
+import json
+import os
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -68,6 +71,20 @@ class SatUNet(UNet2DConditionModel):
                 freq_shift=self.config.freq_shift,
                 missing_metadata=missing_metadata,
             )
+
+    @classmethod
+    def from_pretrained(
+        cls, pretrained_model_name_or_path: str | os.PathLike, *args: Any, **kwargs: Any
+    ) -> Any:
+        """diffusers' `from_pretrained`; a reference-layout UNet folder is refused, naming the converter."""
+        config = Path(pretrained_model_name_or_path) / (kwargs.get("subfolder") or "") / "config.json"
+        if config.is_file() and "num_metadata" in json.loads(config.read_text()):
+            raise ValueError(
+                f"{config.parent} is a DiffusionSat reference-code UNet (config key num_metadata, per-field "
+                "MLPs metadata_embedding.N): convert it once with "
+                "`dsat convert reference --checkpoint DIR --out OUT` and load OUT"
+            )
+        return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
 
     @classmethod
     def from_sd_unet(cls, unet: UNet2DConditionModel, num_metadata_fields: int = 7) -> SatUNet:

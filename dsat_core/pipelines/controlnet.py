@@ -22,7 +22,7 @@ from ..models.controlnet3d import ControlNet3D
 from ..models.sat_unet import SatUNet
 from ..models.text_encoders import TextEncoder
 from ..models.vae import decode_latents, encode_latents
-from .diffusionsat import DiffusionSatPipeline, DiffusionSatPipelineOutput
+from .diffusionsat import DiffusionSatPipeline, DiffusionSatPipelineOutput, UncondMetadata
 
 FrameMetadata = Sequence[SatMetadata] | Sequence[Sequence[SatMetadata]] | torch.Tensor | None
 
@@ -65,6 +65,12 @@ class SatControlNetPipeline(DiffusionSatPipeline):
 
     Components: `unet` (frozen `SatUNet`), `controlnet` (`ControlNet3D` built from it), `vae`, `text_encoder`,
     `scheduler`. Sampling helpers (scheduler switching, metadata encoding) come from `DiffusionSatPipeline`.
+
+    The output is ``cond`` size × vae_scale_factor / ``controlnet.conditioning_factor`` (the same size unless
+    the ControlNet's ``conditioning_downsample_factor`` differs from the VAE factor, e.g. a 2D SR ControlNet
+    with factor 4 under an SD VAE turns 256 px inputs into 512 px images).
+    `uncond_metadata` (registered): "keep" (the caption-CFG negative branch keeps the target's and frames'
+    metadata) or "zero" (the reference's CFG: negative prompt, target AND frame metadata all missing).
     """
 
     model_cpu_offload_seq = "text_encoder->controlnet->unet->vae"
@@ -76,8 +82,15 @@ class SatControlNetPipeline(DiffusionSatPipeline):
         vae: Any,
         text_encoder: TextEncoder,
         scheduler: Any,
+        uncond_metadata: UncondMetadata = "keep",
     ):
-        super().__init__(unet=unet, vae=vae, text_encoder=text_encoder, scheduler=scheduler)
+        super().__init__(
+            unet=unet,
+            vae=vae,
+            text_encoder=text_encoder,
+            scheduler=scheduler,
+            uncond_metadata=uncond_metadata,
+        )
         if not isinstance(controlnet, ControlNet3D):
             raise TypeError(f"controlnet must be a ControlNet3D, got {type(controlnet).__name__}")
         if tuple(controlnet.config.block_out_channels) != tuple(unet.config.block_out_channels):
@@ -85,16 +98,26 @@ class SatControlNetPipeline(DiffusionSatPipeline):
                 f"controlnet block_out_channels {controlnet.config.block_out_channels} do not match "
                 f"the unet's {unet.config.block_out_channels}"
             )
+        # the latents are VAE latents whatever the conditioning stride (`conditioning_downsample_factor`)
         if controlnet.config.vae_scale_factor != self.vae_scale_factor:
             raise ValueError(
                 f"controlnet expects vae_scale_factor {controlnet.config.vae_scale_factor}, the VAE "
-                f"downsamples by {self.vae_scale_factor}"
+                f"downsamples by {self.vae_scale_factor} (a different conditioning stride is set with "
+                "the controlnet's conditioning_downsample_factor, not vae_scale_factor)"
             )
         self.register_modules(controlnet=controlnet)
 
     @classmethod
-    def from_diffusionsat(cls, pipe: DiffusionSatPipeline, controlnet: ControlNet3D) -> SatControlNetPipeline:
-        """Add a ControlNet3D to a DiffusionSatPipeline (same components, scheduler copied)."""
+    def from_diffusionsat(
+        cls,
+        pipe: DiffusionSatPipeline,
+        controlnet: ControlNet3D,
+        uncond_metadata: UncondMetadata | None = None,
+    ) -> SatControlNetPipeline:
+        """Add a ControlNet3D to a DiffusionSatPipeline (same components, scheduler copied).
+
+        ``uncond_metadata``: None keeps ``pipe``'s mode.
+        """
         scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config)
         return cls(
             unet=pipe.unet,
@@ -102,7 +125,13 @@ class SatControlNetPipeline(DiffusionSatPipeline):
             vae=pipe.vae,
             text_encoder=pipe.text_encoder,
             scheduler=scheduler,
+            uncond_metadata=uncond_metadata or pipe.uncond_metadata,
         )
+
+    @property
+    def conditioning_factor(self) -> int:
+        """Pixels of ``cond`` per latent (``controlnet.conditioning_factor``)."""
+        return self.controlnet.conditioning_factor
 
     # ------------------------------------------------------------------ inputs
     def encode_frame_metadata(
@@ -178,15 +207,19 @@ class SatControlNetPipeline(DiffusionSatPipeline):
         """Generate one image per conditioning sequence.
 
         Args:
-            cond: conditioning frames (B, C, T, H, W) in [-1, 1] ((B, C, H, W) is taken as T = 1).
+            cond: conditioning frames (B, C, T, H, W) in [-1, 1] ((B, C, H, W) is taken as T = 1); the
+                output is H × vae_scale_factor / `conditioning_factor` pixels high (H when they are equal).
                 For inpainting it may be omitted: it is then `inpainting_condition(image, mask)`.
             cond_metadata: each frame's `SatMetadata` (see `encode_frame_metadata`); None = unknown.
             metadata: the target's `SatMetadata` (one, or one per sample); None = unknown.
             prompt: caption(s) (one, or one per sample).
             image, mask: inpainting: the known image (B, 3, H, W) in [-1, 1] and the hole (1 = fill, any of
-                (H, W), (B, H, W), (B, 1, H, W)). Unmasked pixels of the output equal ``image``.
+                (H, W), (B, H, W), (B, 1, H, W)). Unmasked pixels of the output equal ``image``. Needs a
+                ControlNet whose conditioning factor is the VAE factor.
             controlnet_conditioning_scale: multiplies the ControlNet residuals (0 = the base model alone).
-            guidance_scale: classifier-free guidance over the caption (≤ 1: off, as for the paper's metrics).
+            guidance_scale: classifier-free guidance over the caption (≤ 1: off, as for the paper's metrics);
+                with ``uncond_metadata="zero"`` the unconditional branch also has all target and frame
+                metadata missing.
             output_type: "pil", "np" (N, H, W, 3 in [0, 1]), "pt" (N, 3, H, W in [0, 1]) or "latent".
         """
         if output_type not in ("pil", "np", "pt", "latent"):
@@ -195,6 +228,12 @@ class SatControlNetPipeline(DiffusionSatPipeline):
         dtype = self.unet.dtype
         if (mask is None) != (image is None):
             raise ValueError("inpainting needs both `image` and `mask`")
+        factor, cond_factor = self.vae_scale_factor, self.conditioning_factor
+        if mask is not None and cond_factor != factor:
+            raise ValueError(
+                f"inpainting needs a ControlNet whose conditioning factor equals the VAE factor {factor}; "
+                f"this one has conditioning_downsample_factor {cond_factor}"
+            )
         if cond is None:
             if mask is None:
                 raise ValueError("give a conditioning sequence `cond` (or `image` + `mask` for inpainting)")
@@ -203,10 +242,14 @@ class SatControlNetPipeline(DiffusionSatPipeline):
             cond = cond[:, :, None]  # (B, C, H, W) → T = 1
         if cond.ndim != 5:
             raise ValueError(f"cond must be (B, C, T, H, W), got {tuple(cond.shape)}")
-        batch, _, frames, height, width = cond.shape
-        factor = self.vae_scale_factor
-        if height % factor or width % factor:
-            raise ValueError(f"cond frames {height}x{width} are not multiples of the VAE factor {factor}")
+        batch, _, frames, cond_height, cond_width = cond.shape
+        if cond_height % cond_factor or cond_width % cond_factor:
+            raise ValueError(
+                f"cond frames {cond_height}x{cond_width} are not multiples of the conditioning factor "
+                f"{cond_factor} (the controlnet's conditioning_downsample_factor, else the VAE factor)"
+            )
+        latent_height, latent_width = cond_height // cond_factor, cond_width // cond_factor
+        height, width = latent_height * factor, latent_width * factor  # output size
         cond = cond.to(device=device, dtype=dtype)
 
         prompts = _as_list(prompt, "prompt", str) or [""]
@@ -233,10 +276,16 @@ class SatControlNetPipeline(DiffusionSatPipeline):
         def rep(x: torch.Tensor) -> torch.Tensor:
             return torch.cat([x] * branches) if branches > 1 else x
 
-        values, md_mask, cond_in = rep(values), rep(md_mask), rep(cond)
-        frame_values, frame_mask = rep(frame_values), rep(frame_mask)
+        def uncond(x: torch.Tensor) -> torch.Tensor:
+            """Branches of `x` (conditional, then unconditional); "zero": unconditional metadata missing."""
+            if do_cfg and self.uncond_metadata == "zero":
+                return torch.cat([x, torch.zeros_like(x)])
+            return rep(x)
 
-        shape = (batch, self.unet.config.in_channels, height // factor, width // factor)
+        values, md_mask, cond_in = uncond(values), uncond(md_mask), rep(cond)
+        frame_values, frame_mask = uncond(frame_values), uncond(frame_mask)
+
+        shape = (batch, self.unet.config.in_channels, latent_height, latent_width)
         if latents is None:
             latents = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
         elif tuple(latents.shape) != shape:

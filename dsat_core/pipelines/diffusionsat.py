@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 import os
+import typing
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -27,6 +28,14 @@ _SCHEDULERS: dict[str, tuple[type, dict[str, Any]]] = {
     "dpm++": (DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++", "solver_order": 2}),
 }
 _SCHEDULER_ALIASES = {"dpmsolver++": "dpm++", "dpm": "dpm++", "dpm-solver++": "dpm++"}
+UncondMetadata = Literal["keep", "zero"]
+UNCOND_METADATA_MODES: tuple[str, ...] = typing.get_args(UncondMetadata)
+
+
+def check_uncond_metadata(mode: str) -> None:
+    """ValueError unless `mode` is an `UncondMetadata` value."""
+    if mode not in UNCOND_METADATA_MODES:
+        raise ValueError(f"uncond_metadata must be one of {UNCOND_METADATA_MODES}, got {mode!r}")
 
 
 @dataclass
@@ -55,12 +64,25 @@ class DiffusionSatPipeline(DiffusionPipeline):
 
     Components: `unet` (`SatUNet`), `vae` (`AutoencoderKL`), `text_encoder` (a `TextEncoder`: CLIP, MiniLM,
     ...), `scheduler` (DDIM or DPM-Solver++; see `set_scheduler`).
+
+    `uncond_metadata` (registered in model_index.json): what the unconditional branch of text guidance sees.
+    "keep": the negative prompt with the sample's metadata (metadata guided separately, see `__call__`).
+    "zero": the reference's classifier-free guidance, the negative prompt with every metadata field missing
+    (embedded as zeros by a model with ``missing_metadata="zero"``); `metadata_guidance_scale` must then be 1.
     """
 
     model_cpu_offload_seq = "text_encoder->unet->vae"
 
-    def __init__(self, unet: SatUNet, vae: AutoencoderKL, text_encoder: TextEncoder, scheduler: Any):
+    def __init__(
+        self,
+        unet: SatUNet,
+        vae: AutoencoderKL,
+        text_encoder: TextEncoder,
+        scheduler: Any,
+        uncond_metadata: UncondMetadata = "keep",
+    ):
         super().__init__()
+        check_uncond_metadata(uncond_metadata)
         if not isinstance(unet, SatUNet):
             raise TypeError(f"unet must be a SatUNet (see SatUNet.from_sd_unet), got {type(unet).__name__}")
         if not isinstance(text_encoder, TextEncoder):
@@ -71,6 +93,7 @@ class DiffusionSatPipeline(DiffusionPipeline):
                 f"{unet.config.cross_attention_dim}"
             )
         self.register_modules(unet=unet, vae=vae, text_encoder=text_encoder, scheduler=scheduler)
+        self.register_to_config(uncond_metadata=uncond_metadata)
         self.vae_scale_factor = vae_scale_factor(vae)
         self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
 
@@ -112,6 +135,11 @@ class DiffusionSatPipeline(DiffusionPipeline):
             torch.as_tensor(mask, dtype=torch.bool, device=device),
         )
 
+    @property
+    def uncond_metadata(self) -> UncondMetadata:
+        """The registered `uncond_metadata` mode ("keep" for pipelines saved before it existed)."""
+        return self.config.get("uncond_metadata", "keep")
+
     def _extra_step_kwargs(self, generator: torch.Generator | list[torch.Generator] | None) -> dict[str, Any]:
         params = inspect.signature(self.scheduler.step).parameters
         return {"generator": generator} if "generator" in params else {}
@@ -144,6 +172,8 @@ class DiffusionSatPipeline(DiffusionPipeline):
             metadata_guidance_scale: guidance over metadata against a branch with all fields missing
                 (1 disables it). With both:
                 `e = e(neg, m) + g_t·(e(c, m) − e(neg, m)) + (g_m − 1)·(e(c, m) − e(c, ∅))`.
+                With ``uncond_metadata="zero"`` the one guidance is `e(neg, ∅) + g_t·(e(c, m) − e(neg, ∅))`
+                and a `metadata_guidance_scale` other than 1 is an error.
             negative_prompt: caption(s) of the unconditional text branch (default "").
             height, width: pixels (default: UNet sample size × VAE factor).
             output_type: "pil", "np" (N, H, W, C in [0, 1]), "pt" (N, C, H, W in [0, 1]) or "latent".
@@ -169,6 +199,12 @@ class DiffusionSatPipeline(DiffusionPipeline):
 
         do_text_cfg = guidance_scale > 1.0
         do_meta_cfg = metadata_guidance_scale != 1.0
+        zero_uncond = self.uncond_metadata == "zero"
+        if zero_uncond and do_meta_cfg:
+            raise ValueError(
+                f"metadata_guidance_scale={metadata_guidance_scale}: with uncond_metadata='zero' the "
+                "metadata is guided with the text (the unconditional branch has no metadata); use 1.0"
+            )
         n = len(prompts) * num_images_per_prompt
         items = [m for m in items for _ in range(num_images_per_prompt)]
 
@@ -183,8 +219,8 @@ class DiffusionSatPipeline(DiffusionPipeline):
         branch_states, branch_values, branch_masks = [cond_states], [values], [mask]
         if do_text_cfg:
             branch_states.append(states[n:])
-            branch_values.append(values)
-            branch_masks.append(mask)
+            branch_values.append(torch.zeros_like(values) if zero_uncond else values)
+            branch_masks.append(no_mask if zero_uncond else mask)
         if do_meta_cfg:
             branch_states.append(cond_states)
             branch_values.append(torch.zeros_like(values))

@@ -9,7 +9,7 @@ import typing
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, model_validator
 
 # = `dsat_core.models.metadata_embedding.MissingMetadata` (repeated: this module must stay free of torch)
 MetadataDropoutMode = Literal["learned", "zero"]
@@ -40,9 +40,16 @@ class TrainConfig(BaseModel):
     output_dir: str
     model_size: Literal["tiny", "small", "sd21-base"] = "tiny"
     pretrained_sd: str | None = Field(
-        default=None, description="local SD 2.1 diffusers folder (unet/ + vae/)"
+        default=None,
+        description="local SD 2.1: a diffusers folder (unet/ + vae/ + text encoder) or a single-file "
+        ".safetensors checkpoint (base 512 or 768-v; UNet + VAE, the text encoder from `text_encoder`)",
     )
-    pretrained_diffusionsat: str | None = Field(default=None, description="DiffusionSatPipeline folder")
+    init_from: str | None = Field(
+        default=None,
+        validation_alias=AliasChoices("init_from", "pretrained_diffusionsat"),
+        description="a project pipeline folder to fine-tune (e.g. a converted reference checkpoint); "
+        "train-controlnet takes a SatControlNetPipeline folder (base + ControlNet) or a DiffusionSatPipeline",
+    )
     text_encoder: str = Field(default="minilm", description="text encoder spec for load_text_encoder")
     vae: str = Field(
         default="tiny", description="'tiny' (random tiny VAE, offline CPU) or a local VAE folder"
@@ -74,10 +81,11 @@ class TrainConfig(BaseModel):
     caption_dropout: float = 0.1
     caption_phrase_dropout: float = 0.1
     metadata_dropout: float = 0.1
-    metadata_dropout_mode: MetadataDropoutMode = Field(
-        default="learned",
+    metadata_dropout_mode: MetadataDropoutMode | None = Field(
+        default=None,
         description="the trained model's `missing_metadata`: a dropped or missing field is its learned "
-        "missing embedding ('learned') or the value 0 marked present ('zero', the reference's behaviour)",
+        "missing embedding ('learned') or the value 0 marked present ('zero', the reference's behaviour); "
+        "None: the initial model's (a converted reference model: 'zero'; a new one: 'learned')",
     )
     use_metadata: bool = True
 
@@ -117,8 +125,8 @@ class TrainConfig(BaseModel):
         for name in ("caption_dropout", "caption_phrase_dropout", "metadata_dropout"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
-        if self.pretrained_sd and self.pretrained_diffusionsat:
-            raise ValueError("give at most one of pretrained_sd and pretrained_diffusionsat")
+        if self.pretrained_sd and self.init_from:
+            raise ValueError("give at most one of pretrained_sd and init_from")
         if self.resolution % 8:
             raise ValueError(f"resolution must be a multiple of 8, got {self.resolution}")
         if self.checkpoints_total_limit is not None and self.checkpoints_total_limit < 1:

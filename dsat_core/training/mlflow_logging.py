@@ -11,12 +11,17 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from PIL import Image
 
+if TYPE_CHECKING:
+    from mlflow.models import ModelSignature
+
 PYFUNC_CODE = Path(__file__).with_name("mlflow_pyfunc_model.py")
+PREDICT_DEFAULTS: dict[str, int | float] = {"num_inference_steps": 50, "guidance_scale": 3.0, "seed": 0}
+"""The pyfunc model's params and their defaults (also in its signature)."""
 
 
 def image_grid(
@@ -136,6 +141,7 @@ class MlflowTracker(NullTracker):
             name="pipeline",
             python_model=str(PYFUNC_CODE),
             artifacts={"pipeline": str(pipeline_dir)},
+            signature=pyfunc_signature(),
             pip_requirements=list(pip_requirements or _pip_requirements()),
             registered_model_name=registered_model_name,
             tags=lineage_tags(lineage) if lineage else None,
@@ -151,6 +157,31 @@ class MlflowTracker(NullTracker):
 
     def end(self, status: str = "FINISHED") -> None:
         self._mlflow.end_run(status=status)
+
+
+def pyfunc_signature() -> ModelSignature:
+    """The `mlflow.models.ModelSignature` of the pyfunc model (see `mlflow_pyfunc_model.py`).
+
+    Rows: a required `prompt` string and optional metadata columns. These are typed Any: MLflow refuses an
+    int64 column for a double (e.g. lat=52) and a column with a missing value becomes float NaN (year).
+    Output: uint8 images (N, H, W, 3). Params: `PREDICT_DEFAULTS`.
+    """
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema, TensorSpec
+    from mlflow.types.schema import AnyType
+
+    from dsat_core.metadata import FIELD_NAMES
+
+    columns = [ColSpec("string", "prompt")] + [ColSpec(AnyType(), n, required=False) for n in FIELD_NAMES]
+    params = [
+        ParamSpec(name, "long" if isinstance(value, int) else "double", value)
+        for name, value in PREDICT_DEFAULTS.items()
+    ]
+    return ModelSignature(
+        inputs=Schema(columns),
+        outputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, -1, -1, 3))]),
+        params=ParamSchema(params),
+    )
 
 
 CANDIDATE_ALIAS = "candidate"

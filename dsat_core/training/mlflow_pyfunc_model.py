@@ -2,7 +2,8 @@
 
 Input: a DataFrame (or list of dicts) with a `prompt` column and optional metadata columns
 `lon, lat, gsd, cloud_cover, year, month, day` (missing / NaN = unknown). Params: `num_inference_steps`,
-`guidance_scale`, `seed`. Output: uint8 images (N, H, W, 3).
+`guidance_scale`, `seed`. Output: uint8 images (N, H, W, 3). The logged signature
+(`mlflow_logging.pyfunc_signature`) says the same; MLflow hands `predict` a DataFrame.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from typing import Any
 
 import mlflow.pyfunc
 import numpy as np
+import pandas as pd
 from mlflow.models import set_model
 
 
@@ -28,21 +30,25 @@ class DiffusionSatPyfunc(mlflow.pyfunc.PythonModel):
 
         self.pipeline = DiffusionSatPipeline.from_pretrained(context.artifacts["pipeline"])
 
-    def predict(self, context: Any, model_input: Any, params: dict[str, Any] | None = None) -> np.ndarray:
+    def predict(
+        self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None
+    ) -> np.ndarray:
+        """Images for each row of `model_input` (a list of dicts works too when called directly)."""
         import torch
 
         from dsat_core.metadata import FIELD_NAMES, SatMetadata
+        from dsat_core.training.mlflow_logging import PREDICT_DEFAULTS
 
-        params = params or {}
+        params = {**PREDICT_DEFAULTS, **(params or {})}
         rows = model_input.to_dict("records") if hasattr(model_input, "to_dict") else list(model_input)
         prompts = [str(r.get("prompt", "")) for r in rows]
         metadata = [SatMetadata(**{n: _value(r, n) for n in FIELD_NAMES}) for r in rows]
-        generator = torch.Generator().manual_seed(int(params.get("seed", 0)))
+        generator = torch.Generator().manual_seed(int(params["seed"]))
         out = self.pipeline(
             prompts,
             metadata=metadata,
-            num_inference_steps=int(params.get("num_inference_steps", 50)),
-            guidance_scale=float(params.get("guidance_scale", 3.0)),
+            num_inference_steps=int(params["num_inference_steps"]),
+            guidance_scale=float(params["guidance_scale"]),
             generator=generator,
             output_type="np",
         )

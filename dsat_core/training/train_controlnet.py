@@ -52,7 +52,12 @@ from dsat_core.training.config import TrainConfig
 from dsat_core.training.loop import TrainingRun, TrainResult, frozen_dtype, make_optimizer, start_run
 from dsat_core.training.losses import diffusion_loss, make_noise_scheduler
 from dsat_core.training.mlflow_logging import MlflowTracker, image_grid
-from dsat_core.training.train_diffusionsat import Components, build_components
+from dsat_core.training.train_diffusionsat import (
+    Components,
+    build_components,
+    init_model_card,
+    write_model_card,
+)
 
 logger = logging.getLogger("dsat_core.training.controlnet")
 PIPELINE_ARTIFACT = "controlnet_pipeline"
@@ -103,6 +108,8 @@ class TrainControlNetConfig(TrainConfig):
             raise ValueError(
                 "use_cached_latents is not supported for ControlNet training (targets are paired)"
             )
+        if self.init_from and (self.base_model or self.init_controlnet):
+            raise ValueError("give init_from (a pipeline folder) or base_model / init_controlnet, not both")
         if not 0.0 <= self.cond_metadata_dropout <= 1.0:
             raise ValueError(f"cond_metadata_dropout must be in [0, 1], got {self.cond_metadata_dropout}")
         return self
@@ -140,6 +147,25 @@ class TrainControlNetConfig(TrainConfig):
 
 
 # ---------------------------------------------------------------------------- building blocks
+def load_init_pipeline(path: str) -> DiffusionSatPipeline:
+    """``init_from``: a SatControlNetPipeline folder (base + ControlNet) or a DiffusionSatPipeline one."""
+    index = Path(path) / "model_index.json"
+    if not index.is_file():
+        raise FileNotFoundError(f"init_from {path}: not a pipeline folder (no model_index.json)")
+    if "controlnet" in json.loads(index.read_text()):
+        return SatControlNetPipeline.from_pretrained(path)
+    return DiffusionSatPipeline.from_pretrained(path)
+
+
+def init_controlnet_dir(config: TrainControlNetConfig) -> str | None:
+    """The ControlNet to start from: ``init_controlnet``, or the one in the ``init_from`` pipeline."""
+    if config.init_controlnet:
+        return config.init_controlnet
+    if config.init_from and (Path(config.init_from) / "controlnet" / "config.json").is_file():
+        return str(Path(config.init_from) / "controlnet")
+    return None
+
+
 def build_base(config: TrainControlNetConfig) -> Components:
     """The frozen base: UNet, VAE, text encoder (all requires_grad False, eval mode)."""
     if config.base_model:
@@ -161,6 +187,11 @@ def build_base(config: TrainControlNetConfig) -> Components:
                 f"base_model {path}: neither a DiffusionSatPipeline (model_index.json) "
                 "nor a SatUNet folder (config.json)"
             )
+    elif config.init_from:
+        pipe = load_init_pipeline(config.init_from)
+        uncond = pipe.config.get("uncond_metadata", "keep")
+        card = init_model_card(config.init_from)
+        parts = Components(pipe.unet, pipe.vae, pipe.text_encoder, None, uncond, card)
     else:
         parts = build_components(config)
         parts.text_projection = None
@@ -176,19 +207,20 @@ def build_controlnet(
 ) -> ControlNet3D:
     """A new ControlNet3D from the base UNet (seeded), or the one in ``init_controlnet``.
 
-    Its `missing_metadata` is set to ``config.metadata_dropout_mode``.
+    Its `missing_metadata` is set to ``config.metadata_dropout_mode`` (None: kept from where it comes from).
     """
     from dsat_core.models import vae_scale_factor
 
     factor = vae_scale_factor(vae)
-    if config.init_controlnet:
-        controlnet = ControlNet3D.from_pretrained(config.init_controlnet)
+    init_dir = init_controlnet_dir(config)
+    if init_dir:
+        controlnet = ControlNet3D.from_pretrained(init_dir)
         if (
             controlnet.config.conditioning_channels != channels
             or controlnet.config.vae_scale_factor != factor
         ):
             raise ValueError(
-                f"init_controlnet {config.init_controlnet} takes {controlnet.config.conditioning_channels}"
+                f"init ControlNet {init_dir} takes {controlnet.config.conditioning_channels}"
                 f" channels at VAE factor {controlnet.config.vae_scale_factor}; the {config.task} data "
                 f"gives {channels} at {factor}"
             )
@@ -202,7 +234,8 @@ def build_controlnet(
                 config.temporal_layers,
                 vae_scale_factor=factor,
             )
-    set_missing_metadata(controlnet, config.metadata_dropout_mode)
+    if config.metadata_dropout_mode is not None:
+        set_missing_metadata(controlnet, config.metadata_dropout_mode)
     controlnet.train()
     if config.gradient_checkpointing:
         controlnet.enable_gradient_checkpointing()
@@ -280,6 +313,7 @@ def sample_grid(
         vae=parts.vae,
         text_encoder=parts.text_encoder,
         scheduler=DDIMScheduler.from_config(scheduler_config()),
+        uncond_metadata=parts.uncond_metadata,
     )
     pipe.set_progress_bar_config(disable=True)
     samples = [dataset[i] for i in picks]
@@ -320,8 +354,10 @@ def _save_pipeline(base, ema, parts: Components, pipeline_dir: Path) -> None:
             vae=parts.vae,
             text_encoder=parts.text_encoder,
             scheduler=DDIMScheduler.from_config(scheduler_config()),
+            uncond_metadata=parts.uncond_metadata,
         )
         pipe.save_pretrained(str(pipeline_dir), safe_serialization=True)
+    write_model_card(parts, pipeline_dir)
 
 
 def write_task_card(config: TrainControlNetConfig, pipeline_dir: Path) -> Path:

@@ -43,6 +43,7 @@ from dsat_core.models import (
     vae_scale_factor,
 )
 from dsat_core.models.metadata_embedding import set_missing_metadata
+from dsat_core.models.sd_single_file import load_sd_single_file, model_card
 from dsat_core.pipelines import DiffusionSatPipeline
 from dsat_core.training.conditioning import noise_batch
 from dsat_core.training.config import TrainConfig
@@ -72,20 +73,35 @@ class Components:
     vae: nn.Module
     text_encoder: nn.Module
     text_projection: nn.Module | None  # the trainable part of the text encoder, if any
+    uncond_metadata: str = "keep"  # the guidance mode the saved pipeline records (kept from `init_from`)
+    model_card: str | None = None  # README.md of the saved pipeline (where the weights came from)
 
 
 # ---------------------------------------------------------------------------- building blocks
 def build_components(config: TrainConfig) -> Components:
     """UNet, VAE and text encoder from a DiffusionSat folder, an SD folder, or a named size (seeded init).
 
-    The UNet's `missing_metadata` is set to `config.metadata_dropout_mode` (saved with it), so the trained
-    model embeds a missing field at inference as it saw dropped fields in training.
+    The UNet's `missing_metadata` is set to `config.metadata_dropout_mode` (saved with it; None keeps the
+    initial model's), so the trained model embeds a missing field at inference as it saw dropped fields in
+    training. A model from ``init_from`` keeps its guidance mode (`uncond_metadata`) too.
     """
+    uncond_metadata, card = "keep", None
     with torch.random.fork_rng():
         torch.manual_seed(config.seed)
-        if config.pretrained_diffusionsat:
-            pipe = DiffusionSatPipeline.from_pretrained(config.pretrained_diffusionsat)
+        if config.init_from:
+            pipe = DiffusionSatPipeline.from_pretrained(config.init_from)
             unet, vae, text_encoder = pipe.unet, pipe.vae, pipe.text_encoder
+            uncond_metadata = pipe.config.get("uncond_metadata", "keep")
+            card = init_model_card(config.init_from)
+        elif config.pretrained_sd and Path(config.pretrained_sd).is_file():
+            single = load_sd_single_file(config.pretrained_sd)
+            unet, card = single.unet, model_card(single.source)
+            vae = single.vae or (
+                make_tiny_vae(seed=config.seed) if config.vae == "tiny" else load_vae(config.vae)
+            )
+            text_encoder = load_text_encoder(
+                config.text_encoder, cross_attention_dim=unet.config.cross_attention_dim
+            )
         elif config.pretrained_sd:
             parts = load_sd_components(config.pretrained_sd)
             unet, vae, text_encoder = parts["unet"], parts["vae"], parts["text_encoder"]
@@ -97,7 +113,8 @@ def build_components(config: TrainConfig) -> Components:
             text_encoder = load_text_encoder(
                 config.text_encoder, cross_attention_dim=cfg["cross_attention_dim"]
             )
-    set_missing_metadata(unet, config.metadata_dropout_mode)
+    if config.metadata_dropout_mode is not None:
+        set_missing_metadata(unet, config.metadata_dropout_mode)
     vae.requires_grad_(False).eval()
     text_encoder.requires_grad_(False)
     projection = getattr(text_encoder, "projection", None)
@@ -108,7 +125,7 @@ def build_components(config: TrainConfig) -> Components:
     unet.train()
     if config.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
-    return Components(unet, vae, text_encoder, projection)
+    return Components(unet, vae, text_encoder, projection, uncond_metadata, card)
 
 
 def _trained_state(unet: nn.Module, projection: nn.Module | None) -> dict[str, torch.Tensor]:
@@ -171,6 +188,7 @@ def sample_grid(
         vae=components.vae,
         text_encoder=components.text_encoder,
         scheduler=DDIMScheduler.from_config(scheduler_config()),
+        uncond_metadata=components.uncond_metadata,
     )
     pipe.set_progress_bar_config(disable=True)
     generator = torch.Generator().manual_seed(config.seed)
@@ -316,6 +334,18 @@ def _loss(
     return diffusion_loss(pred, step.target, step.timesteps, noise_scheduler, config.snr_gamma)
 
 
+def init_model_card(init_from: str) -> str | None:
+    """The model card of an ``init_from`` folder (e.g. a converted checkpoint's), kept by what it trains."""
+    card = Path(init_from) / "README.md"
+    return card.read_text() if card.is_file() else None
+
+
+def write_model_card(parts: Components, pipeline_dir: Path) -> None:
+    """README.md beside a saved pipeline when its weights came from a file with a card (sha256, licence)."""
+    if parts.model_card:
+        (Path(pipeline_dir) / "README.md").write_text(parts.model_card)
+
+
 def _save_pipeline(base_unet, ema, parts: Components, pipeline_dir: Path) -> None:
     """save_pretrained of the pipeline with the EMA weights, everything fp32 safetensors."""
     dtypes = {m: next(m.parameters()).dtype for m in (parts.vae, parts.text_encoder)}
@@ -328,8 +358,10 @@ def _save_pipeline(base_unet, ema, parts: Components, pipeline_dir: Path) -> Non
             vae=parts.vae,
             text_encoder=parts.text_encoder,
             scheduler=DDIMScheduler.from_config(scheduler_config()),
+            uncond_metadata=parts.uncond_metadata,
         )
         pipe.save_pretrained(str(pipeline_dir), safe_serialization=True)
+    write_model_card(parts, pipeline_dir)
     for module, dtype in dtypes.items():
         if dtype != torch.float32:
             module.to(dtype)
