@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import math
 import typing
+import warnings
 from collections.abc import Sequence
 from typing import Any, Literal
 
@@ -44,6 +45,7 @@ from diffusers.models.modeling_utils import ModelMixin
 from diffusers.models.transformers.transformer_temporal import TransformerTemporalModel
 from torch import nn
 
+from ..metadata.bands import align_bands, canonical_band
 from .metadata_embedding import MetadataEmbedding, MissingMetadata, check_missing_metadata
 
 TemporalMixing = Literal["before_zero_conv", "after_zero_conv"]
@@ -237,6 +239,10 @@ class ControlNet3D(ModelMixin, ConfigMixin):
       [-1, 1] and the WHOLE tensor (all channels, masks included) is mapped linearly onto this range.
     - ``share_cond_metadata_embedding``: frame metadata go through ``metadata_embedding`` too (the
       reference); there is then no ``cond_metadata_embedding`` (None, nothing in the state dict).
+
+    ``conditioning_bands`` (the name of each conditioning channel) makes a model usable on other band sets:
+    `align_bands` maps an input's bands by name, and a band it lacks (``cond_band_mask`` False) is filled
+    with a learned per-band value, trained by dropping bands (like missing metadata).
     """
 
     _supports_gradient_checkpointing = True
@@ -260,6 +266,7 @@ class ControlNet3D(ModelMixin, ConfigMixin):
         conditioning_downsample_factor: int | None = None,
         conditioning_range: Sequence[float] = DEFAULT_CONDITIONING_RANGE,
         share_cond_metadata_embedding: bool = False,
+        conditioning_bands: Sequence[str] | None = None,
         # the UNet encoder (same meaning as in `UNet2DConditionModel`)
         in_channels: int = 4,
         flip_sin_to_cos: bool = True,
@@ -353,6 +360,17 @@ class ControlNet3D(ModelMixin, ConfigMixin):
             if not share_cond_metadata_embedding:
                 self.cond_metadata_embedding = MetadataEmbedding(**kwargs)
 
+        self.missing_band_values: nn.Parameter | None = None
+        if conditioning_bands is not None:
+            bands = [canonical_band(b) for b in conditioning_bands]
+            if len(bands) != conditioning_channels or len(set(bands)) != len(bands):
+                raise ValueError(
+                    f"conditioning_bands {list(conditioning_bands)} must name each of the "
+                    f"{conditioning_channels} conditioning channels once"
+                )
+            self.register_to_config(conditioning_bands=bands)
+            # a band the input lacks is this learned value (trained with band dropout, like missing metadata)
+            self.missing_band_values = nn.Parameter(torch.zeros(conditioning_channels))
         self.cond_embedding = ConditioningEmbedding3D(
             conditioning_channels,
             block_out_channels[0],
@@ -421,6 +439,7 @@ class ControlNet3D(ModelMixin, ConfigMixin):
         conditioning_downsample_factor: int | None = None,
         conditioning_range: Sequence[float] = DEFAULT_CONDITIONING_RANGE,
         share_cond_metadata_embedding: bool = False,
+        conditioning_bands: Sequence[str] | None = None,
         load_weights_from_unet: bool = True,
     ) -> ControlNet3D:
         """A ControlNet3D whose encoder copies ``unet``'s config and (by default) weights.
@@ -431,6 +450,8 @@ class ControlNet3D(ModelMixin, ConfigMixin):
         embedded independently, which makes the residuals invariant to the order of the frames).
         ``temporal_attention_heads`` ... ``share_cond_metadata_embedding``: the reference-checkpoint options
         (see the class docstring), passed through to the config.
+        ``conditioning_bands``: the name of each conditioning channel (e.g. a store's band names): the model
+        then takes inputs with other band sets (`align_bands`) and learns a value for a missing band.
         The UNet itself is not modified (freeze it with `freeze`).
         """
         config = unet.config
@@ -452,6 +473,7 @@ class ControlNet3D(ModelMixin, ConfigMixin):
             conditioning_downsample_factor=conditioning_downsample_factor,
             conditioning_range=tuple(conditioning_range),
             share_cond_metadata_embedding=share_cond_metadata_embedding,
+            conditioning_bands=conditioning_bands,
             use_metadata=metadata_embedding is not None,
             num_metadata_fields=config.get("num_metadata_fields", 7),
             missing_metadata=config.get("missing_metadata", "learned"),
@@ -528,6 +550,7 @@ class ControlNet3D(ModelMixin, ConfigMixin):
         cond_metadata_mask: torch.Tensor | None = None,
         conditioning_scale: float = 1.0,
         cross_attention_kwargs: dict[str, Any] | None = None,
+        cond_band_mask: torch.Tensor | None = None,
     ) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
         """Residuals for the frozen UNet.
 
@@ -542,6 +565,9 @@ class ControlNet3D(ModelMixin, ConfigMixin):
                 or (B, 7) for every frame. The reference layout (B, 7, T) is rejected (transpose it first);
                 with T == 7 the two layouts cannot be told apart and (B, T, 7) is assumed.
             conditioning_scale: multiplies every residual.
+            cond_band_mask: bool (B, C) or (C,), False where a band is missing (or dropped in training): its
+                pixels are replaced by the learned missing-band value (models with ``conditioning_bands``;
+                see `align_bands`).
 
         Returns:
             ``(down_residuals, mid_residual)``: `num_residuals` tensors (B, c_i, h_i, w_i) and one
@@ -592,7 +618,8 @@ class ControlNet3D(ModelMixin, ConfigMixin):
 
         # 2. latents repeated over T + embedded conditioning frames
         hidden = self.conv_in(sample).repeat_interleave(frames, dim=0)
-        cond_emb = self.cond_embedding(self.map_conditioning_range(cond).to(dtype))  # (B, c0, T, h, w)
+        cond = self._fill_missing_bands(self.map_conditioning_range(cond), cond_band_mask)
+        cond_emb = self.cond_embedding(cond.to(dtype))  # (B, c0, T, h, w)
         hidden = hidden + cond_emb.transpose(1, 2).reshape(
             batch * frames, *cond_emb.shape[1:2], *cond_emb.shape[3:]
         )
@@ -632,6 +659,44 @@ class ControlNet3D(ModelMixin, ConfigMixin):
             down.append(self._reduce_frames(res) * conditioning_scale)
         mid = self._reduce_frames(self.controlnet_mid_block(_frames_last(hidden, batch, frames)))
         return tuple(down), mid * conditioning_scale
+
+    def align_bands(self, cond: torch.Tensor, bands: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """An input with named ``bands`` (B, C_in, [T,] H, W) → (this model's bands, present mask (C,)).
+
+        Bands are matched by canonical name (`dsat_core.metadata.bands`); a band the model knows but the input
+        lacks gets zeros here and is marked absent (pass the mask as ``cond_band_mask``: the model fills it
+        with its learned missing value); input bands the model does not know are dropped with a warning.
+        """
+        if self.config.get("conditioning_bands") is None:
+            raise ValueError("this ControlNet3D was trained without band names (conditioning_bands)")
+        if cond.shape[1] != len(bands):
+            raise ValueError(f"cond has {cond.shape[1]} channels but {len(bands)} band names {list(bands)}")
+        alignment = align_bands(self.config.conditioning_bands, bands)
+        if alignment.unknown:
+            warnings.warn(
+                f"bands {list(alignment.unknown)} are unknown to this ControlNet "
+                f"(it takes {self.config.conditioning_bands}); they are dropped",
+                stacklevel=2,
+            )
+        if all(s is None for s in alignment.source):
+            raise ValueError(f"none of the bands {list(bands)} is one of {self.config.conditioning_bands}")
+        shape = (cond.shape[0], len(alignment.source), *cond.shape[2:])
+        out = cond.new_zeros(shape)
+        for i, source in enumerate(alignment.source):
+            if source is not None:
+                out[:, i] = cond[:, source]
+        present = torch.tensor([s is not None for s in alignment.source], device=cond.device)
+        return out, present
+
+    def _fill_missing_bands(self, cond: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        if mask is None:
+            return cond
+        if self.missing_band_values is None:
+            raise ValueError("cond_band_mask needs a ControlNet3D with conditioning_bands")
+        mask = mask.to(device=cond.device, dtype=torch.bool)
+        mask = (mask[None] if mask.ndim == 1 else mask).expand(cond.shape[0], -1)
+        fill = self.missing_band_values.to(cond.dtype)[None, :, None, None, None]
+        return torch.where(mask[:, :, None, None, None], cond, fill)
 
     def map_conditioning_range(self, cond: torch.Tensor) -> torch.Tensor:
         """``cond`` in [-1, 1] (all channels) → linearly onto ``conditioning_range`` (default: identity)."""

@@ -193,6 +193,7 @@ class SatControlNetPipeline(DiffusionSatPipeline):
         prompt: str | list[str] = "",
         *,
         cond_metadata_mask: torch.Tensor | None = None,
+        cond_bands: Sequence[str] | None = None,
         image: torch.Tensor | None = None,
         mask: torch.Tensor | np.ndarray | None = None,
         controlnet_conditioning_scale: float = 1.0,
@@ -211,6 +212,8 @@ class SatControlNetPipeline(DiffusionSatPipeline):
                 output is H × vae_scale_factor / `conditioning_factor` pixels high (H when they are equal).
                 For inpainting it may be omitted: it is then `inpainting_condition(image, mask)`.
             cond_metadata: each frame's `SatMetadata` (see `encode_frame_metadata`); None = unknown.
+            cond_bands: the band name of each channel of ``cond``, for a ControlNet trained with band names
+                (`ControlNet3D.align_bands`): bands it lacks are marked missing, unknown ones dropped.
             metadata: the target's `SatMetadata` (one, or one per sample); None = unknown.
             prompt: caption(s) (one, or one per sample).
             image, mask: inpainting: the known image (B, 3, H, W) in [-1, 1] and the hole (1 = fill, any of
@@ -242,6 +245,9 @@ class SatControlNetPipeline(DiffusionSatPipeline):
             cond = cond[:, :, None]  # (B, C, H, W) → T = 1
         if cond.ndim != 5:
             raise ValueError(f"cond must be (B, C, T, H, W), got {tuple(cond.shape)}")
+        band_mask = None
+        if cond_bands is not None:
+            cond, band_mask = self.controlnet.align_bands(cond, cond_bands)
         batch, _, frames, cond_height, cond_width = cond.shape
         if cond_height % cond_factor or cond_width % cond_factor:
             raise ValueError(
@@ -320,6 +326,7 @@ class SatControlNetPipeline(DiffusionSatPipeline):
                 frame_values,
                 frame_mask,
                 conditioning_scale=controlnet_conditioning_scale,
+                cond_band_mask=band_mask,
             )
             pred = self.unet(
                 model_input,
