@@ -47,7 +47,8 @@ sys.path.insert(0, str(REPO))
 from dsat_core.data.catalog import BandSpec, CatalogConfig, ProductSpec, ScalingSpec  # noqa: E402
 from dsat_core.data.store import DatasetStore  # noqa: E402
 from dsat_core.data.tasks import DegradationRecipe, SuperResolutionDataset, collate_task_batch  # noqa: E402
-from dsat_core.evaluation import bicubic_upsample, paired_metrics  # noqa: E402
+from dsat_core.evaluation import paired_metrics  # noqa: E402
+from dsat_core.imaging import bicubic_upsample  # noqa: E402
 from dsat_core.metadata import SatMetadata  # noqa: E402
 
 REAL = REPO.parent / "shared" / "data" / "real"

@@ -56,7 +56,6 @@ from dsat_core.data.catalog import CATALOG_DIR, load_catalog  # noqa: E402
 from dsat_core.data.dataset import TileDataset  # noqa: E402
 from dsat_core.data.ingest import ingest_items  # noqa: E402
 from dsat_core.data.stac_server import static_catalog_items  # noqa: E402
-from dsat_core.evaluation.image_ops import to_rgb  # noqa: E402
 from dsat_core.evaluation.report import default_sensitivity_values, make_sample_fn  # noqa: E402
 from dsat_core.evaluation.sensitivity import (  # noqa: E402
     all_missing_change,
@@ -65,6 +64,7 @@ from dsat_core.evaluation.sensitivity import (  # noqa: E402
     sensitivity,
     shuffled_metadata,
 )
+from dsat_core.imaging import to_rgb  # noqa: E402
 from dsat_core.metadata import SatMetadata  # noqa: E402
 from dsat_core.pipelines import DiffusionSatPipeline  # noqa: E402
 from dsat_core.training.config import METADATA_DROPOUT_MODES, TrainConfig  # noqa: E402

@@ -1,9 +1,10 @@
 """Prefect flow `evaluate`: a trained pipeline against the held-out tiles of a store, tracked in MLflow.
 
-generation: FID / KID (IS, CLIP when local models are given) of DiffusionSat samples; sr / temporal / inpaint:
-SSIM / PSNR (LPIPS) of a ControlNet next to the task baseline on the same tiles. Every run also leaves a
-per-tile table, a sample grid, a lat/lon quality map, a metadata sensitivity report and a STAC catalog of the
-model's images, all as MLflow artifacts, with the store's content hash as lineage.
+generation: FID / KID (IS, CLIP when local models are given) of DiffusionSat samples; a ControlNet task
+(`dsat_core.data.tasks.TASKS`, its options as training recorded them in ``task.json``): SSIM / PSNR (LPIPS)
+of a ControlNet next to the task baseline on the same tiles. Every run also leaves a per-tile table, a sample
+grid, a lat/lon quality map, a metadata sensitivity report and a STAC catalog of the model's images, all as
+MLflow artifacts, with the store's content hash as lineage. The model is loaded once, on ``device``.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel, Field, model_validator
 
 from dsat_core.data.store import DatasetStore
+from dsat_core.data.tasks import ControlNetTask, TaskName, resolve_task
 from dsat_core.evaluation.report import (
     evaluation_markdown,
     evaluation_sensitivity,
@@ -28,10 +30,16 @@ from dsat_core.evaluation.report import (
     write_quality_map,
     write_stac,
 )
-from dsat_core.evaluation.runner import GenerationEval, PairedEval, evaluate_controlnet, evaluate_generation
+from dsat_core.evaluation.runner import (
+    GenerationEval,
+    PairedEval,
+    evaluate_controlnet,
+    evaluate_generation,
+    load_pipeline,
+)
 from dsat_core.evaluation.tracking import EvaluationRun, ModelSource, registered_model_name, resolve_model
 
-Kind = Literal["generation", "sr", "temporal", "inpaint"]
+Kind = Literal["generation"] | TaskName
 
 
 class EvaluateParams(BaseModel):
@@ -43,8 +51,7 @@ class EvaluateParams(BaseModel):
     )
     store_uri: str = Field(..., description="dataset store (local path or s3://...)")
     kind: Kind = "generation"
-    product: str = "rgb"
-    cond_product: str = Field("multispectral", description="sr: the conditioning product")
+    product: str = Field("rgb", description="generation: the tiles' product (a ControlNet task has its own)")
     n_samples: int = Field(64, ge=1, description="samples (generation) or tiles (ControlNet tasks)")
     steps: int = Field(20, ge=1, description="sampler steps")
     guidance_scale: float | None = Field(None, description="default 3.0 for generation, 1.0 for ControlNet")
@@ -57,8 +64,9 @@ class EvaluateParams(BaseModel):
     logits_model: str | None = Field(None, description="local TorchScript classifier for Inception Score")
     clip_model: str | None = Field(None, description="local CLIP folder for CLIP score")
     lpips_weights: str | None = Field(None, description="local LPIPS weights for the ControlNet tasks")
-    degradation: dict[str, Any] = Field(
-        default_factory=dict, description="sr: the degradation (default: the one training recorded)"
+    task_options: dict[str, Any] = Field(
+        default_factory=dict,
+        description="ControlNet tasks: options replacing those training recorded, e.g. {degradation: {...}}",
     )
     resolution: int | None = Field(None, description="ControlNet tasks: resize tiles (default: as stored)")
     sensitivity: bool = Field(True, description="metadata sensitivity + robustness report")
@@ -85,6 +93,8 @@ class EvaluateParams(BaseModel):
     def _one_model(self) -> EvaluateParams:
         if (self.pipeline_dir is None) == (self.model_uri is None):
             raise ValueError("give exactly one of pipeline_dir or model_uri")
+        if self.kind == "generation" and self.task_options:
+            raise ValueError("task_options are options of a ControlNet task, not of generation")
         return self
 
     def tracking_uri(self) -> str:
@@ -135,21 +145,35 @@ def fetch_model(params: EvaluateParams, dst: str) -> ModelSource:
     return resolve_model(params.model_uri or str(params.pipeline_dir), dst, params.tracking_uri())
 
 
+@task(name="load-model", cache_policy=NO_CACHE)
+def load_model(params: EvaluateParams, pipeline_dir: str) -> Any:
+    """The pipeline on ``params.device``, loaded once for the evaluation and its sensitivity report."""
+    from dsat_core.pipelines import DiffusionSatPipeline, SatControlNetPipeline
+
+    cls = DiffusionSatPipeline if params.kind == "generation" else SatControlNetPipeline
+    return load_pipeline(pipeline_dir, cls, params.device)
+
+
+def control_task(params: EvaluateParams, pipeline_dir: str) -> ControlNetTask:
+    """The task training recorded beside the pipeline (its defaults without a card), with `task_options`."""
+    return resolve_task(params.kind, pipeline_dir).with_options(**params.task_options)
+
+
 @task(name="evaluate-model", cache_policy=NO_CACHE)
-def run_evaluation(params: EvaluateParams, pipeline_dir: str) -> GenerationEval | PairedEval:
+def run_evaluation(params: EvaluateParams, pipe: Any, pipeline_dir: str) -> GenerationEval | PairedEval:
     common = dict(
         seed=params.seed,
         batch_size=params.batch_size,
         split=params.split,
         holdout_fraction=params.holdout_fraction,
-        product=params.product,
         device=params.device,
         storage_options=params.storage_options,
     )
     if params.kind == "generation":
         return evaluate_generation(
-            pipeline_dir,
+            pipe,
             params.store_uri,
+            product=params.product,
             n_samples=params.n_samples,
             num_inference_steps=params.steps,
             guidance_scale=params.guidance(),
@@ -160,14 +184,12 @@ def run_evaluation(params: EvaluateParams, pipeline_dir: str) -> GenerationEval 
             **common,
         )
     return evaluate_controlnet(
-        pipeline_dir,
+        pipe,
         params.store_uri,
-        params.kind,
+        control_task(params, pipeline_dir),
         n=params.n_samples,
         steps=params.steps,
         guidance_scale=params.guidance(),
-        cond_product=params.cond_product,
-        degradation=params.degradation or None,
         resolution=params.resolution,
         lpips=params.lpips_weights,
         **common,
@@ -175,12 +197,10 @@ def run_evaluation(params: EvaluateParams, pipeline_dir: str) -> GenerationEval 
 
 
 @task(name="metadata-sensitivity", cache_policy=NO_CACHE)
-def run_sensitivity(
-    params: EvaluateParams, pipeline_dir: str, result: GenerationEval | PairedEval
-) -> dict[str, Any]:
+def run_sensitivity(params: EvaluateParams, pipe: Any, result: GenerationEval | PairedEval) -> dict[str, Any]:
     return evaluation_sensitivity(
         result,
-        pipeline_dir,
+        pipe,
         num_inference_steps=params.steps,
         guidance_scale=params.guidance(),
         seed=params.seed,
@@ -279,8 +299,9 @@ def evaluate(params: EvaluateParams) -> EvaluateResult:
     logger.info("MLflow run %s on %s; outputs in %s", run.run_id, params.tracking_uri(), out_dir)
     try:
         source = fetch_model(params, str(out_dir / "model"))
-        result = run_evaluation(params, str(source.path))
-        report = run_sensitivity(params, str(source.path), result) if params.sensitivity else None
+        pipe = load_model(params, str(source.path))
+        result = run_evaluation(params, pipe, str(source.path))
+        report = run_sensitivity(params, pipe, result) if params.sensitivity else None
         files = write_outputs(params, result, report, source, str(out_dir))
         summary = evaluation_markdown(
             result,

@@ -1,27 +1,46 @@
-"""Task datasets (dsat_core.data.tasks): SR pairs + degradation, temporal sequences, inpainting masks."""
+"""Tasks (dsat_core.data.tasks): SR pairs + degradation, temporal sequences, inpainting masks; the task
+objects, their registry, baselines, previews, pipeline inputs and cards."""
 
 from __future__ import annotations
 
+import dataclasses
+import json
+from dataclasses import replace
+from datetime import date
 from pathlib import Path
+from typing import get_args
 
 import numpy as np
 import pytest
 import torch
 
 from dsat_core.data.dataset import TileDataset
+from dsat_core.data.sr_inputs import FMOW_SENTINEL_REFERENCE
 from dsat_core.data.store import DatasetStore, StoreError
 from dsat_core.data.synthetic import make_scene_tiles, make_synthetic_store, synthetic_catalog
 from dsat_core.data.tasks import (
+    TASK_CARD,
+    TASKS,
+    ControlNetTask,
+    DataSpec,
     DegradationRecipe,
     InpaintingDataset,
+    InpaintingTask,
     SuperResolutionDataset,
-    TaskSpec,
+    SuperResolutionTask,
+    TaskName,
     TemporalDataset,
+    TemporalTask,
     collate_task_batch,
     gaussian_blur,
+    get_task,
     make_mask,
-    make_task_dataset,
+    read_task_card,
+    resolve_task,
+    task_from_options,
+    write_task_card,
 )
+from dsat_core.imaging import bicubic_upsample, to_rgb
 from dsat_core.metadata import SatMetadata
 
 REAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "real"
@@ -239,9 +258,9 @@ def test_mask_kinds_differ_and_are_never_empty_or_full() -> None:
 
 # ------------------------------------------------------------------------------------------------ factory
 def test_factory_and_collate(paired_store: str, temporal_store: str) -> None:
-    sr = make_task_dataset(TaskSpec("sr", paired_store, degradation={"factor": 2}, resolution=16))
-    tp = make_task_dataset(TaskSpec("temporal", temporal_store, sequence_length=2))
-    ip = make_task_dataset(TaskSpec("inpaint", paired_store, mask_kind="boxes"))
+    sr = SuperResolutionTask(degradation={"factor": 2}).dataset(DataSpec(paired_store, resolution=16))
+    tp = TemporalTask(sequence_length=2).dataset(DataSpec(temporal_store))
+    ip = InpaintingTask(mask_kind="boxes").dataset(DataSpec(paired_store))
     for ds, channels, frames in ((sr, 4, 1), (tp, 3, 2), (ip, 4, 1)):
         batch = collate_task_batch([ds[0], ds[1]])
         assert batch["cond"].shape[:3] == (2, channels, frames)
@@ -253,4 +272,152 @@ def test_factory_and_collate(paired_store: str, temporal_store: str) -> None:
     assert target.gsd == pytest.approx(2 * sr.cond_tiles.metadata(0).gsd)
     assert frame.gsd == pytest.approx(2 * target.gsd)
     with pytest.raises(ValueError, match="unknown task"):
-        make_task_dataset(TaskSpec("colourise", paired_store))  # type: ignore[arg-type]
+        get_task("colourise")
+
+
+# -------------------------------------------------------------------------------------------- task objects
+def test_registry_and_task_name_agree() -> None:
+    assert set(get_args(TaskName)) == set(TASKS)
+    for name, task in TASKS.items():
+        assert task.name == name and issubclass(task, ControlNetTask) and task.baseline_name
+        assert get_task(name) is task
+
+
+@pytest.mark.parametrize(
+    "task",
+    [
+        SuperResolutionTask(
+            cond_product="rgb", degradation={"factor": 2, "blur_sigma": 0.5, "bands": ["red"]}
+        ),
+        SuperResolutionTask(degradation={"input_recipe": "fmow-sentinel-reference", "cond_resolution": 128}),
+        TemporalTask(product="green", sequence_length=5, direction="backward"),
+        InpaintingTask(product="multispectral", mask_kind="strokes"),
+    ],
+)
+def test_card_round_trips_every_field(task: ControlNetTask, tmp_path: Path) -> None:
+    card = json.loads(json.dumps(task.to_card()))
+    assert card["task"] == task.name
+    assert set(card) == {"task", *(f.name for f in dataclasses.fields(task))}
+    assert ControlNetTask.from_card(card) == task and type(task).from_card(card) == task
+    write_task_card(task, tmp_path)
+    assert read_task_card(tmp_path) == task
+    assert json.loads((tmp_path / TASK_CARD).read_text()) == card
+    assert resolve_task(task.name, tmp_path) == task  # by name: the WHOLE recorded task
+    assert read_task_card(tmp_path / "nothing-here") is None
+    assert resolve_task(task.name, tmp_path / "nothing-here") == type(task)()  # no card: the defaults
+
+
+def test_sr_card_keeps_the_whole_input_recipe() -> None:
+    task = SuperResolutionTask(
+        degradation={"input_recipe": "fmow-sentinel-reference", "cond_resolution": 128}
+    )
+    recorded = task.to_card()["degradation"]
+    assert recorded["input_recipe"] == replace(FMOW_SENTINEL_REFERENCE, cond_resolution=128).to_dict()
+    assert (recorded["factor"], recorded["blur_sigma"]) == (1, 0.0)
+    assert SuperResolutionTask().degradation == DegradationRecipe().to_dict()
+
+
+def test_cards_that_do_not_fit_are_errors(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="no option"):
+        ControlNetTask.from_card({"task": "temporal", "sequence_length": 2, "mask_kinds": "boxes"})
+    with pytest.raises(ValueError, match="unknown task"):
+        ControlNetTask.from_card({"product": "rgb"})
+    with pytest.raises(ValueError, match="card of a 'sr' task"):
+        TemporalTask.from_card({"task": "sr"})
+    with pytest.raises(ValueError, match="direction"):
+        TemporalTask(direction="sideways")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="mask kind"):
+        InpaintingTask(mask_kind="clouds")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="factor 1 and blur_sigma 0"):
+        SuperResolutionTask(degradation={"input_recipe": "fmow-sentinel-reference", "factor": 4})
+    write_task_card(InpaintingTask(), tmp_path)
+    with pytest.raises(ValueError, match="holds a 'inpaint' ControlNet"):
+        resolve_task("sr", tmp_path)
+    # a card of the seven-field format (every task's options) keeps the task's own and drops the others'
+    legacy = {"product": "rgb", "task": "temporal", "cond_product": "multispectral",
+              "degradation": {"factor": 2}, "sequence_length": 2, "direction": "forward",
+              "mask_kind": "mixed"}  # fmt: skip
+    assert ControlNetTask.from_card(legacy) == TemporalTask(sequence_length=2, direction="forward")
+    assert TemporalTask().with_options(direction="forward").direction == "forward"
+    with pytest.raises(ValueError, match="no option"):
+        TemporalTask().with_options(degradation={})
+
+
+def test_task_options_and_spec_build_the_datasets(paired_store: str, temporal_store: str) -> None:
+    options = {"product": "multispectral", "cond_product": "rgb", "sequence_length": 2, "mask_kind": "boxes",
+               "degradation": {"factor": 2, "blur_sigma": 0.0}, "direction": "both"}  # fmt: skip
+    sr = task_from_options("sr", options)
+    assert sr == SuperResolutionTask("multispectral", "rgb", {"factor": 2, "blur_sigma": 0.0})
+    assert task_from_options("inpaint", options) == InpaintingTask("multispectral", "boxes")
+    ds = sr.dataset(DataSpec(paired_store, resolution=16))
+    assert isinstance(ds, SuperResolutionDataset) and ds.recipe["cond_product"] == "rgb"
+    assert ds.recipe["degradation"] == sr.degradation and ds.conditioning_channels == 3
+    ip = task_from_options("inpaint", options).dataset(DataSpec(paired_store, seed=4))
+    assert ip.recipe["mask_seed"] == 4 and ip.recipe["cond_bands"][-1] == "mask"
+    for dataset in (ds, ip):  # the item ids of a sample, without reading pixels, are the sample's
+        assert dataset.sample_item_ids(1)[0] == dataset[1]["item_id"]
+
+
+def test_temporal_split_of_targets_only(temporal_store: str) -> None:
+    """Evaluation: held-out targets with frames from any tile; training: frames from the split too."""
+    fraction = 0.5
+    held = set(TileDataset(temporal_store, split="holdout", holdout_fraction=fraction).indices.tolist())
+    task = TemporalTask(sequence_length=2)
+    spec = DataSpec(temporal_store, split="holdout", holdout_fraction=fraction, split_conditioning=False)
+    ev = task.dataset(spec)
+    full = task.dataset(DataSpec(temporal_store))
+    expected = [seq for seq in full.sequences if int(full.tiles.indices[seq[0]]) in held]
+    assert 0 < len(ev) < len(full) and ev.sequences == expected
+    assert ev.recipe["split"] == "holdout" and ev.recipe["split_frames"] is False
+    train = task.dataset(replace(spec, split="train", split_conditioning=True))
+    rows = {int(train.tiles.indices[p]) for seq in train.sequences for p in (seq[0], *seq[1])}
+    assert rows and not rows & held  # no held-out tile is read, not even as a frame
+    assert set(ev.sample_item_ids(0)) == {ev[0]["item_id"], *ev[0]["cond_item_ids"]}
+
+
+def test_baselines_previews_and_pipeline_inputs(paired_store: str, temporal_store: str) -> None:
+    sr_task = SuperResolutionTask(degradation={"factor": 2, "blur_sigma": 0.0})
+    sr = sr_task.dataset(DataSpec(paired_store))
+    s = sr[3]
+    low = DegradationRecipe(factor=2, blur_sigma=0.0).lowres(sr.cond_tiles[sr.pairs[3][1]]["pixel_values"])
+    expected = bicubic_upsample(to_rgb(low, sr.cond_tiles.bands)[None].double(), 32)[0]
+    torch.testing.assert_close(sr_task.baseline(sr, 3, s), expected, rtol=0, atol=0)
+    assert (
+        sr_task.cond_preview(sr, s).shape == (3, 32, 32)
+        and sr_task.fill_mask(collate_task_batch([s])) is None
+    )
+
+    tp_task = TemporalTask(sequence_length=3)
+    tp = tp_task.dataset(DataSpec(temporal_store))
+    s = tp[2]
+    target = SatMetadata.decode(s["metadata"].double().numpy(), s["metadata_mask"].numpy())
+    gaps = []
+    for k, (v, m) in enumerate(zip(s["cond_metadata"], s["cond_metadata_mask"], strict=True)):
+        frame = SatMetadata.decode(v.double().numpy(), m.numpy())
+        gaps.append(
+            (
+                abs(
+                    (
+                        date(frame.year, frame.month, frame.day) - date(target.year, target.month, target.day)
+                    ).days
+                ),
+                k,
+            )
+        )
+    torch.testing.assert_close(tp_task.baseline(tp, 2, s), s["cond"][:, min(gaps)[1]], rtol=0, atol=0)
+
+    ip_task = InpaintingTask(mask_kind="boxes")
+    ip = ip_task.dataset(DataSpec(paired_store, resolution=16))
+    batch = collate_task_batch([ip[0], ip[1]])
+    inputs = ip_task.conditioning(batch)
+    assert set(inputs) == {"cond", "cond_metadata", "cond_metadata_mask", "image", "mask"}
+    assert torch.equal(inputs["image"], batch["pixel_values"]) and torch.equal(
+        ip_task.fill_mask(batch), batch["mask"]
+    )
+    assert set(sr_task.conditioning(batch)) == {"cond", "cond_metadata", "cond_metadata_mask"}
+    s = ip[0]
+    filled = ip_task.baseline(ip, 0, s)
+    known = s["mask"].expand(3, -1, -1) == 0
+    torch.testing.assert_close(filled[known], s["pixel_values"].double()[known])  # known pixels stay
+    preview = ip_task.cond_preview(ip, s)  # the masked image without the mask channel: holes are 0
+    assert preview.shape == (3, 16, 16) and torch.all(preview[s["mask"].expand(3, -1, -1) > 0] == 0)

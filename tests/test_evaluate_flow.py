@@ -46,10 +46,24 @@ def registered_model(mlflow_server: str, tiny_pipelines: dict[str, Path], eval_s
 
 
 def test_generation_from_registered_model_logs_everything(
-    mlflow_server: str, registered_model: tuple[str, str], eval_store: str, tmp_path: Path
+    mlflow_server: str,
+    registered_model: tuple[str, str],
+    eval_store: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     from mlflow import MlflowClient
 
+    from dsat_core.pipelines import DiffusionSatPipeline
+
+    loads: list[str] = []
+    load = DiffusionSatPipeline.from_pretrained.__func__
+
+    def counted(cls, path, *args, **kwargs):
+        loads.append(str(path))
+        return load(cls, path, *args, **kwargs)
+
+    monkeypatch.setattr(DiffusionSatPipeline, "from_pretrained", classmethod(counted))
     train_run, model_uri = registered_model
     params = EvaluateParams(
         model_uri=model_uri,
@@ -67,6 +81,7 @@ def test_generation_from_registered_model_logs_everything(
         promote_to="champion",
     )
     result = evaluate(params)
+    assert len(loads) == 1  # one load serves the evaluation and the sensitivity report
 
     client = MlflowClient(mlflow_server)
     assert client.get_model_version_by_alias("tiny-dsat", "champion").version == "1"

@@ -15,7 +15,7 @@ from PIL import Image
 
 from dsat_core.data.dataset import TileDataset
 from dsat_core.data.tasks import DegradationRecipe
-from dsat_core.evaluation import bicubic_upsample, paired_metrics, to_rgb, validate_catalog
+from dsat_core.evaluation import paired_metrics, validate_catalog
 from dsat_core.evaluation.report import (
     evaluation_sensitivity,
     make_sample_fn,
@@ -32,7 +32,8 @@ from dsat_core.evaluation.runner import (
     load_pipeline,
     nearest_distance,
 )
-from dsat_core.pipelines import DiffusionSatPipeline
+from dsat_core.imaging import bicubic_upsample, to_rgb
+from dsat_core.pipelines import DiffusionSatPipeline, SatControlNetPipeline
 
 STEPS = 2
 
@@ -197,7 +198,7 @@ def test_inpaint_rows_keep_known_pixels_and_score_the_hole(
     # the sensitivity report works around a ControlNet too (conditioning, image and mask kept fixed)
     report = evaluation_sensitivity(
         result,
-        tiny_pipelines["inpaint"],
+        load_pipeline(tiny_pipelines["inpaint"], SatControlNetPipeline),
         num_inference_steps=STEPS,
         guidance_scale=1.0,
         n=3,
@@ -205,6 +206,35 @@ def test_inpaint_rows_keep_known_pixels_and_score_the_hole(
     )
     assert report["kind"] == "inpaint" and set(report["fields"]) == {"month", "lat"}
     assert report["robustness"]["n"] == 3 and math.isfinite(report["robustness"]["error_increase"])
+
+
+def test_controlnet_evaluation_reads_the_whole_task_card(
+    eval_store: str, tiny_pipelines: dict[str, Path], tmp_path: Path
+) -> None:
+    """By name, the task is the one training recorded (task.json), every field of it; a task object wins."""
+    import shutil
+
+    from dsat_core.data.tasks import SuperResolutionTask, TemporalTask, write_task_card
+
+    folder = tmp_path / "sr"
+    shutil.copytree(tiny_pipelines["sr"], folder)
+    trained = SuperResolutionTask(degradation={"factor": 2, "blur_sigma": 0.5, "upsample": "bilinear"})
+    write_task_card(trained, folder)
+    common = dict(n=2, steps=STEPS, holdout_fraction=EVAL_HOLDOUT)
+    result = evaluate_controlnet(folder, eval_store, "sr", **common)
+    assert result.params["recipe"]["degradation"] == trained.degradation
+    assert result.params["recipe"]["cond_product"] == "multispectral" and result.baseline == "bicubic"
+    other = SuperResolutionTask(degradation={"factor": 4})
+    again = evaluate_controlnet(folder, eval_store, other, **common)
+    assert again.params["recipe"]["degradation"] == other.degradation
+    with pytest.raises(ValueError, match="holds a 'sr' ControlNet"):
+        evaluate_controlnet(folder, eval_store, "temporal", **common)
+    write_task_card(TemporalTask(sequence_length=2, direction="forward"), folder)
+    with pytest.raises(ValueError, match="conditioning channels"):  # the recorded temporal data is 3 bands
+        evaluate_controlnet(folder, eval_store, "temporal", **common)
+    # sensitivity samples the pipeline the evaluation loaded; it never loads one itself
+    with pytest.raises(TypeError, match="SatControlNetPipeline"):
+        evaluation_sensitivity(result, folder, num_inference_steps=STEPS, guidance_scale=1.0)
 
 
 def test_nearest_distance_matches_brute_force() -> None:

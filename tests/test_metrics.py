@@ -18,21 +18,23 @@ from dsat_core.evaluation import (
     ImageMetrics,
     InceptionFeatures,
     InceptionScoreUnavailable,
-    bicubic_upsample,
-    classical_inpaint,
     kernel_inception_distance,
-    nearest_date_frame,
     paired_metrics,
     prepare_images,
-    rgb_band_indices,
     robustness,
     sensitivity,
     shuffled_metadata,
-    to_rgb,
     vary_field,
 )
 from dsat_core.evaluation.lpips import LPIPS, LPIPSUnavailable, load_lpips
 from dsat_core.evaluation.metrics import FrechetAccumulator, InceptionScoreAccumulator
+from dsat_core.imaging import (
+    bicubic_upsample,
+    classical_inpaint,
+    nearest_date_frame,
+    rgb_band_indices,
+    to_rgb,
+)
 from dsat_core.metadata import SatMetadata
 
 REAL = Path(__file__).resolve().parents[2] / "shared/data/real"

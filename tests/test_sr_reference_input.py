@@ -26,13 +26,13 @@ from dsat_core.data.sr_inputs import (
 from dsat_core.data.store import DatasetStore
 from dsat_core.data.synthetic import make_scene_tiles
 from dsat_core.data.tasks import (
+    DataSpec,
     DegradationRecipe,
     SuperResolutionDataset,
-    TaskSpec,
-    make_task_dataset,
+    SuperResolutionTask,
     split_sr_recipe,
 )
-from dsat_core.evaluation.image_ops import to_rgb
+from dsat_core.imaging import to_rgb
 from dsat_core.metadata import SatMetadata
 
 # The reference's recipe, written out independently of the library (13 bands B1 … B12 with B8A).
@@ -221,12 +221,12 @@ def test_sr_dataset_yields_the_reference_input(sentinel_store: tuple[str, dict[s
     low = ds.degradation.lowres(ds.cond_tiles[0]["pixel_values"], ds.cond_tiles.bands)
     assert to_rgb(low, ds.cond_bands).shape == (3, 64, 64)
 
-    # the recorded recipe rebuilds the same dataset; so do the TaskSpec and the default resolution
+    # the recorded recipe rebuilds the same dataset; so do the task and the default resolution
     again = SuperResolutionDataset(uri, recipe=json.loads(json.dumps(recorded)), resolution=64)
     assert again.recipe == ds.recipe
     torch.testing.assert_close(again[1]["cond"], ds[1]["cond"], rtol=0, atol=0)
-    spec = TaskSpec(task="sr", store_uri=uri, degradation={"input_recipe": "fmow-sentinel-reference"})
-    full = make_task_dataset(spec)
+    task = SuperResolutionTask(degradation={"input_recipe": "fmow-sentinel-reference"})
+    full = task.dataset(DataSpec(uri))
     assert full[0]["cond"].shape == (10, 1, 256, 256) and full[0]["pixel_values"].shape == (3, 64, 64)
 
 
@@ -251,3 +251,22 @@ def test_sr_dataset_needs_recoverable_raw_values(tmp_path: Path) -> None:
     expected = 2 * reference_formula(raws[sample["item_id"]][k], 32) - 1
     cond = sample["cond"][:, 0].numpy()
     assert np.abs(cond - expected).max() <= 2 * 5 / 255 + 1e-6  # 39 DN steps vs the reference's ~10 DN levels
+
+
+def test_sr_task_preview_and_baseline_at_the_target_size(
+    sentinel_store: tuple[str, dict[str, np.ndarray]],
+) -> None:
+    """The reference frame is half the target's size (256 px for 512 px): preview and baseline are resized."""
+    uri, _ = sentinel_store
+    task = SuperResolutionTask(degradation=REFERENCE)
+    ds = task.dataset(DataSpec(uri, resolution=64))
+    s = ds[0]
+    assert s["cond"].shape == (10, 1, 32, 32) and s["pixel_values"].shape == (3, 64, 64)
+    preview = task.cond_preview(ds, s)
+    assert preview.shape == (3, 64, 64)
+    rgb = s["cond"][[0, 1, 2], 0]  # B04, B03, B02: red, green, blue
+    expected = F.interpolate(rgb[None], size=(64, 64), mode="bilinear", antialias=True, align_corners=False)[
+        0
+    ]
+    torch.testing.assert_close(preview, expected, rtol=0, atol=0)
+    assert task.baseline(ds, 0, s).shape == (3, 64, 64)

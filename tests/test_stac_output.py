@@ -16,7 +16,8 @@ import rasterio
 from pyproj import Transformer
 from pystac.errors import STACValidationError
 
-from dsat_core.evaluation.stac_output import utm_epsg, validate_catalog, write_generated_stac
+from dsat_core.evaluation.stac_output import validate_catalog, write_generated_stac
+from dsat_core.imaging.geotiff import utm_epsg
 from dsat_core.metadata import SatMetadata
 
 METADATA = [

@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 
 from dsat_core.data.store import DatasetStore
 from dsat_core.data.synthetic import make_scene_tiles, make_synthetic_store, synthetic_catalog
+from dsat_core.data.tasks import TASK_CARD, TASKS, SuperResolutionTask, read_task_card
 from dsat_core.training.launch import build_launch_command, run_training_subprocess
 from dsat_core.training.train_controlnet import TrainControlNetConfig, main, train
 
@@ -50,7 +51,7 @@ def _weights(folder: Path) -> dict[str, torch.Tensor]:
     return out
 
 
-@pytest.mark.parametrize("task", ["sr", "temporal", "inpaint"])
+@pytest.mark.parametrize("task", list(TASKS))
 def test_each_task_trains_and_resumes_exactly(stores: dict[str, str], task: str, tmp_path: Path) -> None:
     straight = train(tiny_config(stores[task], task, tmp_path / "straight"))
     first = train(tiny_config(stores[task], task, tmp_path / "split", stop_at_step=2))
@@ -98,6 +99,16 @@ def test_base_model_stays_frozen_and_pipeline_is_registered(stores: dict[str, st
         assert all(torch.equal(before[k], after[k]) for k in before), f"{name} changed"
     pipe = SatControlNetPipeline.from_pretrained(saved)
     assert pipe.controlnet.config.conditioning_channels == 4  # blue, green, red, nir08
+    # the task card holds the sr task's options, all of them, and gives the trained task back
+    card = json.loads((saved / TASK_CARD).read_text())
+    degradation = {"factor": 2, "blur_sigma": 0.8, "bands": None, "upsample": "bicubic"}
+    assert card == {
+        "task": "sr",
+        "product": "rgb",
+        "cond_product": "multispectral",
+        "degradation": degradation,
+    }
+    assert read_task_card(saved) == cfg.control_task() == SuperResolutionTask(degradation=cfg.degradation)
 
     client = mlflow.MlflowClient(tracking_uri=uri)
     run = client.get_run(result.mlflow_run_id)

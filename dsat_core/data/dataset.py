@@ -151,12 +151,25 @@ class TileDataset(Dataset):
         """`SatMetadata` of sample ``i`` as stored (native GSD)."""
         return from_arrays(self._meta, i)
 
+    @property
+    def item_ids(self) -> list[str]:
+        """The item id of every sample, in order (read at construction: no pixels)."""
+        return [str(v) for v in np.asarray(self._item_ids).tolist()]
+
+    def item_id(self, i: int) -> str:
+        """The item id of sample ``i``."""
+        return str(self._item_ids[i])
+
+    def stored_image(self, i: int) -> np.ndarray:
+        """Sample ``i``'s pixels as stored: (C, H, W) in the store's dtype, at the stored tile size."""
+        return np.asarray(self._array("images")[int(self.indices[i])])
+
     def __getitem__(self, i: int) -> dict[str, Any]:
         if not -len(self) <= i < len(self):
             raise IndexError(f"index {i} out of range for {len(self)} tiles")
         i = int(i) % len(self)
         row = int(self.indices[i])
-        image = torch.from_numpy(np.asarray(self._array("images")[row]).astype(np.float32))
+        image = torch.from_numpy(self.stored_image(i).astype(np.float32))
         image = image / float(np.iinfo(self.dtype).max) * 2.0 - 1.0
         meta = self.metadata(i)
         if self.resolution is not None and tuple(image.shape[1:]) != (self.resolution, self.resolution):
@@ -177,7 +190,7 @@ class TileDataset(Dataset):
             "metadata_mask": torch.from_numpy(mask),
             "caption": str(self._captions[i]),
             "index": row,
-            "item_id": str(self._item_ids[i]),
+            "item_id": self.item_id(i),
         }
         if self.return_latents:
             latents = np.asarray(self._array("latents")[row]).astype(np.float32)

@@ -1,9 +1,19 @@
-"""Datasets of the conditional tasks of spec §2 (super-resolution, temporal prediction, inpainting).
+"""The conditional ControlNet tasks of spec §2 (super-resolution, temporal prediction, inpainting): one
+`ControlNetTask` class per task, their datasets, and the task card that training leaves beside a pipeline.
 
-All three read the dataset store through `TileDataset` (lazy, fork-safe zarr access) and yield dicts:
+A task object (`SuperResolutionTask`, `TemporalTask`, `InpaintingTask`; by name: `get_task`, `TASKS`) owns
+everything that differs between tasks: its name; its options (the fields of the dataclass: products and the
+data recipe); building its dataset from a `DataSpec` (which tiles); its classical baseline (`baseline`); an
+RGB preview of a conditioning sample at the target's size (`cond_preview`); the keyword inputs of a
+`SatControlNetPipeline` call (`conditioning`); the pixels it must fill, when the task scores them apart
+(`fill_mask`); and its card, ``task.json`` (`to_card` / `from_card`, `write_task_card` / `read_task_card`):
+``{"task": <name>, <every field>}``, e.g. ``{"task": "temporal", "product": "rgb", "sequence_length": 3,
+"direction": "both"}``. A new task is one new class in `TASKS`.
+
+The datasets read the dataset store through `TileDataset` (lazy, fork-safe zarr access) and yield dicts:
 
 - ``pixel_values`` float32 (3, H, W) in [-1, 1]: the target, as the RGB view the VAE encodes (a product's
-  red/green/blue bands, or its first three, or one band repeated; `dsat_core.evaluation.image_ops.to_rgb`);
+  red/green/blue bands, or its first three, or one band repeated; `dsat_core.imaging.to_rgb`);
 - ``cond`` float32 (C, T, H, W) in [-1, 1]: the conditioning sequence;
 - ``cond_metadata`` float32 (T, 7) / ``cond_metadata_mask`` bool (T, 7): each frame's encoded metadata;
 - ``metadata`` float32 (7,) / ``metadata_mask`` bool (7,): the target's; ``caption`` (the target's);
@@ -41,19 +51,22 @@ not offered.)
 
 from __future__ import annotations
 
+import json
 import math
 import warnings
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from datetime import date
-from typing import Any, Literal
+from pathlib import Path
+from typing import Any, ClassVar, Literal, get_args
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from dsat_core.data.dataset import TileDataset
+from dsat_core.data.dataset import TileDataset, holdout_mask
 from dsat_core.data.sr_inputs import (
     SRInputRecipe,
     band_positions,
@@ -62,11 +75,12 @@ from dsat_core.data.sr_inputs import (
     unscale,
 )
 from dsat_core.data.store import DatasetStore, StoreError
-from dsat_core.evaluation.image_ops import rgb_band_indices
+from dsat_core.imaging.baselines import bicubic_upsample, classical_inpaint, nearest_date_index
+from dsat_core.imaging.rgb import rgb_band_indices, rgb_preview, to_rgb
 from dsat_core.metadata import SatMetadata, effective_gsd
 
-Task = Literal["sr", "temporal", "inpaint"]
-TASKS: tuple[str, ...] = ("sr", "temporal", "inpaint")
+Split = Literal["train", "holdout"]
+Direction = Literal["both", "forward", "backward"]
 
 
 # ---------------------------------------------------------------------------------------------- helpers
@@ -98,7 +112,7 @@ def _keep_items(
     tiles: TileDataset, item_ids: Sequence[str] | None, exclude_item_ids: Sequence[str] | None
 ) -> np.ndarray:
     """Positions (into ``tiles``) whose item passes the include / exclude lists."""
-    ids = _strings(tiles._item_ids)
+    ids = np.array(tiles.item_ids, dtype=object)
     keep = np.ones(len(ids), dtype=bool)
     if item_ids is not None:
         keep &= np.isin(ids, list(item_ids))
@@ -112,6 +126,10 @@ def _encode(meta: SatMetadata) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.from_numpy(vector.astype(np.float32)), torch.from_numpy(mask)
 
 
+def _decode(vector: torch.Tensor, mask: torch.Tensor) -> SatMetadata:
+    return SatMetadata.decode(vector.double().cpu().numpy(), mask.cpu().numpy())
+
+
 def _rgb_view(image: torch.Tensor, bands: Sequence[str]) -> torch.Tensor:
     return image[rgb_band_indices(list(bands), image.shape[0])].contiguous()
 
@@ -122,14 +140,30 @@ def _tile_date(meta: SatMetadata) -> date | None:
     return date(meta.year, meta.month, meta.day)
 
 
-class _TaskDataset(Dataset):
-    """Shared plumbing: the target `TileDataset`, the list of target positions, a transform."""
+def _check_choice(what: str, value: str, choices: Sequence[str]) -> None:
+    if value not in choices:
+        raise ValueError(f"unknown {what} {value!r}; choose {', '.join(choices)}")
 
-    task: str = ""
+
+class TaskDataset(Dataset):
+    """Shared plumbing of the task datasets: a transform, the recorded recipe, the conditioning bands."""
 
     def __init__(self, transform: Callable[[dict[str, Any]], dict[str, Any]] | None) -> None:
         self.transform = transform
         self.recipe: dict[str, Any] = {}
+
+    @property
+    def cond_bands(self) -> list[str]:
+        """Names of the conditioning channels, in order."""
+        return list(self.recipe["cond_bands"])
+
+    @property
+    def conditioning_channels(self) -> int:
+        return len(self.cond_bands)
+
+    def sample_item_ids(self, i: int) -> list[str]:
+        """Item ids of sample ``i``'s target and conditioning tiles, read without pixels."""
+        raise NotImplementedError
 
     def _finish(self, sample: dict[str, Any]) -> dict[str, Any]:
         return self.transform(sample) if self.transform is not None else sample
@@ -140,7 +174,7 @@ class _TaskDataset(Dataset):
         return sample
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(task={self.task!r}, samples={len(self)}, recipe={self.recipe})"
+        return f"{type(self).__name__}(samples={len(self)}, recipe={self.recipe})"
 
 
 # ---------------------------------------------------------------------------------------------- SR
@@ -256,15 +290,29 @@ def split_sr_recipe(
     return degradation, inputs
 
 
-class SuperResolutionDataset(_TaskDataset):
+def _sr_record(degradation: DegradationRecipe, inputs: SRInputRecipe | None) -> dict[str, Any]:
+    out = degradation.to_dict()
+    if inputs is not None:
+        out["input_recipe"] = inputs.to_dict()
+    return out
+
+
+def sr_recipe_record(recipe: DegradationRecipe | Mapping[str, Any] | None) -> dict[str, Any]:
+    """The whole recipe that an SR recipe (or mapping) stands for, in the form `split_sr_recipe` reads back.
+
+    The `DegradationRecipe` fields and, with a fixed input, ``input_recipe``: its full `SRInputRecipe.to_dict`
+    (so a record does not depend on the registered recipes of a later version).
+    """
+    return _sr_record(*split_sr_recipe(recipe))
+
+
+class SuperResolutionDataset(TaskDataset):
     """Degraded multispectral frame (T = 1) → RGB tile of the same scene and window (see module docstring).
 
     With a fixed input recipe (``recipe={"input_recipe": ...}``, see `split_sr_recipe`) the frame is that
     recipe applied to the raw values of the conditioning tile, ``cond`` (C, 1, r, r) with r its
     ``cond_resolution``; ``degradation.bands`` then names the product's bands it uses, in its order.
     """
-
-    task = "sr"
 
     def __init__(
         self,
@@ -325,16 +373,11 @@ class SuperResolutionDataset(_TaskDataset):
         if inputs is not None:
             self._check_raw_values(store, store_uri, cond_product, inputs)
         bands = list(recipe.bands) if recipe.bands is not None else list(self.cond_tiles.bands)
-        self.cond_bands = bands
-        degradation = recipe.to_dict()
-        if inputs is not None:
-            degradation["input_recipe"] = inputs.to_dict()
         self.recipe = {
-            "task": "sr",
             "target_product": target_product,
             "cond_product": cond_product,
             "cond_bands": bands,
-            "degradation": degradation,
+            "degradation": _sr_record(recipe, inputs),
             "resolution": resolution,
         }
 
@@ -362,8 +405,7 @@ class SuperResolutionDataset(_TaskDataset):
     def _recipe_frame(self, cond_pos: int) -> torch.Tensor:
         """(C, r, r) ``2·v − 1`` with v the input recipe applied to the raw values of a conditioning tile."""
         inputs = self.input_recipe
-        row = int(self.cond_tiles.indices[cond_pos])
-        stored = np.asarray(self.cond_tiles._array("images")[row])[self._input_positions]
+        stored = self.cond_tiles.stored_image(cond_pos)[self._input_positions]
         raw = unscale(
             stored,
             self._scale_low[cond_pos],
@@ -373,9 +415,14 @@ class SuperResolutionDataset(_TaskDataset):
         )
         return torch.from_numpy(inputs.apply(raw, inputs.output_bands)) * 2.0 - 1.0
 
-    @property
-    def conditioning_channels(self) -> int:
-        return len(self.cond_bands)
+    def lowres(self, i: int) -> torch.Tensor:
+        """(C', h, w) in [-1, 1]: sample ``i``'s conditioning tile through `DegradationRecipe.lowres`."""
+        _, cond_pos = self.pairs[i]
+        return self.degradation.lowres(self.cond_tiles[cond_pos]["pixel_values"], self.cond_tiles.bands)
+
+    def sample_item_ids(self, i: int) -> list[str]:
+        target_pos, cond_pos = self.pairs[i]
+        return [self.target.item_id(target_pos), self.cond_tiles.item_id(cond_pos)]
 
     def __len__(self) -> int:
         return len(self.pairs)
@@ -405,21 +452,27 @@ class SuperResolutionDataset(_TaskDataset):
 
 
 # ---------------------------------------------------------------------------------------------- temporal
-class TemporalDataset(_TaskDataset):
-    """T other-date tiles of the same place (with their metadata) → the tile at the target date."""
+class TemporalDataset(TaskDataset):
+    """T other-date tiles of the same place (with their metadata) → the tile at the target date.
 
-    task = "temporal"
+    ``split`` / ``holdout_fraction`` select the targets (see `TileDataset`); with ``split_frames`` (default)
+    the frames come from the same split, without it from any tile (so that a held-out target, whose other
+    dates are mostly training tiles, can be evaluated).
+    """
 
     def __init__(
         self,
         store_uri: str,
         product: str = "rgb",
         sequence_length: int = 3,
-        direction: Literal["both", "forward", "backward"] = "both",
+        direction: Direction = "both",
         *,
         resolution: int | None = None,
         item_ids: Sequence[str] | None = None,
         exclude_item_ids: Sequence[str] | None = None,
+        split: Split | None = None,
+        holdout_fraction: float = 0.1,
+        split_frames: bool = True,
         storage_options: Mapping[str, Any] | None = None,
         transform: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
         **filters: Any,
@@ -427,14 +480,24 @@ class TemporalDataset(_TaskDataset):
         super().__init__(transform)
         if sequence_length < 1:
             raise ValueError(f"sequence_length must be >= 1, got {sequence_length}")
-        if direction not in ("both", "forward", "backward"):
-            raise ValueError(f"direction must be both, forward or backward, got {direction!r}")
+        _check_choice("direction", direction, get_args(Direction))
         self.sequence_length = sequence_length
+        tile_split = dict(split=split, holdout_fraction=holdout_fraction) if split_frames else {}
         self.tiles = TileDataset(
-            store_uri, product, resolution=resolution, storage_options=storage_options, **filters
+            store_uri,
+            product,
+            resolution=resolution,
+            storage_options=storage_options,
+            **filters,
+            **tile_split,
         )
         cols = _tile_columns(store_uri, product, storage_options)
         keep = set(_keep_items(self.tiles, item_ids, exclude_item_ids).tolist())
+        targets = keep
+        if split is not None and not split_frames:
+            rows = self.tiles.indices
+            held = holdout_mask(cols["item_id"][rows], cols["window"][rows], holdout_fraction)
+            targets = keep & set(np.nonzero(held if split == "holdout" else ~held)[0].tolist())
         # group every (filtered) tile by place: CRS + tile transform (same window of the same pixel grid)
         groups: dict[tuple, list[tuple[date, int, str]]] = {}
         for pos, row in enumerate(self.tiles.indices):
@@ -444,6 +507,7 @@ class TemporalDataset(_TaskDataset):
             key = (cols["crs"][row], *np.round(cols["transform"][row], 6).tolist())
             groups.setdefault(key, []).append((when, pos, str(cols["item_id"][row])))
         self.sequences: list[tuple[int, list[int]]] = []
+        repeats = False
         for members in groups.values():
             for when, pos, item in members:
                 if pos not in keep:
@@ -453,20 +517,20 @@ class TemporalDataset(_TaskDataset):
                     others = [(w, p) for w, p in others if w < when]
                 elif direction == "backward":
                     others = [(w, p) for w, p in others if w > when]
-                if not others:
+                repeats |= bool(others)
+                if not others or pos not in targets:
                     continue
                 others.sort(key=lambda wp: (abs((wp[0] - when).days), wp[0]))
                 frames = [others[k % len(others)] for k in range(sequence_length)]
                 frames.sort()  # chronological order
                 self.sequences.append((pos, [p for _, p in frames]))
         self.sequences.sort()
-        if not self.sequences:
+        if not repeats:
             raise StoreError(
                 f"{store_uri}/{product}: no tile has another dated tile of the same place "
                 f"(direction={direction!r}); temporal prediction needs repeat acquisitions"
             )
         self.recipe = {
-            "task": "temporal",
             "product": product,
             "sequence_length": sequence_length,
             "direction": direction,
@@ -474,10 +538,12 @@ class TemporalDataset(_TaskDataset):
             "cond_bands": list(self.tiles.bands),
             "grouping": "crs + tile transform",
         }
+        if split is not None:
+            self.recipe.update(split=split, holdout_fraction=holdout_fraction, split_frames=split_frames)
 
-    @property
-    def conditioning_channels(self) -> int:
-        return len(self.tiles.bands)
+    def sample_item_ids(self, i: int) -> list[str]:
+        target_pos, frames = self.sequences[i]
+        return [self.tiles.item_id(p) for p in (target_pos, *frames)]
 
     def __len__(self) -> int:
         return len(self.sequences)
@@ -565,10 +631,8 @@ def make_mask(kind: MaskKind, height: int, width: int, rng: np.random.Generator)
     return mask
 
 
-class InpaintingDataset(_TaskDataset):
+class InpaintingDataset(TaskDataset):
     """Image with a hole (+ the mask as a channel) → the full image (see module docstring)."""
-
-    task = "inpaint"
 
     def __init__(
         self,
@@ -585,8 +649,7 @@ class InpaintingDataset(_TaskDataset):
         **filters: Any,
     ) -> None:
         super().__init__(transform)
-        if mask_kind not in ("boxes", "strokes", "mixed"):
-            raise ValueError(f"unknown mask kind {mask_kind!r}; choose boxes, strokes or mixed")
+        _check_choice("mask kind", mask_kind, get_args(MaskKind))
         self.mask_kind = mask_kind
         self.seed = seed
         self.tiles = TileDataset(
@@ -596,7 +659,6 @@ class InpaintingDataset(_TaskDataset):
         if len(self.positions) == 0:
             raise StoreError(f"{store_uri}/{product}: no tiles left for inpainting after filtering")
         self.recipe = {
-            "task": "inpaint",
             "product": product,
             "mask_kind": mask_kind,
             "mask_seed": seed,
@@ -605,9 +667,8 @@ class InpaintingDataset(_TaskDataset):
             "mask_convention": "1 = missing (to fill); masked pixels are 0 in the conditioning",
         }
 
-    @property
-    def conditioning_channels(self) -> int:
-        return len(self.tiles.bands) + 1
+    def sample_item_ids(self, i: int) -> list[str]:
+        return [self.tiles.item_id(int(self.positions[i]))]
 
     def __len__(self) -> int:
         return len(self.positions)
@@ -634,47 +695,6 @@ class InpaintingDataset(_TaskDataset):
         return self._finish(sample)
 
 
-# ---------------------------------------------------------------------------------------------- factory
-@dataclass
-class TaskSpec:
-    """Everything `make_task_dataset` needs; the trainer builds it from its config."""
-
-    task: Task
-    store_uri: str
-    product: str = "rgb"
-    cond_product: str = "multispectral"
-    resolution: int | None = None
-    degradation: dict[str, Any] = field(default_factory=dict)  # sr: `split_sr_recipe` keys
-    sequence_length: int = 3
-    direction: Literal["both", "forward", "backward"] = "both"
-    mask_kind: MaskKind = "mixed"
-    seed: int = 0
-    item_ids: list[str] | None = None
-    exclude_item_ids: list[str] | None = None
-    storage_options: dict[str, Any] | None = None
-    filters: dict[str, Any] = field(default_factory=dict)
-
-
-def make_task_dataset(spec: TaskSpec) -> SuperResolutionDataset | TemporalDataset | InpaintingDataset:
-    """The dataset of ``spec.task`` (``sr`` / ``temporal`` / ``inpaint``)."""
-    common = dict(
-        resolution=spec.resolution,
-        item_ids=spec.item_ids,
-        exclude_item_ids=spec.exclude_item_ids,
-        storage_options=spec.storage_options,
-        **spec.filters,
-    )
-    if spec.task == "sr":
-        return SuperResolutionDataset(
-            spec.store_uri, spec.product, spec.cond_product, spec.degradation, **common
-        )
-    if spec.task == "temporal":
-        return TemporalDataset(spec.store_uri, spec.product, spec.sequence_length, spec.direction, **common)
-    if spec.task == "inpaint":
-        return InpaintingDataset(spec.store_uri, spec.product, spec.mask_kind, seed=spec.seed, **common)
-    raise ValueError(f"unknown task {spec.task!r}; choose one of {TASKS}")
-
-
 def collate_task_batch(samples: list[dict[str, Any]]) -> dict[str, Any]:
     """Stack tensors, keep lists of everything else (captions, item ids)."""
     out: dict[str, Any] = {}
@@ -684,18 +704,280 @@ def collate_task_batch(samples: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
+def batch_metadata(batch: Mapping[str, Any]) -> list[SatMetadata]:
+    """The targets' `SatMetadata` of a collated batch (what a pipeline call takes as ``metadata``)."""
+    return [_decode(v, m) for v, m in zip(batch["metadata"], batch["metadata_mask"], strict=True)]
+
+
+# ---------------------------------------------------------------------------------------------- tasks
+@dataclass(frozen=True)
+class DataSpec:
+    """Which tiles a task dataset reads; the task says how they become samples.
+
+    ``split`` / ``holdout_fraction``: the targets' split (`TileDataset`); ``split_conditioning``: the
+    conditioning tiles come from the same split (training: no held-out tile is ever read), else from any
+    tile (evaluation: a held-out target's other dates are mostly training tiles). ``seed``: inpainting masks.
+    ``filters``: the other `TileDataset` filters (bbox, start, end, platform).
+    """
+
+    store_uri: str
+    resolution: int | None = None
+    split: Split | None = None
+    holdout_fraction: float = 0.1
+    split_conditioning: bool = True
+    seed: int = 0
+    item_ids: Sequence[str] | None = None
+    exclude_item_ids: Sequence[str] | None = None
+    storage_options: Mapping[str, Any] | None = None
+    filters: Mapping[str, Any] = field(default_factory=dict)
+
+    def options(self) -> dict[str, Any]:
+        """Keyword arguments every task dataset takes (the targets' split among them)."""
+        return dict(
+            resolution=self.resolution,
+            item_ids=self.item_ids,
+            exclude_item_ids=self.exclude_item_ids,
+            storage_options=self.storage_options,
+            split=self.split,
+            holdout_fraction=self.holdout_fraction,
+            **self.filters,
+        )
+
+
+@dataclass(frozen=True)
+class ControlNetTask(ABC):
+    """A conditional task: its options (the dataclass fields, recorded in its card) and its behaviour.
+
+    Subclasses set ``name`` (the registry key, `TaskName`) and ``baseline_name`` and implement `dataset`
+    and `baseline`; the other methods have defaults that fit a conditioning of image frames.
+    """
+
+    name: ClassVar[str]
+    baseline_name: ClassVar[str]
+
+    product: str = "rgb"
+
+    # -------------------------------------------------------------- data
+    @abstractmethod
+    def dataset(self, spec: DataSpec) -> TaskDataset:
+        """The task's dataset over the tiles ``spec`` selects."""
+
+    @abstractmethod
+    def baseline(self, dataset: TaskDataset, i: int, sample: dict[str, Any]) -> torch.Tensor:
+        """The classical prediction of sample ``i`` (``sample = dataset[i]``): (3, H, W) in [-1, 1]."""
+
+    def cond_preview(self, dataset: TaskDataset, sample: dict[str, Any]) -> torch.Tensor:
+        """(3, H, W) RGB view of the last conditioning frame, at the target's size (H, W)."""
+        return rgb_preview(sample["cond"][:, -1], dataset.cond_bands, sample["pixel_values"].shape[-2:])
+
+    def conditioning(self, batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+        """The `SatControlNetPipeline` inputs of a collated batch, other than ``metadata`` and ``prompt``."""
+        return {key: batch[key] for key in ("cond", "cond_metadata", "cond_metadata_mask")}
+
+    def fill_mask(self, batch: Mapping[str, Any]) -> torch.Tensor | None:
+        """(N, 1, H, W) pixels the task fills, scored apart (1 = fill); None when that is the whole image."""
+        return None
+
+    # -------------------------------------------------------------- card
+    def to_card(self) -> dict[str, Any]:
+        """``{"task": name, <every field>}``, JSON-ready; `from_card` gives the task back."""
+        return {"task": self.name, **json.loads(json.dumps(asdict(self)))}
+
+    @classmethod
+    def from_card(cls, card: Mapping[str, Any]) -> ControlNetTask:
+        """The task a card describes: every field the card has, the default of one it lacks.
+
+        A key that is no field of the task is an error, except the other tasks' options that cards of the old
+        seven-field format (every task's options in every card) carry: those are dropped.
+        """
+        values = dict(card)
+        task = get_task(values.pop("task", None))
+        if cls is not ControlNetTask and task is not cls:
+            raise ValueError(f"card of a {task.name!r} task, not {cls.name!r}")
+        known = {f.name for f in fields(task)}
+        values = {k: v for k, v in values.items() if k in known or k not in _LEGACY_CARD_FIELDS}
+        return task().with_options(**values)
+
+    def with_options(self, **changes: Any) -> ControlNetTask:
+        """A copy with some fields changed; a name that is not a field of this task is an error."""
+        known = [f.name for f in fields(self)]
+        if unknown := sorted(set(changes) - set(known)):
+            raise ValueError(f"the {self.name} task has no option(s) {unknown}; its options are {known}")
+        return replace(self, **changes)
+
+
+@dataclass(frozen=True)
+class SuperResolutionTask(ControlNetTask):
+    """``sr``: a degraded (or fixed-recipe) ``cond_product`` frame → the ``product`` RGB tile; baseline:
+    bicubic upsampling of the degraded frame's RGB bands. ``degradation``: `split_sr_recipe` keys, kept as
+    the whole recipe (`sr_recipe_record`)."""
+
+    name: ClassVar[str] = "sr"
+    baseline_name: ClassVar[str] = "bicubic"
+
+    cond_product: str = "multispectral"
+    degradation: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "degradation", sr_recipe_record(self.degradation))
+
+    def dataset(self, spec: DataSpec) -> SuperResolutionDataset:
+        return SuperResolutionDataset(
+            spec.store_uri, self.product, self.cond_product, self.degradation, **spec.options()
+        )
+
+    def baseline(self, dataset: SuperResolutionDataset, i: int, sample: dict[str, Any]) -> torch.Tensor:
+        low = to_rgb(dataset.lowres(i), dataset.cond_bands)
+        return bicubic_upsample(low[None].double(), tuple(sample["pixel_values"].shape[-2:]))[0]
+
+
+@dataclass(frozen=True)
+class TemporalTask(ControlNetTask):
+    """``temporal``: ``sequence_length`` other-date tiles of a place → the tile at the target date; baseline:
+    the frame nearest in time."""
+
+    name: ClassVar[str] = "temporal"
+    baseline_name: ClassVar[str] = "nearest_date"
+
+    sequence_length: int = 3
+    direction: Direction = "both"
+
+    def __post_init__(self) -> None:
+        if self.sequence_length < 1:
+            raise ValueError(f"sequence_length must be >= 1, got {self.sequence_length}")
+        _check_choice("direction", self.direction, get_args(Direction))
+
+    def dataset(self, spec: DataSpec) -> TemporalDataset:
+        return TemporalDataset(
+            spec.store_uri,
+            self.product,
+            self.sequence_length,
+            self.direction,
+            split_frames=spec.split_conditioning,
+            **spec.options(),
+        )
+
+    def baseline(self, dataset: TemporalDataset, i: int, sample: dict[str, Any]) -> torch.Tensor:
+        frames = [
+            _decode(v, m) for v, m in zip(sample["cond_metadata"], sample["cond_metadata_mask"], strict=True)
+        ]
+        target = _decode(sample["metadata"], sample["metadata_mask"])
+        k = nearest_date_index([_tile_date(f) for f in frames], _tile_date(target))
+        return to_rgb(sample["cond"][:, k], dataset.cond_bands)
+
+
+@dataclass(frozen=True)
+class InpaintingTask(ControlNetTask):
+    """``inpaint``: the image with a ``mask_kind`` hole (+ the mask) → the full image; baseline: the harmonic
+    fill of the hole. The pipeline gets the known image and the mask; the hole is scored apart."""
+
+    name: ClassVar[str] = "inpaint"
+    baseline_name: ClassVar[str] = "classical_inpaint"
+
+    mask_kind: MaskKind = "mixed"
+
+    def __post_init__(self) -> None:
+        _check_choice("mask kind", self.mask_kind, get_args(MaskKind))
+
+    def dataset(self, spec: DataSpec) -> InpaintingDataset:
+        return InpaintingDataset(
+            spec.store_uri, self.product, self.mask_kind, seed=spec.seed, **spec.options()
+        )
+
+    def baseline(self, dataset: InpaintingDataset, i: int, sample: dict[str, Any]) -> torch.Tensor:
+        return classical_inpaint(sample["pixel_values"].double(), sample["mask"][0] > 0.5)
+
+    def cond_preview(self, dataset: InpaintingDataset, sample: dict[str, Any]) -> torch.Tensor:
+        """The masked image (holes at 0), without the mask channel."""
+        frame = sample["cond"][:-1, -1]
+        return rgb_preview(frame, dataset.cond_bands[:-1], sample["pixel_values"].shape[-2:])
+
+    def conditioning(self, batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+        return {**super().conditioning(batch), "image": batch["pixel_values"], "mask": batch["mask"]}
+
+    def fill_mask(self, batch: Mapping[str, Any]) -> torch.Tensor:
+        return batch["mask"].float()
+
+
+# ---------------------------------------------------------------------------------------------- registry
+TaskName = Literal["sr", "temporal", "inpaint"]
+TASKS: dict[str, type[ControlNetTask]] = {
+    task.name: task for task in (SuperResolutionTask, TemporalTask, InpaintingTask)
+}
+if set(TASKS) != set(get_args(TaskName)):
+    raise RuntimeError(f"TaskName {get_args(TaskName)} does not list the registered tasks {sorted(TASKS)}")
+
+TASK_CARD = "task.json"
+# the card every task got before each task had its own fields: the fields of other tasks are dropped
+_LEGACY_CARD_FIELDS = frozenset({"cond_product", "degradation", "sequence_length", "direction", "mask_kind"})
+
+
+def get_task(name: str | None) -> type[ControlNetTask]:
+    """The task class registered as ``name``."""
+    if name not in TASKS:
+        raise ValueError(f"unknown task {name!r}; choose one of {sorted(TASKS)}")
+    return TASKS[name]
+
+
+def task_from_options(name: str, options: Mapping[str, Any]) -> ControlNetTask:
+    """The task ``name`` with those of ``options`` that are its fields (a config holds every task's)."""
+    task = get_task(name)
+    return task(**{f.name: options[f.name] for f in fields(task) if f.name in options})
+
+
+def write_task_card(task: ControlNetTask, folder: str | Path) -> Path:
+    """``folder/task.json``: the task's card, beside the pipeline trained on it."""
+    path = Path(folder) / TASK_CARD
+    path.write_text(json.dumps(task.to_card(), indent=1))
+    return path
+
+
+def read_task_card(folder: str | Path) -> ControlNetTask | None:
+    """The task recorded in ``folder/task.json``, or None when there is no card."""
+    path = Path(folder) / TASK_CARD
+    return ControlNetTask.from_card(json.loads(path.read_text())) if path.is_file() else None
+
+
+def resolve_task(task: ControlNetTask | str, pipeline_dir: str | Path | None = None) -> ControlNetTask:
+    """``task`` itself; or, by name, the task recorded beside ``pipeline_dir`` (all of its card), or the
+    task's defaults when there is no card."""
+    if isinstance(task, ControlNetTask):
+        return task
+    recorded = read_task_card(pipeline_dir) if pipeline_dir is not None else None
+    if recorded is None:
+        return get_task(task)()
+    if recorded.name != task:
+        raise ValueError(f"{pipeline_dir} holds a {recorded.name!r} ControlNet ({TASK_CARD}), not {task!r}")
+    return recorded
+
+
 __all__ = [
     "TASKS",
+    "TASK_CARD",
+    "ControlNetTask",
+    "DataSpec",
     "DegradationRecipe",
+    "Direction",
     "InpaintingDataset",
+    "InpaintingTask",
+    "MaskKind",
     "SuperResolutionDataset",
-    "TaskSpec",
+    "SuperResolutionTask",
+    "TaskDataset",
+    "TaskName",
     "TemporalDataset",
+    "TemporalTask",
+    "batch_metadata",
     "collate_task_batch",
     "gaussian_blur",
+    "get_task",
     "make_mask",
-    "make_task_dataset",
     "random_box_mask",
     "random_stroke_mask",
+    "read_task_card",
+    "resolve_task",
     "split_sr_recipe",
+    "sr_recipe_record",
+    "task_from_options",
+    "write_task_card",
 ]

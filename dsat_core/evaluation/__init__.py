@@ -1,5 +1,6 @@
-"""Evaluation: image metrics (FID, KID, IS, PSNR, SSIM, LPIPS, CLIP), baselines, quality maps, STAC output,
-metadata sensitivity. Pure library code: flows call these functions and log the results.
+"""Evaluation: image metrics (FID, KID, IS, PSNR, SSIM, LPIPS, CLIP), quality maps, STAC output, metadata
+sensitivity. Pure library code: flows call these functions and log the results. (The RGB views and the
+classical baselines it scores are in `dsat_core.imaging`, the tasks in `dsat_core.data.tasks`.)
 
 Names are imported on first use (the STAC output needs rasterio / pyproj / pystac, the metrics torch).
 """
@@ -12,14 +13,6 @@ from dsat_core._lazy import lazy_exports
 
 if TYPE_CHECKING:
     from dsat_core.evaluation.geo_map import plot_quality_map, quality_map
-    from dsat_core.evaluation.image_ops import (
-        bicubic_upsample,
-        classical_inpaint,
-        nearest_date_frame,
-        nearest_date_index,
-        rgb_band_indices,
-        to_rgb,
-    )
     from dsat_core.evaluation.inception import InceptionFeatures, InceptionScoreUnavailable, load_logits_model
     from dsat_core.evaluation.metrics import (
         METRICS,
@@ -41,22 +34,16 @@ _MODULE_OF = {
     "METRICS": "metrics",
     "PSNR_CAP_DB": "metrics",
     "PairedMetrics": "metrics",
-    "bicubic_upsample": "image_ops",
-    "classical_inpaint": "image_ops",
     "frechet_distance": "metrics",
     "kernel_inception_distance": "metrics",
     "load_logits_model": "inception",
-    "nearest_date_frame": "image_ops",
-    "nearest_date_index": "image_ops",
     "paired_metrics": "metrics",
     "plot_quality_map": "geo_map",
     "prepare_images": "metrics",
     "quality_map": "geo_map",
-    "rgb_band_indices": "image_ops",
     "robustness": "sensitivity",
     "sensitivity": "sensitivity",
     "shuffled_metadata": "sensitivity",
-    "to_rgb": "image_ops",
     "validate_catalog": "stac_output",
     "vary_field": "sensitivity",
     "write_generated_stac": "stac_output",
@@ -69,22 +56,16 @@ __all__ = [
     "InceptionFeatures",
     "InceptionScoreUnavailable",
     "PairedMetrics",
-    "bicubic_upsample",
-    "classical_inpaint",
     "frechet_distance",
     "kernel_inception_distance",
     "load_logits_model",
-    "nearest_date_frame",
-    "nearest_date_index",
     "paired_metrics",
     "plot_quality_map",
     "prepare_images",
     "quality_map",
-    "rgb_band_indices",
     "robustness",
     "sensitivity",
     "shuffled_metadata",
-    "to_rgb",
     "validate_catalog",
     "vary_field",
     "write_generated_stac",

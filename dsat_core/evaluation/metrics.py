@@ -4,8 +4,8 @@ Inputs are (N, C, H, W) images, numpy or torch:
 - uint8 in [0, 255] (or uint16 in [0, 65535]); or
 - float in `value_range` (default (0, 1); pass (-1, 1) for diffusion-space outputs). Values outside the range
   (beyond a 1e-3 tolerance) raise `ValueError`.
-Images with C != 3 are reduced to RGB by `image_ops.to_rgb(images, bands)` (red/green/blue by band name, else
-the first three bands, a single band repeated) before any metric.
+Images with C != 3 are reduced to RGB by `dsat_core.imaging.to_rgb(images, bands)` (red/green/blue by band
+name, else the first three bands, a single band repeated) before any metric.
 
 Distribution metrics (unpaired, Inception features of `inception.InceptionFeatures`):
 - FID: streaming float64 mean / scatter accumulators (Chan's parallel update), so memory is O(2048^2) whatever
@@ -31,7 +31,6 @@ import torch
 from torch import nn
 from torchmetrics.functional.image import structural_similarity_index_measure
 
-from dsat_core.evaluation.image_ops import to_rgb
 from dsat_core.evaluation.inception import (
     InceptionFeatures,
     InceptionScoreUnavailable,
@@ -39,6 +38,7 @@ from dsat_core.evaluation.inception import (
     inception_preprocess,
     load_logits_model,
 )
+from dsat_core.imaging.rgb import to_rgb
 
 METRICS = ("fid", "kid", "is", "psnr", "ssim", "lpips", "clip")
 # PSNR of identical images is +inf: it is reported as this finite cap (dB), so means and MLflow stay finite.

@@ -16,9 +16,10 @@ import torch.nn.functional as F
 from PIL import Image
 
 from dsat_core.evaluation.geo_map import plot_quality_map
-from dsat_core.evaluation.runner import GenerationEval, PairedEval
+from dsat_core.evaluation.runner import GenerationEval, PairedEval, sample_images
 from dsat_core.evaluation.sensitivity import robustness, sensitivity_details, shuffled_metadata
 from dsat_core.evaluation.stac_output import validate_catalog, write_generated_stac
+from dsat_core.imaging.rgb import image_grid
 from dsat_core.metadata import SatMetadata
 
 Evaluation = GenerationEval | PairedEval
@@ -33,24 +34,19 @@ SENSITIVITY_VALUES: dict[str, tuple[float, ...]] = {
 
 
 # ---------------------------------------------------------------------------------------------- grids
-def image_grid(images: np.ndarray, columns: int, pad: int = 2) -> Image.Image:
-    """uint8 (N, 3, H, W) → one RGB grid (row-major), white padding."""
-    from dsat_core.training.mlflow_logging import image_grid as _grid
-
-    return _grid(np.asarray(images).transpose(0, 2, 3, 1), columns=columns, pad=pad)
-
-
 def sample_grid(result: Evaluation, max_rows: int = 8) -> Image.Image:
     """Generation: the samples (up to 64). Paired: per tile, conditioning | baseline | model | target."""
     if isinstance(result, GenerationEval):
         images = result.images[:64]
-        return image_grid(images, columns=int(math.ceil(math.sqrt(len(images)))))
-    k = min(max_rows, len(result.images))
-    parts = [result.baselines[:k], result.images[:k], result.targets[:k]]
-    if result.cond_preview is not None:
-        parts.insert(0, result.cond_preview[:k])
-    rows = np.stack(parts, axis=1).reshape(-1, *result.images.shape[1:])
-    return image_grid(rows, columns=len(parts))
+        columns = int(math.ceil(math.sqrt(len(images))))
+    else:
+        k = min(max_rows, len(result.images))
+        parts = [result.baselines[:k], result.images[:k], result.targets[:k]]
+        if result.cond_preview is not None:
+            parts.insert(0, result.cond_preview[:k])
+        images = np.stack(parts, axis=1).reshape(-1, *result.images.shape[1:])
+        columns = len(parts)
+    return image_grid(np.asarray(images).transpose(0, 2, 3, 1), columns=columns)
 
 
 # ---------------------------------------------------------------------------------------------- map
@@ -81,8 +77,8 @@ def make_sample_fn(
 ) -> Callable[[list[SatMetadata], int], np.ndarray]:
     """`sample_fn(metadata_list, seed) -> (N, 3, H, W)` floats in [0, 1], for `evaluation.sensitivity`.
 
-    Every image of a call starts from the SAME noise (one generator per image, all seeded with ``seed``), so
-    only the metadata differs. ``prompts``: one caption for all, or one per metadata entry. ``cond``: for a
+    Every image of a call starts from the SAME noise (`sample_images` with every seed ``seed``), so only the
+    metadata differs. ``prompts``: one caption for all, or one per metadata entry. ``cond``: for a
     `SatControlNetPipeline`, keyword inputs (``cond``, ``cond_metadata``, ``cond_metadata_mask``, and for
     inpainting ``image`` / ``mask``) with batch 1 (shared) or one per metadata entry.
     """
@@ -92,24 +88,24 @@ def make_sample_fn(
         captions = [prompts] * k if isinstance(prompts, str) else list(prompts)
         if len(captions) != k:
             raise ValueError(f"{len(captions)} prompts for {k} metadata entries")
-        generators = [torch.Generator().manual_seed(int(seed)) for _ in range(k)]
-        common = dict(
-            num_inference_steps=num_inference_steps,
-            guidance_scale=guidance_scale,
-            generator=generators,
-            output_type="pt",
-        )
-        if cond is None:
-            out = pipe(captions, metadata=metadata, **common).images
-        else:
+        inputs = None
+        if cond is not None:
             inputs = {
                 key: (value.expand(k, *value.shape[1:]) if value.shape[0] == 1 else value)
                 for key, value in cond.items()
             }
             if any(v.shape[0] != k for v in inputs.values()):
                 raise ValueError(f"conditioning batch does not match {k} metadata entries")
-            out = pipe(metadata=metadata, prompt=captions, **inputs, **common).images
-        return out.float().cpu().clamp(0.0, 1.0).numpy()
+        images = sample_images(
+            pipe,
+            captions,
+            metadata,
+            [seed] * k,
+            num_inference_steps=num_inference_steps,
+            guidance_scale=guidance_scale,
+            conditioning=inputs,
+        )
+        return images.numpy()
 
     return sample_fn
 
@@ -160,7 +156,7 @@ def metadata_sensitivity(
 
 def evaluation_sensitivity(
     result: Evaluation,
-    pipeline: Any,
+    pipe: Any,
     *,
     num_inference_steps: int,
     guidance_scale: float,
@@ -171,13 +167,16 @@ def evaluation_sensitivity(
     """`metadata_sensitivity` around an evaluation: the base is its first sample (caption, metadata and, for
     a ControlNet, conditioning); robustness shuffles the metadata of its first ``n`` samples and scores both
     against their real tiles (generation: the tile each sample's metadata came from; ControlNet: targets).
-    ``pipeline``: the evaluated pipeline (object or folder).
+    ``pipe``: the evaluated pipeline object, as the evaluation loaded it (on the run's device).
     """
-    from dsat_core.evaluation.runner import load_pipeline
     from dsat_core.pipelines import DiffusionSatPipeline, SatControlNetPipeline
 
     paired = isinstance(result, PairedEval)
-    pipe = load_pipeline(pipeline, SatControlNetPipeline if paired else DiffusionSatPipeline)
+    expected = SatControlNetPipeline if paired else DiffusionSatPipeline
+    if not isinstance(pipe, expected):
+        raise TypeError(
+            f"sensitivity of a {result.kind} evaluation runs its {expected.__name__}, got {pipe!r}"
+        )
     k = min(n, len(result.metadata))
     cond = base_cond = None
     if paired:
@@ -342,7 +341,6 @@ __all__ = [
     "default_sensitivity_values",
     "evaluation_markdown",
     "evaluation_sensitivity",
-    "image_grid",
     "make_sample_fn",
     "metadata_sensitivity",
     "plot_sensitivity",

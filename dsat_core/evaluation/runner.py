@@ -4,19 +4,18 @@
   tiles (cycling when there are fewer tiles than samples), FID / KID against the real held-out tiles,
   Inception Score and CLIP score when their local models are given (else recorded in `skipped` with why).
 - `evaluate_controlnet`: SSIM / PSNR (and LPIPS with local weights) of a SatControlNetPipeline on a task
-  (`sr`, `temporal`, `inpaint`) AND of the task's classical baseline (bicubic, nearest-date frame, harmonic
-  inpainting) on the SAME held-out tiles, with one row per tile.
+  (a `dsat_core.data.tasks.ControlNetTask`, by default the one training recorded in ``task.json``) AND of the
+  task's classical baseline (bicubic, nearest-date frame, harmonic inpainting) on the SAME held-out tiles,
+  with one row per tile.
 
 Both return plain results (uint8 images, per-sample rows, metric dicts) that `report.py` turns into grids,
-quality maps and STAC catalogs. Nothing here logs anywhere: the `evaluate` flow does that.
-
-Sample i always uses the generator seed ``seed + i`` (recorded per row and in STAC), so any single image
-can be regenerated on its own.
+quality maps and STAC catalogs. Nothing here logs anywhere: the `evaluate` flow does that. Every pipeline
+call goes through `sample_images`: sample i uses the generator seed ``seed + i`` (recorded per row and in
+STAC), so any single image can be regenerated on its own.
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -28,14 +27,23 @@ import torch
 from torch import nn
 
 from dsat_core.data.dataset import TileDataset
-from dsat_core.evaluation.image_ops import bicubic_upsample, classical_inpaint, nearest_date_index, to_rgb
+from dsat_core.data.tasks import (
+    ControlNetTask,
+    DataSpec,
+    TaskDataset,
+    TaskName,
+    batch_metadata,
+    collate_task_batch,
+    resolve_task,
+)
 from dsat_core.evaluation.metrics import ImageMetrics, paired_metrics
+from dsat_core.imaging.rgb import to_rgb
 from dsat_core.metadata import FIELD_NAMES, SatMetadata
 
 Split = Literal["train", "holdout"] | None
-ControlTask = Literal["sr", "temporal", "inpaint"]
-BASELINES: dict[str, str] = {"sr": "bicubic", "temporal": "nearest_date", "inpaint": "classical_inpaint"}
 GENERATION_METRICS = ("fid", "kid", "is", "clip")
+SENSITIVITY_INPUTS = 8
+"""How many samples' conditioning inputs a ControlNet evaluation keeps for the sensitivity report."""
 
 
 # ----------------------------------------------------------------------------------------------- results
@@ -121,6 +129,41 @@ def load_pipeline(pipeline: Any, cls: type, device: str | torch.device = "cpu") 
     return pipeline
 
 
+def sample_images(
+    pipe: Any,
+    prompts: Sequence[str],
+    metadata: Sequence[SatMetadata],
+    seeds: Sequence[int],
+    *,
+    num_inference_steps: int,
+    guidance_scale: float,
+    conditioning: Mapping[str, torch.Tensor] | None = None,
+    **options: Any,
+) -> torch.Tensor:
+    """One pipeline call: float (N, 3, H, W) in [0, 1], on the CPU.
+
+    Image k starts from the noise of a generator seeded ``seeds[k]`` on the pipeline's device, so any image
+    can be regenerated alone. ``conditioning``: a `SatControlNetPipeline`'s keyword inputs
+    (`ControlNetTask.conditioning`); ``options``: other arguments of the call (e.g. the ControlNet scale).
+    """
+    generators = [torch.Generator(device=pipe.device).manual_seed(int(s)) for s in seeds]
+    out = pipe(
+        prompt=list(prompts),
+        metadata=list(metadata),
+        **(conditioning or {}),
+        num_inference_steps=num_inference_steps,
+        guidance_scale=guidance_scale,
+        generator=generators,
+        output_type="pt",
+        **options,
+    ).images
+    return out.float().cpu().clamp(0.0, 1.0)
+
+
+def _batches(count: int, batch_size: int) -> list[range]:
+    return [range(start, min(start + batch_size, count)) for start in range(0, count, batch_size)]
+
+
 @lru_cache(maxsize=1)
 def shared_inception() -> nn.Module:
     """The offline FID Inception, loaded once per process (loading the TorchScript graph takes seconds)."""
@@ -139,20 +182,12 @@ def _signed_to_unit(x: torch.Tensor) -> torch.Tensor:
     return ((x.float() + 1.0) / 2.0).clamp(0.0, 1.0)
 
 
-def _generators(seeds: Sequence[int], device: str | torch.device) -> list[torch.Generator]:
-    return [torch.Generator(device=torch.device(device)).manual_seed(int(s)) for s in seeds]
-
-
 def _metadata_record(meta: SatMetadata) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for name in FIELD_NAMES:
         value = getattr(meta, name)
         out[name] = None if value is None else (round(float(value), 6) if isinstance(value, float) else value)
     return out
-
-
-def _decode(vector: torch.Tensor, mask: torch.Tensor) -> SatMetadata:
-    return SatMetadata.decode(vector.double().numpy(), mask.numpy())
 
 
 def _empty_split_error(store_uri: str, product: str, split: Split, fraction: float, what: str) -> ValueError:
@@ -181,6 +216,123 @@ def nearest_distance(queries: np.ndarray, points: np.ndarray, chunk: int = 256) 
 
 
 # -------------------------------------------------------------------------------------------- generation
+class _HeldOutTiles:
+    """The tiles a generation run conditions on and compares with, each read once."""
+
+    def __init__(self, tiles: TileDataset) -> None:
+        self.tiles = tiles
+        self._cache: dict[int, dict[str, Any]] = {}
+
+    def __len__(self) -> int:
+        return len(self.tiles)
+
+    def __getitem__(self, pos: int) -> dict[str, Any]:
+        if pos not in self._cache:
+            sample = self.tiles[pos]
+            sample["rgb"] = to_rgb(sample["pixel_values"], self.tiles.bands)
+            self._cache[pos] = sample
+        return self._cache[pos]
+
+    def metadata(self, pos: int) -> SatMetadata:
+        sample = self[pos]
+        return SatMetadata.decode(sample["metadata"].double().numpy(), sample["metadata_mask"].numpy())
+
+    def rgb_uint8(self, positions: Sequence[int]) -> np.ndarray:
+        return np.stack([_to_uint8(_signed_to_unit(self[p]["rgb"])) for p in positions])
+
+
+def _check_generation_request(metrics: Sequence[str], n_samples: int) -> None:
+    unknown = set(metrics) - set(GENERATION_METRICS)
+    if unknown:
+        raise ValueError(f"unknown generation metrics {sorted(unknown)}; choose from {GENERATION_METRICS}")
+    if n_samples < 1:
+        raise ValueError(f"n_samples must be >= 1, got {n_samples}")
+    distribution = [m for m in ("fid", "kid") if m in metrics]
+    if distribution and n_samples < 2:
+        raise ValueError(f"{'/'.join(distribution)} need at least 2 samples, got n_samples={n_samples}")
+
+
+def _generate(
+    pipe: Any,
+    prompts: Sequence[str],
+    metadata: Sequence[SatMetadata],
+    seeds: Sequence[int],
+    batch_size: int,
+    **sampling: Any,
+) -> np.ndarray:
+    """uint8 (N, 3, H, W): `sample_images` over batches."""
+    images = [
+        sample_images(
+            pipe, [prompts[i] for i in b], [metadata[i] for i in b], [seeds[i] for i in b], **sampling
+        )
+        for b in _batches(len(prompts), batch_size)
+    ]
+    return _to_uint8(torch.cat(images))
+
+
+def _distribution_scores(
+    fake: np.ndarray,
+    real: np.ndarray,
+    distribution: Sequence[str],
+    inception: nn.Module | None,
+    seed: int,
+    kid_subsets: int,
+) -> tuple[dict[str, float], np.ndarray, str]:
+    """FID / KID, and each sample's distance to the nearest real tile (Inception space, else RMS pixels)."""
+    if not distribution:
+        if fake.shape[1:] != real.shape[1:]:
+            raise ValueError(f"generated {fake.shape[1:]} and real {real.shape[1:]} images differ in shape")
+        flat_f = fake.reshape(len(fake), -1).astype(np.float64) / 255.0
+        flat_r = real.reshape(len(real), -1).astype(np.float64) / 255.0
+        return {}, nearest_distance(flat_f, flat_r) / np.sqrt(flat_f.shape[1]), "pixel"
+    net = inception if inception is not None else shared_inception()
+    real_f = net(torch.from_numpy(real)).cpu().numpy().astype(np.float64)
+    fake_f = net(torch.from_numpy(fake)).cpu().numpy().astype(np.float64)
+    meter = ImageMetrics(
+        distribution,
+        inception=net,
+        seed=seed,
+        kid_subsets=kid_subsets,
+        kid_subset_size=min(len(real_f), len(fake_f)),
+    )
+    meter.update_features(real=real_f, fake=fake_f)
+    scores = {k: v for k, v in meter.compute().items() if not k.startswith("n_")}
+    return scores, nearest_distance(fake_f, real_f), "inception"
+
+
+def _model_scores(
+    fake: np.ndarray,
+    prompts: Sequence[str],
+    metrics: Sequence[str],
+    logits_model: nn.Module | str | Path | None,
+    clip_model: Any,
+    seed: int,
+) -> tuple[dict[str, float], dict[str, str]]:
+    """Inception Score and CLIP score where asked for; metric → reason for those without a local model."""
+    from dsat_core.evaluation.clip import CLIPUnavailable
+    from dsat_core.evaluation.inception import InceptionScoreUnavailable
+
+    scores: dict[str, float] = {}
+    skipped: dict[str, str] = {}
+    if "is" in metrics:
+        try:
+            meter = ImageMetrics(["is"], logits_model=logits_model, seed=seed, is_splits=min(10, len(fake)))
+        except InceptionScoreUnavailable as err:
+            skipped["is"] = str(err)
+        else:
+            meter.update(fake=fake)
+            scores.update({k: v for k, v in meter.compute().items() if k.startswith("is_")})
+    if "clip" in metrics:
+        try:
+            meter = ImageMetrics(["clip"], clip=clip_model, seed=seed)
+        except CLIPUnavailable as err:
+            skipped["clip"] = str(err)
+        else:
+            meter.update(fake=fake, prompts=list(prompts))
+            scores["clip_score"] = meter.compute()["clip_score"]
+    return scores, skipped
+
+
 def evaluate_generation(
     pipeline: Any,
     store_uri: str,
@@ -213,125 +365,56 @@ def evaluate_generation(
     tile's (pixel-space RMS distance when neither fid nor kid is computed): a per-sample realism proxy
     that the quality map bins by location.
     """
-    from dsat_core.evaluation.clip import CLIPUnavailable
-    from dsat_core.evaluation.inception import InceptionScoreUnavailable
     from dsat_core.pipelines import DiffusionSatPipeline
 
-    unknown = set(metrics) - set(GENERATION_METRICS)
-    if unknown:
-        raise ValueError(f"unknown generation metrics {sorted(unknown)}; choose from {GENERATION_METRICS}")
-    if n_samples < 1:
-        raise ValueError(f"n_samples must be >= 1, got {n_samples}")
+    _check_generation_request(metrics, n_samples)
+    distribution = [m for m in ("fid", "kid") if m in metrics]
     pipe = load_pipeline(pipeline, DiffusionSatPipeline, device)
     size = int(pipe.unet.config.sample_size * pipe.vae_scale_factor)
-    tiles = TileDataset(
-        store_uri,
-        product,
-        resolution=size,
-        split=split,
-        holdout_fraction=holdout_fraction,
-        storage_options=storage_options,
+    tiles = _HeldOutTiles(
+        TileDataset(
+            store_uri,
+            product,
+            resolution=size,
+            split=split,
+            holdout_fraction=holdout_fraction,
+            storage_options=storage_options,
+        )
     )
-    distribution = [m for m in ("fid", "kid") if m in metrics]
     if len(tiles) == 0 or (distribution and len(tiles) < 2):
         raise _empty_split_error(store_uri, product, split, holdout_fraction, f"{len(tiles)} found")
-    if distribution and n_samples < 2:
-        raise ValueError(f"{'/'.join(distribution)} need at least 2 samples, got n_samples={n_samples}")
-
-    cache: dict[int, dict[str, Any]] = {}
-
-    def tile(pos: int) -> dict[str, Any]:
-        if pos not in cache:
-            sample = tiles[pos]
-            sample["rgb"] = to_rgb(sample["pixel_values"], tiles.bands)
-            cache[pos] = sample
-        return cache[pos]
 
     # conditioning: held-out tiles in order, cycling
     positions = [i % len(tiles) for i in range(n_samples)]
-    metadata = [_decode(tile(p)["metadata"], tile(p)["metadata_mask"]) for p in positions]
-    prompts = [tile(p)["caption"] for p in positions]
+    metadata = [tiles.metadata(p) for p in positions]
+    prompts = [tiles[p]["caption"] for p in positions]
     seeds = [seed + i for i in range(n_samples)]
-    images = []
-    for start in range(0, n_samples, batch_size):
-        stop = min(start + batch_size, n_samples)
-        out = pipe(
-            prompts[start:stop],
-            metadata=metadata[start:stop],
-            num_inference_steps=num_inference_steps,
-            guidance_scale=guidance_scale,
-            generator=_generators(seeds[start:stop], device),
-            output_type="np",
-        ).images
-        images.append(_to_uint8(np.asarray(out).transpose(0, 3, 1, 2)))
-    fake = np.concatenate(images)
+    sampling = dict(num_inference_steps=num_inference_steps, guidance_scale=guidance_scale)
+    fake = _generate(pipe, prompts, metadata, seeds, batch_size, **sampling)
 
     n_real = min(len(tiles), max_real if max_real is not None else max(n_samples, 2))
-    real_pos = np.unique(np.linspace(0, len(tiles) - 1, n_real).round().astype(int)).tolist()
-    real = np.stack([_to_uint8(_signed_to_unit(tile(p)["rgb"])) for p in real_pos])
+    real = tiles.rgb_uint8(np.unique(np.linspace(0, len(tiles) - 1, n_real).round().astype(int)).tolist())
+    results, nearest, space = _distribution_scores(fake, real, distribution, inception, seed, kid_subsets)
+    scores, skipped = _model_scores(fake, prompts, metrics, logits_model, clip_model, seed)
+    results.update(scores, n_real=float(len(real)), n_fake=float(len(fake)))
 
-    results: dict[str, float] = {}
-    skipped: dict[str, str] = {}
-    if distribution:
-        net = inception if inception is not None else shared_inception()
-        real_f = net(torch.from_numpy(real)).cpu().numpy().astype(np.float64)
-        fake_f = net(torch.from_numpy(fake)).cpu().numpy().astype(np.float64)
-        meter = ImageMetrics(
-            distribution,
-            inception=net,
-            seed=seed,
-            kid_subsets=kid_subsets,
-            kid_subset_size=min(len(real_f), len(fake_f)),
-        )
-        meter.update_features(real=real_f, fake=fake_f)
-        results.update({k: v for k, v in meter.compute().items() if not k.startswith("n_")})
-        nearest = nearest_distance(fake_f, real_f)
-        space = "inception"
-    else:
-        if fake.shape[1:] != real.shape[1:]:
-            raise ValueError(f"generated {fake.shape[1:]} and real {real.shape[1:]} images differ in shape")
-        flat_f = fake.reshape(len(fake), -1).astype(np.float64) / 255.0
-        flat_r = real.reshape(len(real), -1).astype(np.float64) / 255.0
-        nearest = nearest_distance(flat_f, flat_r) / np.sqrt(flat_f.shape[1])  # RMS over pixels
-        space = "pixel"
-    if "is" in metrics:
-        try:
-            meter = ImageMetrics(["is"], logits_model=logits_model, seed=seed, is_splits=min(10, n_samples))
-        except InceptionScoreUnavailable as err:
-            skipped["is"] = str(err)
-        else:
-            meter.update(fake=fake)
-            results.update({k: v for k, v in meter.compute().items() if k.startswith("is_")})
-    if "clip" in metrics:
-        try:
-            meter = ImageMetrics(["clip"], clip=clip_model, seed=seed)
-        except CLIPUnavailable as err:
-            skipped["clip"] = str(err)
-        else:
-            meter.update(fake=fake, prompts=prompts)
-            results["clip_score"] = meter.compute()["clip_score"]
-    results["n_real"] = float(len(real))
-    results["n_fake"] = float(len(fake))
-
-    records = []
-    for i, pos in enumerate(positions):
-        records.append(
-            {
-                "sample": i,
-                "tile_index": int(tile(pos)["index"]),
-                "item_id": tile(pos)["item_id"],
-                **_metadata_record(metadata[i]),
-                "caption": prompts[i],
-                "seed": seeds[i],
-                "nearest_real_distance": float(nearest[i]),
-            }
-        )
+    records = [
+        {
+            "sample": i,
+            "tile_index": int(tiles[pos]["index"]),
+            "item_id": tiles[pos]["item_id"],
+            **_metadata_record(metadata[i]),
+            "caption": prompts[i],
+            "seed": seeds[i],
+            "nearest_real_distance": float(nearest[i]),
+        }
+        for i, pos in enumerate(positions)
+    ]
     params = {
         "kind": "generation",
         "product": product,
         "n_samples": n_samples,
-        "num_inference_steps": num_inference_steps,
-        "guidance_scale": guidance_scale,
+        **sampling,
         "seed": seed,
         "split": split,
         "holdout_fraction": holdout_fraction,
@@ -350,80 +433,92 @@ def evaluate_generation(
         seeds=seeds,
         params=params,
         n_eval_tiles=len(tiles),
-        references=np.stack([_to_uint8(_signed_to_unit(tile(p)["rgb"])) for p in positions]),
+        references=tiles.rgb_uint8(positions),
         map_label=f"distance to nearest real held-out tile ({space} space)",
     )
 
 
 # ---------------------------------------------------------------------------------------------- controlnet
-def _task_dataset(
-    task: str,
-    store_uri: str,
-    *,
-    product: str,
-    cond_product: str,
-    degradation: Mapping[str, Any] | None,
-    sequence_length: int,
-    direction: str,
-    mask_kind: str,
-    seed: int,
-    resolution: int | None,
-    split: Split,
-    holdout_fraction: float,
-    storage_options: Mapping[str, Any] | None,
-):
-    from dsat_core.data import tasks
+@dataclass
+class _PairedRun:
+    """The model's outputs next to the baseline's and the targets (float [0, 1]), sample by sample."""
 
-    common = dict(resolution=resolution, storage_options=storage_options)
-    split_kw = dict(split=split, holdout_fraction=holdout_fraction)
-    if task == "sr":
-        return tasks.SuperResolutionDataset(
-            store_uri, product, cond_product, dict(degradation or {}), **common, **split_kw
+    preds: torch.Tensor
+    baselines: torch.Tensor
+    targets: torch.Tensor
+    previews: torch.Tensor
+    fill: torch.Tensor | None
+    metadata: list[SatMetadata]
+    prompts: list[str]
+    tiles: list[dict[str, Any]]
+    inputs: dict[str, torch.Tensor]
+
+
+def _check_channels(task: ControlNetTask, dataset: TaskDataset, pipe: Any, store_uri: str) -> None:
+    expected = pipe.controlnet.config.conditioning_channels
+    if dataset.conditioning_channels != expected:
+        raise ValueError(
+            f"{task.name} data of {store_uri} gives {dataset.conditioning_channels} conditioning channels "
+            f"({dataset.cond_bands}), the ControlNet takes {expected}"
         )
-    if task == "inpaint":
-        return tasks.InpaintingDataset(store_uri, product, mask_kind, seed=seed, **common, **split_kw)
-    if task == "temporal":
-        # the TARGET must be held out; its conditioning frames may be any other acquisition of the place
-        ds = tasks.TemporalDataset(store_uri, product, sequence_length, direction, **common)
-        if split is not None:
-            held = set(
-                TileDataset(store_uri, product, storage_options=storage_options, **split_kw).indices.tolist()
+
+
+def _lpips_model(lpips: nn.Module | str | Path | None) -> tuple[nn.Module | None, dict[str, str]]:
+    """The LPIPS network, or None and why LPIPS is skipped."""
+    if lpips is None:
+        return None, {"lpips": "no local LPIPS weights given (lpips=...); nothing is downloaded"}
+    from dsat_core.evaluation.lpips import load_lpips
+
+    return (load_lpips(lpips) if isinstance(lpips, (str, Path)) else lpips), {}
+
+
+def _run_paired(
+    pipe: Any,
+    task: ControlNetTask,
+    dataset: TaskDataset,
+    seeds: Sequence[int],
+    batch_size: int,
+    **sampling: Any,
+) -> _PairedRun:
+    """The model (`sample_images`), the baseline and the conditioning preview on samples 0 … len(seeds)-1."""
+    preds, bases, targets, previews, fills = [], [], [], [], []
+    metadata: list[SatMetadata] = []
+    prompts: list[str] = []
+    tiles: list[dict[str, Any]] = []
+    inputs: list[dict[str, torch.Tensor]] = []
+    for batch_idx in _batches(len(seeds), batch_size):
+        samples = [dataset[i] for i in batch_idx]
+        batch = collate_task_batch(samples)
+        metas, captions = batch_metadata(batch), list(batch["caption"])
+        conditioning = task.conditioning(batch)
+        preds.append(
+            sample_images(
+                pipe, captions, metas, [seeds[i] for i in batch_idx], conditioning=conditioning, **sampling
             )
-            ds.sequences = [
-                (pos, frames) for pos, frames in ds.sequences if int(ds.tiles.indices[pos]) in held
-            ]
-            ds.recipe = {**ds.recipe, "split": split, "holdout_fraction": holdout_fraction}
-        return ds
-    raise ValueError(f"unknown ControlNet task {task!r}; choose one of {sorted(BASELINES)}")
-
-
-def _target_tiles(ds: Any) -> TileDataset:
-    return ds.target if ds.task == "sr" else ds.tiles
-
-
-def _baseline(ds: Any, i: int, sample: dict[str, Any]) -> torch.Tensor:
-    """The task baseline for sample ``i`` as float (3, H, W) in [0, 1]."""
-    size = tuple(sample["pixel_values"].shape[-2:])
-    if ds.task == "sr":
-        _, cond_pos = ds.pairs[i]
-        raw = ds.cond_tiles[cond_pos]["pixel_values"]
-        low = ds.degradation.lowres(raw, ds.cond_tiles.bands)  # (C', h, w) in [-1, 1]
-        up = bicubic_upsample(to_rgb(low, ds.cond_bands)[None].double(), size)[0]
-        return _signed_to_unit(up)
-    if ds.task == "temporal":
-        frames = sample["cond"]  # (C, T, H, W)
-        dates = []
-        for vector, mask in zip(sample["cond_metadata"], sample["cond_metadata_mask"], strict=True):
-            m = _decode(vector, mask)
-            dates.append(f"{m.year:04d}-{m.month:02d}-{m.day:02d}")
-        target = _decode(sample["metadata"], sample["metadata_mask"])
-        k = nearest_date_index(dates, f"{target.year:04d}-{target.month:02d}-{target.day:02d}")
-        return _signed_to_unit(to_rgb(frames[:, k], ds.tiles.bands))
-    if ds.task == "inpaint":
-        target = _signed_to_unit(sample["pixel_values"]).double().numpy()
-        filled = classical_inpaint(target, sample["mask"][0].numpy() > 0.5)
-        return torch.from_numpy(filled).float().clamp(0.0, 1.0)
-    raise ValueError(f"unknown task {ds.task!r}")
+        )
+        if batch_idx.start < SENSITIVITY_INPUTS:
+            inputs.append(conditioning)
+        bases.append(
+            torch.stack([task.baseline(dataset, i, s) for i, s in zip(batch_idx, samples, strict=True)])
+        )
+        previews.append(torch.stack([task.cond_preview(dataset, s) for s in samples]))
+        targets.append(batch["pixel_values"])
+        if (fill := task.fill_mask(batch)) is not None:
+            fills.append(fill)
+        metadata += metas
+        prompts += captions
+        tiles += [{"tile_index": int(s["index"]), "item_id": s["item_id"]} for s in samples]
+    return _PairedRun(
+        preds=torch.cat(preds),
+        baselines=_signed_to_unit(torch.cat(bases)),
+        targets=_signed_to_unit(torch.cat(targets)),
+        previews=_signed_to_unit(torch.cat(previews)),
+        fill=torch.cat(fills) if fills else None,
+        metadata=metadata,
+        prompts=prompts,
+        tiles=tiles,
+        inputs={key: torch.cat([k[key] for k in inputs])[:SENSITIVITY_INPUTS] for key in inputs[0]},
+    )
 
 
 def _hole_psnr(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, cap: float) -> np.ndarray:
@@ -433,16 +528,35 @@ def _hole_psnr(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, cap
     return (10.0 * torch.log10(1.0 / (err / count))).clamp(max=cap).numpy()
 
 
-def _trained_degradation(pipeline_dir: Path) -> dict[str, Any] | None:
-    """The SR degradation recipe that training recorded beside the pipeline (``task.json``), if any."""
-    card = pipeline_dir / "task.json"
-    return json.loads(card.read_text()).get("degradation") if card.is_file() else None
+def _per_image_scores(
+    images: torch.Tensor, run: _PairedRun, lpips_model: nn.Module | None
+) -> dict[str, np.ndarray]:
+    """PSNR / SSIM (/ LPIPS) of each image against its target; ``psnr_hole`` where the task fills a hole."""
+    from dsat_core.evaluation.metrics import PSNR_CAP_DB
+
+    scores = dict(paired_metrics(images, run.targets, 1.0, lpips=lpips_model).per_image)
+    if run.fill is not None:
+        scores["psnr_hole"] = _hole_psnr(images, run.targets, run.fill, PSNR_CAP_DB)
+    return scores
+
+
+def _side_by_side(
+    model: Mapping[str, np.ndarray], base: Mapping[str, np.ndarray], baseline_name: str
+) -> dict[str, float]:
+    """``<metric>/model`` next to ``<metric>/<baseline>``, ``psnr/gain`` and ``n_tiles``."""
+    results: dict[str, float] = {}
+    for name in model:
+        results[f"{name}/model"] = float(np.mean(model[name]))
+        results[f"{name}/{baseline_name}"] = float(np.mean(base[name]))
+    results["psnr/gain"] = results["psnr/model"] - results[f"psnr/{baseline_name}"]
+    results["n_tiles"] = float(len(next(iter(model.values()))))
+    return results
 
 
 def evaluate_controlnet(
     pipeline: Any,
     store_uri: str,
-    task: ControlTask,
+    task: ControlNetTask | TaskName,
     *,
     n: int = 16,
     steps: int = 20,
@@ -452,12 +566,6 @@ def evaluate_controlnet(
     batch_size: int = 8,
     split: Split = "holdout",
     holdout_fraction: float = 0.1,
-    product: str = "rgb",
-    cond_product: str = "multispectral",
-    degradation: Mapping[str, Any] | None = None,
-    sequence_length: int = 3,
-    direction: Literal["both", "forward", "backward"] = "both",
-    mask_kind: Literal["boxes", "strokes", "mixed"] = "mixed",
     resolution: int | None = None,
     lpips: nn.Module | str | Path | None = None,
     device: str | torch.device = "cpu",
@@ -465,176 +573,89 @@ def evaluate_controlnet(
 ) -> PairedEval:
     """SSIM / PSNR (+ LPIPS) of a `SatControlNetPipeline` and of the task baseline on the same held-out tiles.
 
-    The first ``n`` samples of the task dataset (`dsat_core.data.tasks`) built on ``split``: for ``sr`` the
-    degradation recipe is ``degradation`` (default: the one recorded in the pipeline's ``task.json`` by
-    training, else `DegradationRecipe()`), the baseline
-    is bicubic upsampling of the degraded frame's RGB bands; for ``temporal`` the nearest-date conditioning
-    frame; for ``inpaint`` the harmonic fill of the hole (and PSNR over the hole only, ``psnr_hole``).
-    Guidance 1.0 by default, as for the paper's metrics. ``lpips``: a local LPIPS weight file / folder /
-    module; without it LPIPS is listed in ``skipped``.
+    ``task``: a `ControlNetTask`, or a task name: then the task training recorded in the pipeline folder's
+    ``task.json`` (`resolve_task`), or that task's defaults without one. The first ``n`` samples of its
+    dataset, targets from ``split`` (a held-out target's conditioning may be any tile); the baseline is the
+    task's (`ControlNetTask.baseline`), and a task that fills a hole is also scored over the hole only
+    (``psnr_hole``). Guidance 1.0 by default, as for the paper's metrics. ``lpips``: a local LPIPS weight file
+    / folder / module; without it LPIPS is listed in ``skipped``.
     """
-    from dsat_core.data.tasks import collate_task_batch
-    from dsat_core.evaluation.metrics import PSNR_CAP_DB
     from dsat_core.pipelines import SatControlNetPipeline
 
-    if task not in BASELINES:
-        raise ValueError(f"unknown ControlNet task {task!r}; choose one of {sorted(BASELINES)}")
+    task = resolve_task(task, pipeline if isinstance(pipeline, (str, Path)) else None)
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
     pipe = load_pipeline(pipeline, SatControlNetPipeline, device)
-    if degradation is None and isinstance(pipeline, str | Path):
-        degradation = _trained_degradation(Path(pipeline))
-    ds = _task_dataset(
-        task,
+    spec = DataSpec(
         store_uri,
-        product=product,
-        cond_product=cond_product,
-        degradation=degradation,
-        sequence_length=sequence_length,
-        direction=direction,
-        mask_kind=mask_kind,
-        seed=seed,
         resolution=resolution,
         split=split,
         holdout_fraction=holdout_fraction,
+        split_conditioning=False,
+        seed=seed,
         storage_options=storage_options,
     )
-    if len(ds) == 0:
-        raise _empty_split_error(store_uri, product, split, holdout_fraction, f"no {task} samples")
-    expected = pipe.controlnet.config.conditioning_channels
-    if ds.conditioning_channels != expected:
-        raise ValueError(
-            f"{task} data of {store_uri} gives {ds.conditioning_channels} conditioning channels "
-            f"({ds.recipe.get('cond_bands')}), the ControlNet takes {expected}"
-        )
-    lpips_model = None
-    skipped: dict[str, str] = {}
-    if lpips is None:
-        skipped["lpips"] = "no local LPIPS weights given (lpips=...); nothing is downloaded"
-    else:
-        from dsat_core.evaluation.lpips import load_lpips
+    dataset = task.dataset(spec)
+    if len(dataset) == 0:
+        raise _empty_split_error(store_uri, task.product, split, holdout_fraction, f"no {task.name} samples")
+    _check_channels(task, dataset, pipe, store_uri)
+    lpips_model, skipped = _lpips_model(lpips)
 
-        lpips_model = load_lpips(lpips) if isinstance(lpips, (str, Path)) else lpips
-
-    count = min(n, len(ds))
-    baseline_name = BASELINES[task]
-    preds, bases, targets, masks, previews = [], [], [], [], []
-    metadata: list[SatMetadata] = []
-    prompts: list[str] = []
+    count = min(n, len(dataset))
     seeds = [seed + i for i in range(count)]
-    rows_meta: list[dict[str, Any]] = []
-    kept_inputs: list[dict[str, torch.Tensor]] = []
-    for start in range(0, count, batch_size):
-        idx = list(range(start, min(start + batch_size, count)))
-        samples = [ds[i] for i in idx]
-        batch = collate_task_batch(samples)
-        metas = [_decode(s["metadata"], s["metadata_mask"]) for s in samples]
-        kwargs: dict[str, Any] = {}
-        if task == "inpaint":
-            kwargs = {"image": batch["pixel_values"], "mask": batch["mask"]}
-        out = pipe(
-            batch["cond"],
-            batch["cond_metadata"],
-            metas,
-            list(batch["caption"]),
-            cond_metadata_mask=batch["cond_metadata_mask"],
-            num_inference_steps=steps,
-            guidance_scale=guidance_scale,
-            controlnet_conditioning_scale=controlnet_conditioning_scale,
-            generator=_generators(seeds[start : start + len(idx)], device),
-            output_type="pt",
-            **kwargs,
-        ).images
-        preds.append(out.float().cpu().clamp(0.0, 1.0))
-        if sum(len(k["cond"]) for k in kept_inputs) < 8:
-            kept_inputs.append(
-                {
-                    "cond": batch["cond"],
-                    "cond_metadata": batch["cond_metadata"],
-                    "cond_metadata_mask": batch["cond_metadata_mask"],
-                    **kwargs,
-                }
-            )
-        targets.append(_signed_to_unit(batch["pixel_values"]))
-        bases.append(torch.stack([_baseline(ds, i, s) for i, s in zip(idx, samples, strict=True)]))
-        previews.append(_signed_to_unit(torch.stack([_cond_rgb(ds, s) for s in samples])))
-        if task == "inpaint":
-            masks.append(batch["mask"].float())
-        metadata += metas
-        prompts += list(batch["caption"])
-        for s in samples:
-            rows_meta.append({"tile_index": int(s["index"]), "item_id": s["item_id"]})
-    pred, base, target = torch.cat(preds), torch.cat(bases).float(), torch.cat(targets)
-
-    model_m = paired_metrics(pred, target, 1.0, lpips=lpips_model)
-    base_m = paired_metrics(base, target, 1.0, lpips=lpips_model)
-    per_model, per_base = dict(model_m.per_image), dict(base_m.per_image)
-    if task == "inpaint":
-        mask = torch.cat(masks)
-        per_model["psnr_hole"] = _hole_psnr(pred, target, mask, PSNR_CAP_DB)
-        per_base["psnr_hole"] = _hole_psnr(base, target, mask, PSNR_CAP_DB)
-    results: dict[str, float] = {}
-    for name in per_model:
-        results[f"{name}/model"] = float(np.mean(per_model[name]))
-        results[f"{name}/{baseline_name}"] = float(np.mean(per_base[name]))
-    results["psnr/gain"] = results["psnr/model"] - results[f"psnr/{baseline_name}"]
-    results["n_tiles"] = float(count)
+    sampling = dict(
+        num_inference_steps=steps,
+        guidance_scale=guidance_scale,
+        controlnet_conditioning_scale=controlnet_conditioning_scale,
+    )
+    run = _run_paired(pipe, task, dataset, seeds, batch_size, **sampling)
+    per_model = _per_image_scores(run.preds, run, lpips_model)
+    per_base = _per_image_scores(run.baselines, run, lpips_model)
 
     records = []
     for i in range(count):
-        row: dict[str, Any] = {"sample": i, **rows_meta[i], **_metadata_record(metadata[i])}
-        row.update(caption=prompts[i], seed=seeds[i])
+        row: dict[str, Any] = {"sample": i, **run.tiles[i], **_metadata_record(run.metadata[i])}
+        row.update(caption=run.prompts[i], seed=seeds[i])
         for name in per_model:
             row[f"{name}_model"] = float(per_model[name][i])
             row[f"{name}_baseline"] = float(per_base[name][i])
         records.append(row)
     params = {
-        "kind": task,
-        "baseline": baseline_name,
+        "kind": task.name,
+        "baseline": task.baseline_name,
         "n": count,
-        "num_inference_steps": steps,
-        "guidance_scale": guidance_scale,
-        "controlnet_conditioning_scale": controlnet_conditioning_scale,
+        **sampling,
         "seed": seed,
         "split": split,
         "holdout_fraction": holdout_fraction,
-        "recipe": ds.recipe,
+        "recipe": dataset.recipe,
     }
     return PairedEval(
-        kind=task,
-        baseline=baseline_name,
-        metrics=results,
+        kind=task.name,
+        baseline=task.baseline_name,
+        metrics=_side_by_side(per_model, per_base, task.baseline_name),
         skipped=skipped,
         records=records,
-        images=_to_uint8(pred),
-        baselines=_to_uint8(base),
-        targets=_to_uint8(target),
-        metadata=metadata,
-        prompts=prompts,
+        images=_to_uint8(run.preds),
+        baselines=_to_uint8(run.baselines),
+        targets=_to_uint8(run.targets),
+        metadata=run.metadata,
+        prompts=run.prompts,
         seeds=seeds,
         params=params,
-        n_eval_tiles=len(ds),
-        cond_preview=_to_uint8(torch.cat(previews)),
-        inputs={key: torch.cat([k[key] for k in kept_inputs])[:8] for key in kept_inputs[0]},
+        n_eval_tiles=len(dataset),
+        cond_preview=_to_uint8(run.previews),
+        inputs=run.inputs,
     )
 
 
-def _cond_rgb(ds: Any, sample: dict[str, Any]) -> torch.Tensor:
-    """(3, H, W) in [-1, 1]: an RGB view of the conditioning (last frame; holes shown as 0)."""
-    frame = sample["cond"][:, -1]
-    bands = list(ds.recipe.get("cond_bands", []))
-    if ds.task == "inpaint":
-        frame, bands = frame[:-1], bands[:-1]
-    return to_rgb(frame, bands if len(bands) == frame.shape[0] else None)
-
-
 __all__ = [
-    "BASELINES",
     "GenerationEval",
     "PairedEval",
     "evaluate_controlnet",
     "evaluate_generation",
     "load_pipeline",
     "nearest_distance",
+    "sample_images",
     "shared_inception",
 ]

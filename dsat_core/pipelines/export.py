@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from dsat_core.evaluation.stac_output import image_georeference, write_cog
+from dsat_core.imaging.geotiff import image_georeference, write_cog
 from dsat_core.metadata import SatMetadata
 
 

@@ -24,30 +24,6 @@ PREDICT_DEFAULTS: dict[str, int | float] = {"num_inference_steps": 50, "guidance
 """The pyfunc model's params and their defaults (also in its signature)."""
 
 
-def image_grid(
-    images: np.ndarray | list[np.ndarray], columns: int | None = None, pad: int = 2
-) -> Image.Image:
-    """(N, H, W, C) floats in [0, 1] or uint8 → one RGB grid image."""
-    arr = np.stack([np.asarray(i) for i in images]) if isinstance(images, list) else np.asarray(images)
-    if arr.dtype != np.uint8:
-        arr = (np.clip(arr, 0.0, 1.0) * 255).round().astype(np.uint8)
-    if arr.ndim == 3:
-        arr = arr[..., None]
-    if arr.shape[-1] == 1:
-        arr = np.repeat(arr, 3, axis=-1)
-    arr = arr[..., :3]
-    n, h, w, _ = arr.shape
-    columns = columns or int(np.ceil(np.sqrt(n)))
-    rows = int(np.ceil(n / columns))
-    grid = np.full((rows * (h + pad) + pad, columns * (w + pad) + pad, 3), 255, dtype=np.uint8)
-    for k in range(n):
-        r, c = divmod(k, columns)
-        grid[pad + r * (h + pad) : pad + r * (h + pad) + h, pad + c * (w + pad) : pad + c * (w + pad) + w] = (
-            arr[k]
-        )
-    return Image.fromarray(grid)
-
-
 class NullTracker:
     """Tracker of non-main processes (and of runs with MLflow switched off): does nothing."""
 

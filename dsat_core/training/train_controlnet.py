@@ -10,7 +10,8 @@ conditioning frame's metadata; `metadata_dropout_mode` sets the ControlNet's `mi
 loaded base keeps its own), EMA, pickle-free checkpoints with exact resume (`checkpoint-N/unet/` holds the
 ControlNet3D weights: the shared checkpoint layout names the trained model's folder `unet/`), resumable
 rank-sharded batches, MLflow (params incl. the task recipe, e.g. the SR degradation; loss; sample grids;
-lineage) and, at the end, the whole `SatControlNetPipeline` saved with the EMA weights, logged as an MLflow
+lineage) and, at the end, the whole `SatControlNetPipeline` saved with the EMA weights and its task card
+(``task.json``: `dsat_core.data.tasks.write_task_card`, which evaluation reads back), logged as an MLflow
 artifact and registered in the model registry.
 """
 
@@ -23,7 +24,7 @@ import sys
 from contextlib import nullcontext
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
@@ -33,8 +34,19 @@ from pydantic import Field, model_validator
 from torch import nn
 
 from dsat_core.data.store import DatasetStore
-from dsat_core.data.tasks import TaskSpec, collate_task_batch, make_task_dataset
-from dsat_core.evaluation.image_ops import to_rgb
+from dsat_core.data.tasks import (
+    ControlNetTask,
+    DataSpec,
+    Direction,
+    MaskKind,
+    TaskDataset,
+    TaskName,
+    batch_metadata,
+    collate_task_batch,
+    task_from_options,
+    write_task_card,
+)
+from dsat_core.imaging.rgb import image_grid
 from dsat_core.models import (
     SatUNet,
     encode_latents,
@@ -51,7 +63,7 @@ from dsat_core.training.conditioning import drop_metadata, noise_batch
 from dsat_core.training.config import TrainConfig
 from dsat_core.training.loop import TrainingRun, TrainResult, frozen_dtype, make_optimizer, start_run
 from dsat_core.training.losses import diffusion_loss, make_noise_scheduler
-from dsat_core.training.mlflow_logging import MlflowTracker, image_grid
+from dsat_core.training.mlflow_logging import MlflowTracker
 from dsat_core.training.train_diffusionsat import (
     Components,
     build_components,
@@ -61,19 +73,19 @@ from dsat_core.training.train_diffusionsat import (
 
 logger = logging.getLogger("dsat_core.training.controlnet")
 PIPELINE_ARTIFACT = "controlnet_pipeline"
-TASK_CARD = "task.json"
 
 
 class TrainControlNetConfig(TrainConfig):
     """`TrainConfig` plus the task, the base model and the ControlNet3D's shape.
 
+    The task options of every task are flat fields here; `control_task` keeps those of ``task``.
     ``product`` is the target product; ``base_model`` a saved DiffusionSatPipeline folder (VAE and text
     encoder come with it) or a SatUNet folder (VAE / text encoder from ``vae`` / ``text_encoder``); without it
     the base comes from ``pretrained_diffusionsat`` / ``pretrained_sd`` or is a fresh ``model_size`` UNet
     (smoke runs).
     """
 
-    task: Literal["sr", "temporal", "inpaint"]
+    task: TaskName
     base_model: str | None = Field(
         default=None, description="DiffusionSatPipeline or SatUNet folder (frozen)"
     )
@@ -83,11 +95,11 @@ class TrainControlNetConfig(TrainConfig):
     cond_product: str = Field(default="multispectral", description="sr: the low-resolution input product")
     degradation: dict[str, Any] = Field(
         default_factory=lambda: {"factor": 4, "blur_sigma": 1.0, "bands": None, "upsample": "bicubic"},
-        description="sr: DegradationRecipe fields",
+        description="sr: `split_sr_recipe` keys (DegradationRecipe fields or input_recipe, cond_resolution)",
     )
     sequence_length: int = Field(default=3, ge=1, description="temporal: frames per sequence")
-    direction: Literal["both", "forward", "backward"] = "both"
-    mask_kind: Literal["boxes", "strokes", "mixed"] = "mixed"
+    direction: Direction = "both"
+    mask_kind: MaskKind = "mixed"
     item_ids: list[str] | None = Field(default=None, description="keep only targets from these items")
     exclude_item_ids: list[str] | None = Field(default=None, description="hold these items out")
 
@@ -114,7 +126,12 @@ class TrainControlNetConfig(TrainConfig):
             raise ValueError(f"cond_metadata_dropout must be in [0, 1], got {self.cond_metadata_dropout}")
         return self
 
-    def task_spec(self) -> TaskSpec:
+    def control_task(self) -> ControlNetTask:
+        """The `ControlNetTask` trained: ``task`` with its options from this config."""
+        return task_from_options(self.task, self.model_dump())
+
+    def data_spec(self) -> DataSpec:
+        """The training tiles: the config's filters and split (conditioning tiles from the same split)."""
         filters = {
             k: v
             for k, v in (
@@ -122,22 +139,14 @@ class TrainControlNetConfig(TrainConfig):
                 ("start", self.start),
                 ("end", self.end),
                 ("platform", self.platform),
-                ("split", self.split),
             )
             if v is not None
         }
-        if self.split is not None:
-            filters["holdout_fraction"] = self.holdout_fraction
-        return TaskSpec(
-            task=self.task,
+        return DataSpec(
             store_uri=self.store_uri,
-            product=self.product,
-            cond_product=self.cond_product,
             resolution=self.resolution,
-            degradation=dict(self.degradation),
-            sequence_length=self.sequence_length,
-            direction=self.direction,
-            mask_kind=self.mask_kind,
+            split=self.split,
+            holdout_fraction=self.holdout_fraction,
             seed=self.seed,
             item_ids=self.item_ids,
             exclude_item_ids=self.exclude_item_ids,
@@ -242,11 +251,11 @@ def build_controlnet(
     return controlnet
 
 
-def _task_lineage(config: TrainControlNetConfig, dataset: Any) -> dict[str, Any]:
+def _task_lineage(config: TrainControlNetConfig, dataset: TaskDataset) -> dict[str, Any]:
     store = DatasetStore.open(config.store_uri, storage_options=config.storage_options, read_only=True)
     items = set()
     for i in range(len(dataset)):  # item ids only: cheap columns, no pixels
-        items.update(_sample_items(dataset, i))
+        items.update(dataset.sample_item_ids(i))
     return {
         "store_uri": config.store_uri,
         "product": config.product,
@@ -268,17 +277,6 @@ def _task_lineage(config: TrainControlNetConfig, dataset: Any) -> dict[str, Any]
     }
 
 
-def _sample_items(dataset: Any, i: int) -> list[str]:
-    """Item ids of sample ``i``'s target and conditioning frames, without reading pixels."""
-    if dataset.task == "sr":
-        target_pos, cond_pos = dataset.pairs[i]
-        return [str(dataset.target._item_ids[target_pos]), str(dataset.cond_tiles._item_ids[cond_pos])]
-    if dataset.task == "temporal":
-        target_pos, frames = dataset.sequences[i]
-        return [str(dataset.tiles._item_ids[p]) for p in (target_pos, *frames)]
-    return [str(dataset.tiles._item_ids[dataset.positions[i]])]
-
-
 def _flat_recipe(recipe: dict[str, Any], prefix: str = "task.") -> dict[str, str]:
     out = {}
     for key, value in recipe.items():
@@ -290,21 +288,14 @@ def _flat_recipe(recipe: dict[str, Any], prefix: str = "task.") -> dict[str, str
 
 
 # ---------------------------------------------------------------------------- validation samples
-def _cond_preview(sample: dict[str, Any], dataset: Any) -> torch.Tensor:
-    """RGB view (3, H, W) in [-1, 1] of a sample's last conditioning frame (the mask shown as holes)."""
-    frame = sample["cond"][:, -1]
-    if dataset.task == "inpaint":
-        frame = frame[:-1]
-    bands = list(dataset.recipe.get("cond_bands", []))[: frame.shape[0]] or None
-    try:
-        return to_rgb(frame, bands if bands and len(bands) == frame.shape[0] else None)
-    except ValueError:
-        return frame[:1].repeat(3, 1, 1)
-
-
 @torch.no_grad()
 def sample_grid(
-    controlnet: ControlNet3D, parts: Components, dataset: Any, picks: list[int], config: TrainControlNetConfig
+    controlnet: ControlNet3D,
+    parts: Components,
+    task: ControlNetTask,
+    dataset: TaskDataset,
+    picks: list[int],
+    config: TrainControlNetConfig,
 ):
     """Rows of [conditioning | sample | target] for the dataset samples ``picks`` (DDIM)."""
     pipe = SatControlNetPipeline(
@@ -318,29 +309,20 @@ def sample_grid(
     pipe.set_progress_bar_config(disable=True)
     samples = [dataset[i] for i in picks]
     batch = collate_task_batch(samples)
-    from dsat_core.metadata import SatMetadata
-
-    targets = [
-        SatMetadata.decode(v.double().numpy(), m.numpy())
-        for v, m in zip(batch["metadata"], batch["metadata_mask"], strict=True)
-    ]
-    extra = {"image": batch["pixel_values"], "mask": batch["mask"]} if "mask" in batch else {}
     out = pipe(
-        batch["cond"],
-        batch["cond_metadata"],
-        targets,
-        list(batch["caption"]),
-        cond_metadata_mask=batch["cond_metadata_mask"],
+        **task.conditioning(batch),
+        metadata=batch_metadata(batch),
+        prompt=list(batch["caption"]),
         num_inference_steps=config.validation_inference_steps,
         guidance_scale=config.validation_guidance_scale,
         generator=torch.Generator().manual_seed(config.seed),
         controlnet_conditioning_scale=config.controlnet_conditioning_scale,
         output_type="pt",
-        **extra,
     ).images
     rows = []
     for k, sample in enumerate(samples):
-        rows += [(_cond_preview(sample, dataset) + 1) / 2, out[k].cpu(), (sample["pixel_values"] + 1) / 2]
+        preview = task.cond_preview(dataset, sample)
+        rows += [(preview + 1) / 2, out[k].cpu(), (sample["pixel_values"] + 1) / 2]
     images = torch.stack(rows).clamp(0, 1).permute(0, 2, 3, 1).numpy()
     return image_grid(images, columns=3)
 
@@ -358,14 +340,6 @@ def _save_pipeline(base, ema, parts: Components, pipeline_dir: Path) -> None:
         )
         pipe.save_pretrained(str(pipeline_dir), safe_serialization=True)
     write_model_card(parts, pipeline_dir)
-
-
-def write_task_card(config: TrainControlNetConfig, pipeline_dir: Path) -> Path:
-    """`task.json` beside the pipeline: the task and its data recipe, so evaluation rebuilds its inputs."""
-    fields = {"task", "product", "cond_product", "degradation", "sequence_length", "direction", "mask_kind"}
-    path = Path(pipeline_dir) / TASK_CARD
-    path.write_text(json.dumps(config.model_dump(mode="json", include=fields), indent=1))
-    return path
 
 
 def _register_pipeline(
@@ -401,7 +375,8 @@ def train(config: TrainControlNetConfig) -> TrainResult:
     accelerator = start_run(config)
     device, world = accelerator.device, accelerator.num_processes
 
-    dataset = make_task_dataset(config.task_spec())
+    task = config.control_task()
+    dataset = task.dataset(config.data_spec())
     parts = build_base(config)
     frozen = frozen_dtype(config, device)
     for module in (parts.vae, parts.text_encoder, parts.unet):
@@ -443,7 +418,7 @@ def train(config: TrainControlNetConfig) -> TrainResult:
 
     def save_pipeline(pipeline_dir: Path) -> str | None:
         _save_pipeline(run.base, run.ema, parts, pipeline_dir)
-        write_task_card(config, pipeline_dir)
+        write_task_card(task, pipeline_dir)
         return _register_pipeline(run.tracker, pipeline_dir, config.registered_model_name, lineage)
 
     return run.fit(
@@ -456,7 +431,7 @@ def train(config: TrainControlNetConfig) -> TrainResult:
         extra_state={"task": config.task, "recipe": dataset.recipe, "model": "ControlNet3D"},
         after_optimizer_step=lambda: run.base.clamp_temporal_gates_(),
         extra_metrics=lambda: {f"temporal_gate_{k}": v for k, v in run.base.temporal_gate_values().items()},
-        sample_fn=(lambda model: sample_grid(model, parts, dataset, picks, config)) if picks else None,
+        sample_fn=(lambda model: sample_grid(model, parts, task, dataset, picks, config)) if picks else None,
     )
 
 

@@ -30,6 +30,7 @@ from torch import nn
 
 from dsat_core.data.dataset import TileDataset
 from dsat_core.data.store import DatasetStore
+from dsat_core.imaging.rgb import image_grid
 from dsat_core.metadata import SatMetadata
 from dsat_core.models import (
     SatUNet,
@@ -62,7 +63,6 @@ from dsat_core.training.loop import (
     weights_sha256,
 )
 from dsat_core.training.losses import diffusion_loss, make_noise_scheduler
-from dsat_core.training.mlflow_logging import image_grid
 
 logger = logging.getLogger("dsat_core.training")
 

@@ -1,6 +1,5 @@
-"""Image helpers for evaluation: RGB reduction of multispectral stacks and classical baselines.
+"""Classical baselines: what a learned model must beat on each conditional task.
 
-Baselines (what a learned model must beat):
 - super-resolution: `bicubic_upsample`;
 - temporal prediction: `nearest_date_frame` (the conditioning frame closest in time);
 - inpainting: `classical_inpaint` (harmonic fill: the masked pixels solve Laplace's equation with the known
@@ -17,51 +16,6 @@ import scipy.sparse as sp
 import scipy.sparse.linalg as spla
 import torch
 import torch.nn.functional as F
-
-# Band names (case-insensitive) recognised for each display channel: STAC `common_name`s (what the store's
-# `band` coordinate holds) and Sentinel-2 band ids. Landsat band numbers are ambiguous across missions
-# (B3 is red on Landsat 7, green on Landsat 8) and are deliberately not matched: use common names.
-RGB_ALIASES: dict[str, tuple[str, ...]] = {
-    "red": ("red", "r", "b04"),
-    "green": ("green", "g", "b03"),
-    "blue": ("blue", "b", "b02"),
-}
-
-
-def rgb_band_indices(bands: Sequence[str] | None, num_channels: int) -> list[int]:
-    """Indices of the channels used as R, G, B.
-
-    Rule: if `bands` names a red, a green and a blue band (see `RGB_ALIASES`), those; otherwise the first
-    three bands in order; a single band is repeated three times. Two bands without RGB names is an error.
-    """
-    if bands is not None:
-        if len(bands) != num_channels:
-            raise ValueError(f"{len(bands)} band names {list(bands)} for images with {num_channels} channels")
-        lowered = [b.lower() for b in bands]
-        found = []
-        for colour in ("red", "green", "blue"):
-            idx = next((i for i, b in enumerate(lowered) if b in RGB_ALIASES[colour]), None)
-            found.append(idx)
-        if None not in found:
-            return [int(i) for i in found]
-    if num_channels == 1:
-        return [0, 0, 0]
-    if num_channels >= 3:
-        return [0, 1, 2]
-    raise ValueError(f"cannot make RGB from {num_channels} channels (bands={bands}): need 1 or >= 3 channels")
-
-
-def to_rgb(
-    images: np.ndarray | torch.Tensor, bands: Sequence[str] | None = None
-) -> np.ndarray | torch.Tensor:
-    """(N, C, H, W) or (C, H, W) -> same with 3 channels (R, G, B), by the rule of `rgb_band_indices`."""
-    if images.ndim not in (3, 4):
-        raise ValueError(f"expected (N, C, H, W) or (C, H, W) images, got shape {tuple(images.shape)}")
-    axis = images.ndim - 3
-    idx = rgb_band_indices(bands, images.shape[axis])
-    if isinstance(images, torch.Tensor):
-        return images.index_select(axis, torch.tensor(idx, device=images.device))
-    return np.take(images, idx, axis=axis)
 
 
 def _as_size(size: int | Sequence[int]) -> tuple[int, int]:
@@ -202,3 +156,6 @@ def classical_inpaint(
     if not batched:
         out = out[0]
     return torch.from_numpy(out).to(image.device) if is_torch else out
+
+
+__all__ = ["bicubic_upsample", "classical_inpaint", "nearest_date_frame", "nearest_date_index"]
