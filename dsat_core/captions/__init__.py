@@ -12,64 +12,23 @@ neighbouring country.
 
 from __future__ import annotations
 
-import re
-import string
-from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING
 
-from dsat_core.captions.geocode import Place, nearest_place
-from dsat_core.data.catalog import CatalogConfig
-from dsat_core.metadata import SatMetadata
+from dsat_core._lazy import lazy_exports
 
-PLACEHOLDERS = ("of_class", "in_place", "place", "country", "sensor", "platform", "year", "event")
+if TYPE_CHECKING:
+    from dsat_core.captions.geocode import Place, nearest_place
+    from dsat_core.captions.template import PLACEHOLDERS, CaptionConfig, caption_for, template_fields
 
-__all__ = ["PLACEHOLDERS", "Place", "caption_for", "nearest_place", "template_fields"]
+_MODULE_OF = {
+    "PLACEHOLDERS": "template",
+    "CaptionConfig": "template",
+    "Place": "geocode",
+    "caption_for": "template",
+    "nearest_place": "geocode",
+    "template_fields": "template",
+}
 
+__all__ = ["PLACEHOLDERS", "CaptionConfig", "Place", "caption_for", "nearest_place", "template_fields"]
 
-def _first(value: Any) -> str:
-    if isinstance(value, list | tuple):
-        value = value[0] if value else ""
-    return "" if value is None else str(value)
-
-
-def _class_phrase(word: str) -> str:
-    word = word.replace("_", " ").strip()
-    if not word:
-        return ""
-    if word.endswith("s") and not word.endswith(("ss", "us", "is")):  # plural: "of buildings"
-        return f" of {word}"
-    article = "an" if word[0].lower() in "aeiou" else "a"
-    return f" of {article} {word}"
-
-
-def _platform(value: Any) -> str:
-    text = _first(value).replace("-", " ").replace("_", " ").strip()
-    return " ".join(part.capitalize() if part.isalpha() else part.upper() for part in text.split())
-
-
-def template_fields(template: str) -> set[str]:
-    """Placeholder names used by a caption template (raises ValueError for unknown ones)."""
-    names = {name for _, name, _, _ in string.Formatter().parse(template) if name}
-    unknown = names - set(PLACEHOLDERS)
-    if unknown:
-        raise ValueError(f"caption template {template!r}: unknown placeholder(s) {sorted(unknown)}")
-    return names
-
-
-def caption_for(metadata: SatMetadata, item_properties: Mapping[str, Any], config: CatalogConfig) -> str:
-    """Fill `config.caption_template` for one tile."""
-    names = template_fields(config.caption_template)
-    place = nearest_place(metadata.lat, metadata.lon) if names & {"in_place", "place", "country"} else None
-    cls = _first(item_properties.get(config.class_property)) if config.class_property else ""
-    values = {
-        "of_class": _class_phrase(cls),
-        "in_place": f" in {place.country}" if place else "",
-        "place": ", ".join(p for p in (place.city, place.country) if p) if place else "",
-        "country": place.country if place else "",
-        "sensor": "/".join(str(i).upper() for i in item_properties.get("instruments") or []),
-        "platform": _platform(item_properties.get("platform")),
-        "year": "" if metadata.year is None else str(metadata.year),
-        "event": f" {_first(item_properties.get('dsat:event'))}",
-    }
-    text = config.caption_template.format(**values)
-    return re.sub(r"\s+", " ", text).replace(" ,", ",").strip()
+__getattr__, __dir__ = lazy_exports(__name__, _MODULE_OF, globals())

@@ -44,7 +44,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from contextlib import ExitStack
 from dataclasses import dataclass
 from datetime import datetime
@@ -480,6 +480,21 @@ class _ProductBuffer:
             k: [] for k in ("images", "metadata", "caption", "transform", "window", "scale_min", "scale_max")
         }
 
+    def add(
+        self, image: np.ndarray, metadata: SatMetadata, caption: str, transform: Affine, window: Window
+    ) -> None:
+        """One accepted tile with its lineage and the product's scaling range."""
+        rows = self.rows
+        rows["images"].append(image)
+        rows["metadata"].append(metadata)
+        rows["caption"].append(caption)
+        rows["transform"].append(tuple(transform)[:6])
+        rows["window"].append(
+            (int(window.row_off), int(window.col_off), int(window.height), int(window.width))
+        )
+        rows["scale_min"].append(self.plan.low)
+        rows["scale_max"].append(self.plan.high)
+
     def build(self, item_id: str, hrefs: str, crs: str, when: str, platform: str, tile: int) -> ProductTiles:
         n = len(self.rows["images"])
         dtype = self.plan.spec.scaling.dtype
@@ -552,7 +567,34 @@ def _read(
     rejected: list[Rejection],
 ) -> SceneTiles:
     item_id, assets, properties = _item_parts(item)
-    self_href = _self_href(item)
+    checked = _href_checker(config, base_href, _self_href(item))
+    plans, asset_keys = _plan_products(item_id, config, assets, checked, rejected)
+    cloud_ref = _cloud_mask_href(config, assets, checked, asset_keys)
+    needed = _needed_bands(plans)
+    with ExitStack() as stack:
+        to_open = {**needed, **({cloud_ref: [1]} if cloud_ref and cloud_ref not in needed else {})}
+        asset_of = {href: assets[asset_keys[href]] for href in to_open}
+        opened = _open_sources(to_open, asset_of, properties, config, storage_options, stack)
+        grid = _scene_grid(list(opened.values()), item, properties, config, aoi_bbox)
+        sources = {
+            href: _on_grid(opened[href], grid, idx, Resampling.bilinear, stack)
+            for href, idx in needed.items()
+        }
+        cloud_source = None
+        if cloud_ref is not None:
+            cloud_source = _on_grid(opened[cloud_ref], grid, [1], Resampling.nearest, stack)
+        scene_cloud = _checked_scene_cloud(properties, config, masked=cloud_source is not None)
+        _set_scaling(plans, sources, grid, stack)
+        scene = _SceneGrid(
+            item_id, properties, config, grid, plans, sources, cloud_source, scene_cloud, rejected
+        )
+        return scene.read_tiles()
+
+
+def _href_checker(
+    config: CatalogConfig, base_href: str | None, self_href: str | None
+) -> Callable[[str], str]:
+    """`check_href` against the base an item's relative hrefs resolve from (see `read_item`)."""
 
     def checked(href: str) -> str:
         if base_href is not None:
@@ -566,8 +608,19 @@ def _read(
         except UnsafeHrefError:
             return check_href(href, config, base_href=self_href)
 
+    return checked
+
+
+def _plan_products(
+    item_id: str,
+    config: CatalogConfig,
+    assets: Mapping[str, Mapping],
+    checked: Callable[[str], str],
+    rejected: list[Rejection],
+) -> tuple[list[_ProductPlan], dict[str, str]]:
+    """A plan per product the item has all bands of (the others rejected), and checked href → asset key."""
     plans: list[_ProductPlan] = []
-    asset_keys: dict[str, str] = {}  # checked href -> asset key
+    asset_keys: dict[str, str] = {}
     for name, spec in config.products.items():
         try:
             resolved = resolve_product(name, spec, assets)
@@ -583,130 +636,188 @@ def _read(
         plans.append(_ProductPlan(name, spec, bands, [b for b, _, _ in resolved], finest))
     if not plans:
         raise _SceneRejected("no product has all its bands (see the product rejections)")
+    return plans, asset_keys
 
-    cloud_ref = None
-    if config.cloud_mask is not None:
-        mask_asset = assets.get(config.cloud_mask.asset)
-        if mask_asset is None:
-            raise _SceneRejected(
-                f"cloud mask asset {config.cloud_mask.asset!r} not found in {sorted(assets)}"
-            )
-        cloud_ref = checked(mask_asset["href"])
-        asset_keys.setdefault(cloud_ref, config.cloud_mask.asset)
 
+def _cloud_mask_href(
+    config: CatalogConfig,
+    assets: Mapping[str, Mapping],
+    checked: Callable[[str], str],
+    asset_keys: dict[str, str],
+) -> str | None:
+    """The checked href of the cloud-mask asset (added to ``asset_keys``), or None without a cloud mask."""
+    if config.cloud_mask is None:
+        return None
+    mask_asset = assets.get(config.cloud_mask.asset)
+    if mask_asset is None:
+        raise _SceneRejected(f"cloud mask asset {config.cloud_mask.asset!r} not found in {sorted(assets)}")
+    href = checked(mask_asset["href"])
+    asset_keys.setdefault(href, config.cloud_mask.asset)
+    return href
+
+
+def _needed_bands(plans: list[_ProductPlan]) -> dict[str, list[int]]:
+    """href → the 1-based bands the products read from it, in first-use order."""
     needed: dict[str, list[int]] = {}
     for plan in plans:
         for href, index in plan.bands:
-            needed.setdefault(href, [])
-            if index not in needed[href]:
-                needed[href].append(index)
+            bands = needed.setdefault(href, [])
+            if index not in bands:
+                bands.append(index)
+    return needed
 
-    with ExitStack() as stack:
-        opened: dict[str, rasterio.DatasetReader] = {}
-        for href in [*needed, *([cloud_ref] if cloud_ref and cloud_ref not in needed else [])]:
-            src = stack.enter_context(_open(href, config, storage_options))
-            georef = asset_georeference(assets[asset_keys[href]], properties)
-            if georef is not None and (src.crs is None or src.transform == Affine.identity()):
-                src = _georeferenced(src, href, georef, storage_options, stack)
-            _check_header(src, href, needed.get(href, [1]), config.quality.max_pixels)
-            opened[href] = src
-        grid = build_grid(
-            [SourceGeometry(s.crs, s.transform, s.width, s.height) for s in opened.values()],
-            target_crs=config.target_crs,
-            target_gsd=config.target_gsd,
-            item_gsd=_item_gsd(properties),
-            item_bbox=_item_bbox(item),
-            aoi_bbox=_narrowed_aoi(aoi_bbox, properties),
-            snap_inward="dsat:aoi_bbox" in properties,
+
+def _open_sources(
+    bands_of: Mapping[str, list[int]],
+    asset_of: Mapping[str, Mapping],
+    properties: Mapping[str, Any],
+    config: CatalogConfig,
+    storage_options: dict | None,
+    stack: ExitStack,
+) -> dict[str, rasterio.DatasetReader]:
+    """Each href opened (placed by the projection fields when it has no georeferencing), header checked."""
+    opened: dict[str, rasterio.DatasetReader] = {}
+    for href, bands in bands_of.items():
+        src = stack.enter_context(_open(href, config, storage_options))
+        georef = asset_georeference(asset_of[href], properties)
+        if georef is not None and (src.crs is None or src.transform == Affine.identity()):
+            src = _georeferenced(src, href, georef, storage_options, stack)
+        _check_header(src, href, bands, config.quality.max_pixels)
+        opened[href] = src
+    return opened
+
+
+def _scene_grid(
+    opened: list[rasterio.DatasetReader],
+    item: Mapping,
+    properties: Mapping[str, Any],
+    config: CatalogConfig,
+    aoi_bbox: tuple[float, float, float, float] | None,
+) -> TargetGrid:
+    """The scene's target grid; `_SceneRejected` when it exceeds `max_pixels` or holds no full tile."""
+    grid = build_grid(
+        [SourceGeometry(s.crs, s.transform, s.width, s.height) for s in opened],
+        target_crs=config.target_crs,
+        target_gsd=config.target_gsd,
+        item_gsd=_item_gsd(properties),
+        item_bbox=_item_bbox(item),
+        aoi_bbox=_narrowed_aoi(aoi_bbox, properties),
+        snap_inward="dsat:aoi_bbox" in properties,
+    )
+    grid_pixels = grid.width * grid.height
+    if grid_pixels > config.quality.max_pixels:
+        raise _SceneRejected(
+            f"target grid {grid.width} x {grid.height} = {grid_pixels:.3g} pixels > max_pixels "
+            f"{config.quality.max_pixels:.3g} (target_gsd {config.target_gsd})"
         )
-        grid_pixels = grid.width * grid.height
-        if grid_pixels > config.quality.max_pixels:
-            raise _SceneRejected(
-                f"target grid {grid.width} x {grid.height} = {grid_pixels:.3g} pixels > max_pixels "
-                f"{config.quality.max_pixels:.3g} (target_gsd {config.target_gsd})"
-            )
-        tile, stride = config.tile_size, config.stride
-        n_rows, n_cols = grid.tile_layout(tile, stride)
-        if n_rows * n_cols == 0:
-            raise _SceneRejected(
-                f"target grid {grid.width} x {grid.height} is smaller than one {tile}px tile"
-            )
+    n_rows, n_cols = grid.tile_layout(config.tile_size, config.stride)
+    if n_rows * n_cols == 0:
+        raise _SceneRejected(
+            f"target grid {grid.width} x {grid.height} is smaller than one {config.tile_size}px tile"
+        )
+    return grid
 
-        sources = {
-            href: _on_grid(opened[href], grid, idx, Resampling.bilinear, stack)
-            for href, idx in needed.items()
-        }
-        cloud_source = None
-        if cloud_ref is not None:
-            cloud_source = _on_grid(opened[cloud_ref], grid, [1], Resampling.nearest, stack)
 
-        scene_cloud = _scene_cloud(properties)
-        if (
-            cloud_source is None
-            and scene_cloud is not None
-            and scene_cloud > config.quality.max_cloud_fraction
-        ):
-            raise _SceneRejected(
-                f"scene cloud cover {scene_cloud:.2f} > {config.quality.max_cloud_fraction:.2f} "
-                "(eo:cloud_cover)"
-            )
+def _checked_scene_cloud(
+    properties: Mapping[str, Any], config: CatalogConfig, *, masked: bool
+) -> float | None:
+    """The scene's `eo:cloud_cover` fraction; without a cloud mask a scene above the limit is rejected."""
+    scene_cloud = _scene_cloud(properties)
+    if not masked and scene_cloud is not None and scene_cloud > config.quality.max_cloud_fraction:
+        raise _SceneRejected(
+            f"scene cloud cover {scene_cloud:.2f} > {config.quality.max_cloud_fraction:.2f} (eo:cloud_cover)"
+        )
+    return scene_cloud
 
-        if any(plan.spec.scaling.mode == "percentile" for plan in plans):
-            stats = {href: _stats_read(source, grid, stack) for href, source in sources.items()}
-        for plan in plans:
-            if plan.spec.scaling.mode == "percentile":
-                data, valid = _stack(plan, stats, sources)
-                plan.low, plan.high = scene_range(data, valid, plan.spec.scaling)
-            else:
-                plan.low, plan.high = scene_range(
-                    np.zeros((len(plan.bands), 0, 0)), np.zeros((0, 0), bool), plan.spec.scaling
-                )
-        stats = {}
 
-        when, when_text = scene_dates(properties)
-        platform = str(properties.get("platform") or "")
-        buffers = {plan.name: _ProductBuffer(plan) for plan in plans}
-        strip_width = (n_cols - 1) * stride + tile
+def _set_scaling(
+    plans: list[_ProductPlan], sources: dict[str, _Source], grid: TargetGrid, stack: ExitStack
+) -> None:
+    """Each product's scaling range: 'percentile' from a decimated read of the scene, else the fixed one."""
+    stats: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    if any(plan.spec.scaling.mode == "percentile" for plan in plans):
+        stats = {href: _stats_read(source, grid, stack) for href, source in sources.items()}
+    for plan in plans:
+        if plan.spec.scaling.mode == "percentile":
+            data, valid = _stack(plan, stats, sources)
+        else:
+            data, valid = np.zeros((len(plan.bands), 0, 0)), np.zeros((0, 0), bool)
+        plan.low, plan.high = scene_range(data, valid, plan.spec.scaling)
+
+
+@dataclass
+class _SceneGrid:
+    """One scene on its target grid, read into per-product tiles one strip of tile rows at a time."""
+
+    item_id: str
+    properties: Mapping[str, Any]
+    config: CatalogConfig
+    grid: TargetGrid
+    plans: list[_ProductPlan]
+    sources: dict[str, _Source]
+    cloud_source: _Source | None
+    scene_cloud: float | None
+    rejected: list[Rejection]
+
+    def __post_init__(self) -> None:
+        self.when, self.when_text = scene_dates(self.properties)
+
+    def read_tiles(self) -> SceneTiles:
+        """Every tile of every product (memory bounded by the grid width), failing tiles rejected."""
+        buffers = {plan.name: _ProductBuffer(plan) for plan in self.plans}
+        tile, stride = self.config.tile_size, self.config.stride
+        n_rows, n_cols = self.grid.tile_layout(tile, stride)
         for row in range(n_rows):
-            strip = Window(0, row * stride, strip_width, tile)
-            reads = {href: source.read(strip) for href, source in sources.items()}
-            cloud_strip = None
-            if cloud_source is not None:
-                values, ok = cloud_source.read(strip)
-                cloud_strip = np.isin(values[0], config.cloud_mask.classes) & ok[0]
-            stacked = {plan.name: _stack(plan, reads, sources) for plan in plans}
+            stacked, cloud_strip = self._read_strip(
+                Window(0, row * stride, (n_cols - 1) * stride + tile, tile)
+            )
             for col in range(n_cols):
-                k = row * n_cols + col
-                window = grid.tile_window(row, col, tile, stride)
-                cols = slice(col * stride, col * stride + tile)
-                lon, lat = grid.centre_lonlat(window)
-                for plan in plans:
-                    data, valid = stacked[plan.name][0][:, :, cols], stacked[plan.name][1][:, cols]
-                    cloud = (
-                        scene_cloud if cloud_strip is None else cloud_fraction(cloud_strip[:, cols], valid)
-                    )
-                    scaled = scale(data, valid, plan.low, plan.high, plan.spec.scaling.dtype)
-                    problem = tile_problem(valid, scaled, cloud, config.quality)
-                    if problem is not None:
-                        rejected.append(Rejection(item_id, problem, k, plan.name))
-                        continue
-                    cover = None if cloud is None else min(max(cloud, 0.0), 1.0)
-                    metadata = SatMetadata.from_datetime(
-                        when, lon=lon, lat=lat, gsd=max(grid.gsd_m, plan.gsd_m or 0.0), cloud_cover=cover
-                    )
-                    rows = buffers[plan.name].rows
-                    rows["images"].append(scaled)
-                    rows["metadata"].append(metadata)
-                    rows["caption"].append(caption_for(metadata, properties, config))
-                    rows["transform"].append(tuple(grid.window_transform(window))[:6])
-                    rows["window"].append((int(window.row_off), int(window.col_off), tile, tile))
-                    rows["scale_min"].append(plan.low)
-                    rows["scale_max"].append(plan.high)
+                window = self.grid.tile_window(row, col, tile, stride)
+                self._add_tiles(buffers, stacked, cloud_strip, row * n_cols + col, window)
+        return self._scene_tiles(buffers)
 
-        scene = SceneTiles(item_id, rejected=rejected)
-        for plan in plans:
+    def _read_strip(
+        self, strip: Window
+    ) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], np.ndarray | None]:
+        """Each product's (values, validity) over one strip, and the cloudy pixels of the cloud mask there."""
+        reads = {href: source.read(strip) for href, source in self.sources.items()}
+        cloud_strip = None
+        if self.cloud_source is not None and self.config.cloud_mask is not None:
+            values, ok = self.cloud_source.read(strip)
+            cloud_strip = np.isin(values[0], self.config.cloud_mask.classes) & ok[0]
+        return {plan.name: _stack(plan, reads, self.sources) for plan in self.plans}, cloud_strip
+
+    def _add_tiles(
+        self,
+        buffers: dict[str, _ProductBuffer],
+        stacked: dict[str, tuple[np.ndarray, np.ndarray]],
+        cloud_strip: np.ndarray | None,
+        k: int,
+        window: Window,
+    ) -> None:
+        """Tile ``k`` (at ``window``) of every product into its buffer, or its rejection."""
+        cols = slice(int(window.col_off), int(window.col_off) + self.config.tile_size)
+        lon, lat = self.grid.centre_lonlat(window)
+        for plan in self.plans:
+            data, valid = stacked[plan.name][0][:, :, cols], stacked[plan.name][1][:, cols]
+            cloud = self.scene_cloud if cloud_strip is None else cloud_fraction(cloud_strip[:, cols], valid)
+            scaled = scale(data, valid, plan.low, plan.high, plan.spec.scaling.dtype)
+            problem = tile_problem(valid, scaled, cloud, self.config.quality)
+            if problem is not None:
+                self.rejected.append(Rejection(self.item_id, problem, k, plan.name))
+                continue
+            cover = None if cloud is None else min(max(cloud, 0.0), 1.0)
+            gsd = max(self.grid.gsd_m, plan.gsd_m or 0.0)
+            metadata = SatMetadata.from_datetime(self.when, lon=lon, lat=lat, gsd=gsd, cloud_cover=cover)
+            caption = caption_for(metadata, self.properties, self.config)
+            buffers[plan.name].add(scaled, metadata, caption, self.grid.window_transform(window), window)
+
+    def _scene_tiles(self, buffers: dict[str, _ProductBuffer]) -> SceneTiles:
+        scene = SceneTiles(self.item_id, rejected=self.rejected)
+        platform = str(self.properties.get("platform") or "")
+        for plan in self.plans:
             hrefs = " ".join(dict.fromkeys(href for href, _ in plan.bands))
             scene.products[plan.name] = buffers[plan.name].build(
-                item_id, hrefs, grid.crs_string, when_text, platform, tile
+                self.item_id, hrefs, self.grid.crs_string, self.when_text, platform, self.config.tile_size
             )
         return scene

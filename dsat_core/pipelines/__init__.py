@@ -1,8 +1,37 @@
-"""DiffusionSat pipelines."""
+"""DiffusionSat pipelines: text + metadata → image (`DiffusionSatPipeline`) and the ControlNet tasks
+(`SatControlNetPipeline`).
 
-from .diffusionsat import DiffusionSatPipeline, DiffusionSatPipelineOutput, make_tiny_pipeline
+Names are imported on first use, like every `dsat_core` package namespace (`dsat_core._lazy`).
+"""
 
-__all__ = ["DiffusionSatPipeline", "DiffusionSatPipelineOutput", "make_tiny_pipeline"]
-from .controlnet import SatControlNetPipeline, inpainting_condition  # noqa: E402
+from __future__ import annotations
 
-__all__ += ["SatControlNetPipeline", "inpainting_condition"]
+from typing import TYPE_CHECKING
+
+from dsat_core._lazy import lazy_exports
+
+if TYPE_CHECKING:
+    from dsat_core.pipelines.controlnet import SatControlNetPipeline, inpainting_condition
+    from dsat_core.pipelines.diffusionsat import (
+        DiffusionSatPipeline,
+        DiffusionSatPipelineOutput,
+        make_tiny_pipeline,
+    )
+
+_MODULE_OF = {
+    "DiffusionSatPipeline": "diffusionsat",
+    "DiffusionSatPipelineOutput": "diffusionsat",
+    "SatControlNetPipeline": "controlnet",
+    "inpainting_condition": "controlnet",
+    "make_tiny_pipeline": "diffusionsat",
+}
+
+__all__ = [
+    "DiffusionSatPipeline",
+    "DiffusionSatPipelineOutput",
+    "SatControlNetPipeline",
+    "inpainting_condition",
+    "make_tiny_pipeline",
+]
+
+__getattr__, __dir__ = lazy_exports(__name__, _MODULE_OF, globals())

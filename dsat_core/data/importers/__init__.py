@@ -2,42 +2,49 @@
 
 `run_import(get_importer("fmow"), "/data/fmow-rgb", "catalogs/imported/fmow")` writes a static catalog
 (`collection.json` + `items.ndjson`) that `dsat stac serve` serves and `refresh-dataset` ingests with the
-matching `catalogs/<name>.yaml`. See `base` for the contract every importer follows.
+matching `catalogs/<name>.yaml`. See `base` for the contract every importer follows, `registry` for the
+names. Names are imported on first use, like every `dsat_core` package namespace (`dsat_core._lazy`).
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING
 
-from dsat_core.data.importers.base import (
-    DatasetImporter,
-    ImportRecord,
-    ImportReport,
-    LinkKey,
-    MalformedRecord,
-    import_report_markdown,
-    read_items,
-    run_import,
-)
-from dsat_core.data.importers.fmow import FmowImporter
-from dsat_core.data.importers.fmow_sentinel import FmowSentinelImporter
-from dsat_core.data.importers.spacenet import SpaceNetImporter
-from dsat_core.data.importers.xbd import XbdImporter
+from dsat_core._lazy import lazy_exports
 
-IMPORTERS: dict[str, type[DatasetImporter]] = {
-    FmowImporter.name: FmowImporter,
-    FmowSentinelImporter.name: FmowSentinelImporter,
-    XbdImporter.name: XbdImporter,
-    SpaceNetImporter.name: SpaceNetImporter,
+if TYPE_CHECKING:
+    from dsat_core.data.importers.base import (
+        DatasetImporter,
+        ImportRecord,
+        ImportReport,
+        LinkKey,
+        MalformedRecord,
+        import_report_markdown,
+        read_items,
+        run_import,
+    )
+    from dsat_core.data.importers.fmow import FmowImporter
+    from dsat_core.data.importers.fmow_sentinel import FmowSentinelImporter
+    from dsat_core.data.importers.registry import IMPORTERS, get_importer
+    from dsat_core.data.importers.spacenet import SpaceNetImporter
+    from dsat_core.data.importers.xbd import XbdImporter
+
+_MODULE_OF = {
+    "IMPORTERS": "registry",
+    "DatasetImporter": "base",
+    "FmowImporter": "fmow",
+    "FmowSentinelImporter": "fmow_sentinel",
+    "ImportRecord": "base",
+    "ImportReport": "base",
+    "LinkKey": "base",
+    "MalformedRecord": "base",
+    "SpaceNetImporter": "spacenet",
+    "XbdImporter": "xbd",
+    "get_importer": "registry",
+    "import_report_markdown": "base",
+    "read_items": "base",
+    "run_import": "base",
 }
-
-
-def get_importer(name: str, **options: Any) -> DatasetImporter:
-    """An importer by name (``fmow``, ``fmow-sentinel``, ``xbd``, ``spacenet``) with its options."""
-    if name not in IMPORTERS:
-        raise ValueError(f"unknown importer {name!r}; known: {', '.join(sorted(IMPORTERS))}")
-    return IMPORTERS[name](**options)
-
 
 __all__ = [
     "IMPORTERS",
@@ -55,3 +62,5 @@ __all__ = [
     "read_items",
     "run_import",
 ]
+
+__getattr__, __dir__ = lazy_exports(__name__, _MODULE_OF, globals())
