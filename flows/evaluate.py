@@ -161,7 +161,7 @@ def control_task(params: EvaluateParams, pipeline_dir: str) -> ControlNetTask:
 
 @task(name="evaluate-model", cache_policy=NO_CACHE)
 def run_evaluation(params: EvaluateParams, pipe: Any, pipeline_dir: str) -> GenerationEval | PairedEval:
-    common = dict(
+    common: dict[str, Any] = dict(
         seed=params.seed,
         batch_size=params.batch_size,
         split=params.split,

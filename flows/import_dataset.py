@@ -13,7 +13,7 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from pydantic import BaseModel, Field
 
-from dsat_core.data.catalog import CatalogConfig, load_catalog
+from dsat_core.data.catalog import CatalogConfig, ImporterSpec, load_catalog
 from dsat_core.data.importers import ImportReport, get_importer, import_report_markdown, run_import
 from dsat_core.data.stac_server import serve_static_catalog
 from flows.refresh_dataset import RefreshParams, RefreshResult, refresh_dataset
@@ -47,14 +47,19 @@ class ImportResult(BaseModel):
 @task(name="load-catalog")
 def load_config(catalog: str) -> CatalogConfig:
     config = load_catalog(catalog)
-    if config.importer is None:
-        raise ValueError(f"catalog {catalog!r} has no `importer:` block; it is searched, not imported")
+    _importer_spec(config)
     return config
+
+
+def _importer_spec(config: CatalogConfig) -> ImporterSpec:
+    if config.importer is None:
+        raise ValueError(f"catalog {config.name!r} has no `importer:` block; it is searched, not imported")
+    return config.importer
 
 
 @task(name="import-items", retries=1, retry_delay_seconds=10)
 def import_items(config: CatalogConfig, params: ImportParams) -> ImportReport:
-    spec = config.importer
+    spec = _importer_spec(config)
     importer = get_importer(spec.name, **(spec.options | params.options))
     return run_import(
         importer,

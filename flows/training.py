@@ -6,7 +6,8 @@ import json
 import re
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast
+from uuid import UUID
 
 from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_progress_artifact, update_progress_artifact
@@ -47,7 +48,8 @@ class TrainingProgress:
 
         self.total = max(int(total), 1)
         self.bar = tqdm(total=self.total, desc=key.removesuffix("-progress"), unit="step", leave=True)
-        self.artifact = create_progress_artifact(0.0, key=re.sub(r"[^a-z0-9-]", "-", key.lower()))
+        # sync in a sync flow (Prefect's `sync_compatible` also types the coroutine it returns in async code)
+        self.artifact = cast(UUID, create_progress_artifact(0.0, key=re.sub(r"[^a-z0-9-]", "-", key.lower())))
         self.reported = 0.0
 
     def log_line(self, log: Callable[[str], None]) -> Callable[[str], None]:

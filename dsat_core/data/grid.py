@@ -162,6 +162,8 @@ def build_grid(
     for source in sources:
         b = transform_bounds(source.crs, crs, *source.bounds, densify_pts=21)
         raster = b if raster is None else (*map(min, raster[:2], b[:2]), *map(max, raster[2:], b[2:]))
+    if raster is None:
+        raise ValueError("build_grid needs at least one source")
     box = intersect_bbox(box, raster)
     if box is None:
         raise GridError("no overlap between the footprint and the rasters in the target CRS")

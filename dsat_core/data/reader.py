@@ -305,7 +305,8 @@ class _Source:
             return _read_valid(self.vrt, self.src.nodata, self.indexes, window)
         # Direct reads let GDAL fetch exactly the blocks of the window (one multi-range request over HTTP).
         h, w = int(window.height), int(window.width)
-        r0, c0 = int(window.row_off) + self.offset[0], int(window.col_off) + self.offset[1]
+        row_offset, col_offset = self.offset or (0, 0)
+        r0, c0 = int(window.row_off) + row_offset, int(window.col_off) + col_offset
         data = np.zeros((len(self.indexes), h, w), np.float32)
         valid = np.zeros(data.shape, bool)
         rs, re = max(r0, 0), min(r0 + h, self.src.height)
@@ -436,7 +437,10 @@ def _item_bbox(item: Mapping) -> tuple[float, float, float, float] | None:
             values = [float(v) for v in bbox]
         except (TypeError, ValueError):
             return None
-        return (values[0], values[1], values[3], values[4]) if len(values) == 6 else tuple(values)
+        west, south, east, north = (
+            (values[0], values[1], values[3], values[4]) if len(values) == 6 else values
+        )
+        return west, south, east, north
     return None
 
 
@@ -471,6 +475,12 @@ class _ProductPlan:
     gsd_m: float | None = None  # the finest asset-level `gsd` of the product's assets, when they state one
     low: np.ndarray | None = None
     high: np.ndarray | None = None
+
+    def scaling_range(self) -> tuple[np.ndarray, np.ndarray]:
+        """The scene's per-band (low, high), set by `_set_scaling` before any tile is read."""
+        if self.low is None or self.high is None:
+            raise RuntimeError(f"product {self.name!r}: scaling range read before it was set")
+        return self.low, self.high
 
 
 class _ProductBuffer:
@@ -540,7 +550,8 @@ def read_item(
 
     `base_href` resolves relative asset hrefs (default: the item's `self` link, then `config.allowed_roots`).
     """
-    item_id = item.get("id") if isinstance(item, Mapping) and isinstance(item.get("id"), str) else "<no id>"
+    given = item.get("id") if isinstance(item, Mapping) else None
+    item_id = given if isinstance(given, str) else "<no id>"
     rejected: list[Rejection] = []
     try:
         with rasterio.Env(**GDAL_OPTIONS):
@@ -801,7 +812,7 @@ class _SceneGrid:
         for plan in self.plans:
             data, valid = stacked[plan.name][0][:, :, cols], stacked[plan.name][1][:, cols]
             cloud = self.scene_cloud if cloud_strip is None else cloud_fraction(cloud_strip[:, cols], valid)
-            scaled = scale(data, valid, plan.low, plan.high, plan.spec.scaling.dtype)
+            scaled = scale(data, valid, *plan.scaling_range(), plan.spec.scaling.dtype)
             problem = tile_problem(valid, scaled, cloud, self.config.quality)
             if problem is not None:
                 self.rejected.append(Rejection(self.item_id, problem, k, plan.name))

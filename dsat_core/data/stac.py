@@ -149,6 +149,8 @@ def search_items(
     from pystac_client.exceptions import APIError
 
     url = api_url or config.stac_api
+    if url is None:
+        raise ValueError("no STAC API to search: the catalog config has no stac_api and no api_url was given")
     if intersects is None:
         bbox = bbox if bbox is not None else config.bbox
     limit = max_items if max_items is not None else config.max_items

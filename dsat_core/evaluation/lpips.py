@@ -14,17 +14,20 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import load_file
 from torch import nn
 
 # (layer spec, indices of the ReLUs whose outputs are compared) — torchvision `features` layouts.
-_ALEX = [("conv", 3, 64, 11, 4, 2), ("relu",), ("pool",), ("conv", 64, 192, 5, 1, 2), ("relu",), ("pool",),
-         ("conv", 192, 384, 3, 1, 1), ("relu",), ("conv", 384, 256, 3, 1, 1), ("relu",),
-         ("conv", 256, 256, 3, 1, 1), ("relu",)]  # fmt: skip
+_ALEX: list[tuple[Any, ...]] = [
+    ("conv", 3, 64, 11, 4, 2), ("relu",), ("pool",), ("conv", 64, 192, 5, 1, 2), ("relu",), ("pool",),
+    ("conv", 192, 384, 3, 1, 1), ("relu",), ("conv", 384, 256, 3, 1, 1), ("relu",),
+    ("conv", 256, 256, 3, 1, 1), ("relu",),
+]  # fmt: skip
 _ALEX_TAPS = (1, 4, 7, 9, 11)
-_VGG_CFG = [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512]
+_VGG_CFG: list[int | str] = [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", *[512] * 3]
 _VGG_TAPS = (3, 8, 15, 22, 29)
 _SHIFT = (-0.030, -0.088, -0.188)
 _SCALE = (0.458, 0.448, 0.450)
@@ -35,7 +38,7 @@ class LPIPSUnavailable(FileNotFoundError):
     """Raised when LPIPS is requested but no local weight file is available."""
 
 
-def _vgg_layers() -> list[tuple]:
+def _vgg_layers() -> list[tuple[Any, ...]]:
     layers: list[tuple] = []
     in_ch = 3
     for v in _VGG_CFG:
@@ -43,12 +46,15 @@ def _vgg_layers() -> list[tuple]:
             layers.append(("pool",))
         else:
             layers += [("conv", in_ch, v, 3, 1, 1), ("relu",)]
-            in_ch = v
+            in_ch = int(v)
     return layers
 
 
 class LPIPS(nn.Module):
     """LPIPS: unit-normalised deep features, squared difference, learned 1x1 weights, spatial mean."""
+
+    shift: torch.Tensor
+    scale: torch.Tensor
 
     def __init__(self, net: str = "alex") -> None:
         super().__init__()
@@ -57,18 +63,18 @@ class LPIPS(nn.Module):
         self.net_type = net
         spec, self.taps = (_ALEX, _ALEX_TAPS) if net == "alex" else (_vgg_layers(), _VGG_TAPS)
         layers: list[nn.Module] = []
-        channels = []
+        conv_out: dict[int, int] = {}  # layer index → output channels of the convolutions
         for s in spec:
             if s[0] == "conv":
                 _, cin, cout, k, stride, pad = s
+                conv_out[len(layers)] = cout
                 layers.append(nn.Conv2d(cin, cout, k, stride=stride, padding=pad))
-                channels.append(cout)
             elif s[0] == "relu":
                 layers.append(nn.ReLU(inplace=False))
             else:
                 layers.append(nn.MaxPool2d(3, 2) if net == "alex" else nn.MaxPool2d(2, 2))
         self.features = nn.Sequential(*layers)
-        tap_channels = [layers[t - 1].out_channels for t in self.taps]
+        tap_channels = [conv_out[t - 1] for t in self.taps]
         self.lins = nn.ModuleList(nn.Conv2d(c, 1, 1, bias=False) for c in tap_channels)
         self.register_buffer("shift", torch.tensor(_SHIFT).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("scale", torch.tensor(_SCALE).view(1, 3, 1, 1), persistent=False)

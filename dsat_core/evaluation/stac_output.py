@@ -70,6 +70,15 @@ def _software_version() -> str:
         return "unknown"
 
 
+def _position(meta: SatMetadata, i: int) -> tuple[float, float, float]:
+    """(lon, lat, gsd) of image ``i``; ValueError naming the image when one is missing."""
+    lon, lat, gsd = meta.lon, meta.lat, meta.gsd
+    if lon is None or lat is None or gsd is None:
+        missing = [f for f in ("lon", "lat", "gsd") if getattr(meta, f) is None]
+        raise ValueError(f"image {i}: metadata lacks {', '.join(missing)}; needed to georeference it")
+    return lon, lat, gsd
+
+
 def write_generated_stac(
     images: np.ndarray,
     metadata: Sequence[SatMetadata],
@@ -95,10 +104,7 @@ def write_generated_stac(
         bands = ["red", "green", "blue"] if count == 3 else [f"band{i + 1}" for i in range(count)]
     if len(bands) != count:
         raise ValueError(f"{len(bands)} band names for {count} channels")
-    for i, meta in enumerate(metadata):
-        missing = [f for f in ("lon", "lat", "gsd") if getattr(meta, f) is None]
-        if missing:
-            raise ValueError(f"image {i}: metadata lacks {', '.join(missing)}; needed to georeference it")
+    positions = [_position(meta, i) for i, meta in enumerate(metadata)]
 
     out_dir = Path(out_dir).resolve()
     now = datetime.now(UTC).replace(microsecond=0)
@@ -111,7 +117,8 @@ def write_generated_stac(
     for i in range(n):
         meta, prompt, seed = metadata[i], str(prompts[i]), int(seeds[i])
         item_id = f"{collection_id}-{i:06d}"
-        target, transform = image_georeference(meta.lon, meta.lat, meta.gsd, height, width, crs)
+        lon, lat, gsd = positions[i]
+        target, transform = image_georeference(lon, lat, gsd, height, width, crs)
         geometry, bbox = _footprint(target, transform, height, width)
         props: dict[str, Any] = meta.to_stac_properties()
         when = props.pop("datetime", None)
@@ -158,7 +165,7 @@ def write_generated_stac(
         proj.transform = list(transform)[:6]
         x0, y1 = transform.c, transform.f  # north-up: top-left corner
         proj.bbox = [x0, y1 + transform.e * height, x0 + transform.a * width, y1]
-        proj.centroid = {"lat": round(float(meta.lat), 7), "lon": round(float(meta.lon), 7)}
+        proj.centroid = {"lat": round(lat, 7), "lon": round(lon, 7)}
         if "eo:cloud_cover" in props:
             EOExtension.add_to(item)
         item.stac_extensions.append(PROCESSING_SCHEMA)
@@ -278,7 +285,7 @@ def _walk_json(root: Path):
 
 def validate_object(d: dict[str, Any], where: str) -> pystac.STACObjectType:
     """Validate one STAC object dict OFFLINE: the core JSON schema, then our extension-field rules."""
-    kind = _OBJECT_TYPES.get(d.get("type"))
+    kind = _OBJECT_TYPES.get(str(d.get("type")))
     if kind is None:
         raise ValueError(f"{where}: unknown STAC type {d.get('type')!r}")
     JsonSchemaSTACValidator().validate_core(d, kind, d.get("stac_version", ""), href=where)

@@ -33,7 +33,7 @@ def bicubic_upsample(
     Integer inputs are rounded and clipped to their dtype range (bicubic overshoots near edges).
     """
     is_numpy = isinstance(lowres, np.ndarray)
-    x = torch.from_numpy(np.ascontiguousarray(lowres)) if is_numpy else lowres
+    x = torch.from_numpy(np.ascontiguousarray(lowres)) if isinstance(lowres, np.ndarray) else lowres
     squeeze = x.ndim == 3
     if squeeze:
         x = x.unsqueeze(0)
@@ -126,7 +126,7 @@ def classical_inpaint(
     Known pixels are returned unchanged; type and dtype are kept (integers rounded and clipped).
     """
     is_torch = isinstance(image, torch.Tensor)
-    img = image.detach().cpu().numpy() if is_torch else np.asarray(image)
+    img = image.detach().cpu().numpy() if isinstance(image, torch.Tensor) else np.asarray(image)
     msk = (mask.detach().cpu().numpy() if isinstance(mask, torch.Tensor) else np.asarray(mask)).astype(bool)
     batched = img.ndim == 4
     if img.ndim not in (3, 4):

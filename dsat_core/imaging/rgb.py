@@ -29,12 +29,13 @@ def rgb_band_indices(bands: Sequence[str] | None, num_channels: int) -> list[int
         if len(bands) != num_channels:
             raise ValueError(f"{len(bands)} band names {list(bands)} for images with {num_channels} channels")
         lowered = [b.lower() for b in bands]
-        found = []
+        found: list[int | None] = []
         for colour in ("red", "green", "blue"):
             idx = next((i for i, b in enumerate(lowered) if b in RGB_ALIASES[colour]), None)
             found.append(idx)
-        if None not in found:
-            return [int(i) for i in found]
+        picked = [i for i in found if i is not None]
+        if len(picked) == 3:
+            return picked
     if num_channels == 1:
         return [0, 0, 0]
     if num_channels >= 3:
@@ -67,7 +68,7 @@ def rgb_preview(
         rgb = to_rgb(image, names)
     except ValueError:
         rgb = image[:1].repeat(3, 1, 1)
-    rgb = rgb.float()
+    rgb = torch.as_tensor(rgb).float()
     if size is not None and tuple(rgb.shape[-2:]) != tuple(size):
         rgb = F.interpolate(
             rgb[None], size=tuple(size), mode="bilinear", antialias=True, align_corners=False

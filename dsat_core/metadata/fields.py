@@ -62,7 +62,7 @@ class SatMetadata:
                 raise ValueError(f"metadata field {name}={value!r} is outside [{low}, {high}]")
 
     @classmethod
-    def from_datetime(cls, when: datetime | date | str | None, **values: float | None) -> SatMetadata:
+    def from_datetime(cls, when: datetime | date | str | None, **values: Any) -> SatMetadata:
         """Build from an acquisition date (ISO string, date or datetime) plus the other fields."""
         if isinstance(when, str):
             when = datetime.fromisoformat(when.replace("Z", "+00:00"))
@@ -115,7 +115,7 @@ class SatMetadata:
             props["gsd"] = self.gsd
         if self.cloud_cover is not None:
             props["eo:cloud_cover"] = self.cloud_cover * 100.0
-        if None not in (self.year, self.month, self.day):
+        if self.year is not None and self.month is not None and self.day is not None:
             props["datetime"] = datetime(self.year, self.month, self.day).strftime("%Y-%m-%dT00:00:00Z")
         return props
 

@@ -62,10 +62,14 @@ class MetadataEmbedding(ModelMixin, ConfigMixin):
     def reset_output_layers(self) -> None:
         """Zero the last linear of each MLP and the missing embeddings (output becomes exactly 0)."""
         with torch.no_grad():
-            for mlp in self.mlps:
+            for mlp in self._field_mlps():
                 mlp.linear_2.weight.zero_()
                 mlp.linear_2.bias.zero_()
             self.missing_embedding.zero_()
+
+    def _field_mlps(self) -> list[TimestepEmbedding]:
+        """The per-field MLPs, typed (a ModuleList yields plain Modules)."""
+        return list(self.mlps)
 
     def forward(self, metadata: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """Embed `metadata` (B, F) with presence `mask` (B, F) → float32 (B, time_embed_dim).
@@ -95,7 +99,7 @@ class MetadataEmbedding(ModelMixin, ConfigMixin):
             ).reshape(batch, num_fields, -1)
             out = torch.zeros(batch, self.config.time_embed_dim, device=metadata.device)
             missing = self.missing_embedding.float()
-            for i, mlp in enumerate(self.mlps):
+            for i, mlp in enumerate(self._field_mlps()):
                 hidden = F.linear(sinusoid[:, i], mlp.linear_1.weight.float(), mlp.linear_1.bias.float())
                 hidden = F.linear(F.silu(hidden), mlp.linear_2.weight.float(), mlp.linear_2.bias.float())
                 out = out + torch.where(mask[:, i : i + 1], hidden, missing[i])

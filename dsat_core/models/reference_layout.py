@@ -392,12 +392,13 @@ REFERENCE_CONTROLNET_OPTIONS: dict[str, Any] = {
 }
 
 
+def _as_tuple(value: Any) -> Any:
+    """A JSON list as a tuple (configs compare with tuples), anything else unchanged."""
+    return tuple(value) if isinstance(value, list) else value
+
+
 def _require(config: Mapping[str, Any], component: str, wanted: Mapping[str, Any]) -> None:
-    wrong = {
-        k: config.get(k)
-        for k, v in wanted.items()
-        if (tuple(config.get(k)) if isinstance(config.get(k), list) else config.get(k)) != v
-    }
+    wrong = {k: config.get(k) for k, v in wanted.items() if _as_tuple(config.get(k)) != v}
     if wrong:
         listed = ", ".join(f"{k}={v!r} (the reference computes {wanted[k]!r})" for k, v in wrong.items())
         raise LayoutError(f"{component}: the reference layout cannot express {listed}")

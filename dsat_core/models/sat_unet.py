@@ -32,7 +32,9 @@ def _with_unet_signature(init: Callable) -> Callable:
     must appear in it for `save_pretrained` → `from_pretrained` to round trip.
     """
     own = [p for name, p in inspect.signature(init).parameters.items() if name != "kwargs"]
-    init.__signature__ = inspect.Signature(own + [p.replace(kind=p.KEYWORD_ONLY) for p in _UNET_PARAMS])
+    init.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
+        own + [p.replace(kind=p.KEYWORD_ONLY) for p in _UNET_PARAMS]
+    )
     return init
 
 

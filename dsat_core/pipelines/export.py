@@ -13,7 +13,7 @@ from dsat_core.metadata import SatMetadata
 
 
 def save_samples(
-    images: np.ndarray,
+    images: np.ndarray | Sequence[np.ndarray],
     metadata: Sequence[SatMetadata],
     out_dir: str | Path,
     *,
@@ -33,7 +33,7 @@ def save_samples(
         png = out / f"{prefix}-{i:03d}.png"
         Image.fromarray(image).save(png)
         written.append(png)
-        if None in (meta.lat, meta.lon, meta.gsd):
+        if meta.lat is None or meta.lon is None or meta.gsd is None:
             continue
         height, width = image.shape[:2]
         crs, transform = image_georeference(meta.lon, meta.lat, meta.gsd, height, width)

@@ -225,7 +225,7 @@ def load_reference_text_encoder(
 def load_reference_scheduler(root: Path, record: ConversionRecord) -> SchedulerMixin:
     config = json.loads((root / "scheduler" / "scheduler_config.json").read_text())
     name = config.get("_class_name", "")
-    scheduler_cls = getattr(diffusers, name, None)
+    scheduler_cls: type[SchedulerMixin] | None = getattr(diffusers, name, None)
     if not (isinstance(scheduler_cls, type) and issubclass(scheduler_cls, SchedulerMixin)):
         raise layout.LayoutError(f"{root / 'scheduler'}: {name!r} is not a diffusers scheduler")
     record.options["scheduler"] = layout.public_config(config) | {"_class_name": name}
@@ -243,13 +243,13 @@ def _base_parts(
     record.options["base"] = str(base)
     if _is_project_folder(base):
         pipe = DiffusionSatPipeline.from_pretrained(str(base))
-        parts = {
+        components = {
             "unet": pipe.unet,
             "vae": pipe.vae,
             "text_encoder": pipe.text_encoder,
             "scheduler": pipe.scheduler,
         }
-        return {k: v for k, v in parts.items() if k in needed}
+        return {k: v for k, v in components.items() if k in needed}
     found = find_reference_checkpoint(base)
     parts: dict[str, Any] = {}
     if "unet" in needed and found.unet is not None:

@@ -26,10 +26,11 @@ import re
 import shutil
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
+from diffusers.models.modeling_utils import ModelMixin
 from safetensors.torch import load_file, save_file
 
 CHECKPOINT_PREFIX = "checkpoint-"
@@ -123,7 +124,7 @@ def capture_rng_state(device: torch.device) -> tuple[dict[str, torch.Tensor], di
     tensors = {"torch": torch.get_rng_state()}
     if device.type == "cuda":
         tensors["cuda"] = torch.cuda.get_rng_state(device)
-    np_state = np.random.get_state()
+    np_state = cast("tuple[str, np.ndarray, int, int, float]", np.random.get_state())
     py_state = random.getstate()
     meta = {
         "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],
@@ -147,7 +148,7 @@ def save_checkpoint(
     output_dir: str | Path,
     global_step: int,
     *,
-    unet: torch.nn.Module,
+    unet: ModelMixin,
     optimizer: torch.optim.Optimizer,
     lr_scheduler: Any,
     ema: Any | None,

@@ -7,6 +7,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+from diffusers.models.modeling_utils import ModelMixin
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -93,7 +94,7 @@ class EMA:
         self.use_warmup = json.loads(meta.get("use_warmup", json.dumps(self.use_warmup)))
         self.optimization_step = int(meta.get("optimization_step", 0))
 
-    def save_pretrained(self, model: nn.Module, save_directory: str | Path) -> None:
+    def save_pretrained(self, model: ModelMixin, save_directory: str | Path) -> None:
         """Write a diffusers folder of `model` holding the EMA weights (loadable by `from_pretrained`)."""
         with self.swapped_in(model):
             model.save_pretrained(str(save_directory), safe_serialization=True)

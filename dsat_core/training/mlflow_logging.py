@@ -37,7 +37,12 @@ class NullTracker:
     def set_tags(self, tags: Mapping[str, Any]) -> None: ...
 
     def log_pipeline(
-        self, pipeline_dir: str | Path, registered_model_name: str | None, **_: Any
+        self,
+        pipeline_dir: str | Path,
+        registered_model_name: str | None,
+        *,
+        lineage: Mapping[str, Any] | None = None,
+        pip_requirements: Iterable[str] | None = None,
     ) -> str | None:
         return None
 

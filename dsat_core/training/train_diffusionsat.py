@@ -20,7 +20,7 @@ import sys
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -34,6 +34,7 @@ from dsat_core.imaging.rgb import image_grid
 from dsat_core.metadata import SatMetadata
 from dsat_core.models import (
     SatUNet,
+    TextEncoder,
     encode_latents,
     load_sd_components,
     load_text_encoder,
@@ -46,6 +47,7 @@ from dsat_core.models import (
 from dsat_core.models.metadata_embedding import set_missing_metadata
 from dsat_core.models.sd_single_file import load_sd_single_file, model_card
 from dsat_core.pipelines import DiffusionSatPipeline
+from dsat_core.pipelines.diffusionsat import DiffusionSatPipelineOutput, UncondMetadata
 from dsat_core.training.conditioning import noise_batch
 from dsat_core.training.config import TrainConfig
 from dsat_core.training.latent_cache import (
@@ -71,9 +73,9 @@ logger = logging.getLogger("dsat_core.training")
 class Components:
     unet: SatUNet
     vae: nn.Module
-    text_encoder: nn.Module
+    text_encoder: TextEncoder
     text_projection: nn.Module | None  # the trainable part of the text encoder, if any
-    uncond_metadata: str = "keep"  # the guidance mode the saved pipeline records (kept from `init_from`)
+    uncond_metadata: UncondMetadata = "keep"  # guidance mode the saved pipeline records (from `init_from`)
     model_card: str | None = None  # README.md of the saved pipeline (where the weights came from)
 
 
@@ -85,7 +87,8 @@ def build_components(config: TrainConfig) -> Components:
     initial model's), so the trained model embeds a missing field at inference as it saw dropped fields in
     training. A model from ``init_from`` keeps its guidance mode (`uncond_metadata`) too.
     """
-    uncond_metadata, card = "keep", None
+    uncond_metadata: UncondMetadata = "keep"
+    card: str | None = None
     with torch.random.fork_rng():
         torch.manual_seed(config.seed)
         if config.init_from:
@@ -176,7 +179,7 @@ def _validation_inputs(config: TrainConfig, tiles: TileDataset) -> tuple[list[st
 
 @torch.no_grad()
 def sample_grid(
-    unet: nn.Module,
+    unet: SatUNet,
     components: Components,
     prompts: list[str],
     metadata: list[SatMetadata],
@@ -202,7 +205,7 @@ def sample_grid(
         width=config.resolution,
         output_type="np",
     )
-    return image_grid(out.images)
+    return image_grid(cast(np.ndarray, cast(DiffusionSatPipelineOutput, out).images))
 
 
 # ---------------------------------------------------------------------------- training
@@ -299,7 +302,9 @@ def train(config: TrainConfig) -> TrainResult:
         rank_state=lambda: _trained_state(run.base, parts.text_projection),
         save_pipeline=save_pipeline,
         metrics_file="metrics.jsonl",
-        sample_fn=(lambda unet: sample_grid(unet, parts, *val_inputs, config)) if val_inputs else None,
+        sample_fn=(lambda unet: sample_grid(cast(SatUNet, unet), parts, *val_inputs, config))
+        if val_inputs
+        else None,
     )
 
 

@@ -392,8 +392,8 @@ def _batches(
     a group seen in an earlier batch again (a listing that does not keep groups together) is an error."""
     if group_of is None:
         it = iter(records)
-        while batch := list(islice(it, size)):
-            yield batch
+        while chunk := list(islice(it, size)):
+            yield chunk
         return
     batch: list[ImportRecord] = []
     closed: set[str] = set()

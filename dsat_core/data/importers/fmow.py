@@ -160,7 +160,7 @@ class FmowImporter(DatasetImporter):
             **projection,
         }
         is_jpeg = image.lower().endswith((".jpg", ".jpeg"))
-        assets = {
+        assets: dict[str, dict[str, Any]] = {
             "image": {
                 "href": href(fs, image),
                 "type": "image/jpeg" if is_jpeg else "image/tiff",

@@ -173,7 +173,10 @@ class FmowSentinelImporter(DatasetImporter):
         the dates of one location are usually neighbouring rows of the CSV."""
         if folder in self._fmow_cache:
             return self._fmow_cache[folder]
-        fs, out = self._fmow_fs, []
+        fs = self._fmow_fs
+        out: list[tuple[datetime, dict[str, Any]]] = []
+        if fs is None:  # no fmow_root: no fMoW-rgb pairing
+            return out
         name = posixpath.basename(folder)
         for sidecar in sorted(fs.glob(posixpath.join(folder, f"{name}_*_rgb.json"))):
             record = self._fmow.record_for(sidecar, self._fmow_path)
