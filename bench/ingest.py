@@ -1,27 +1,31 @@
-"""Ingest benchmark: the project's pipeline vs a plain odc-stac + numpy + zarr path on the same scenes.
+"""Ingest benchmark: the `refresh-dataset` flow vs a plain odc-stac + numpy + zarr path on the same scenes.
 
     python bench/ingest.py [--scenes 48] [--catalog local-samples] [--workdir /tmp/dsat-bench]
 
 Scenes: the real items of ../shared/data/real/catalog (or catalogs/samples) that carry red/green/blue,
-repeated under distinct item ids up to ``--scenes``. Reported per path: tiles/s, MB/s (uncompressed tile
-pixels written), peak RSS and cores busy (CPU seconds / wall seconds), both over this process + every child
-process, i.e. driver + Dask nannies/workers; time is the best of ``--repeat`` rounds (each round runs every
-path once), memory the worst.
+repeated under distinct item ids up to ``--scenes`` and served by a real STAC API (rustac) on 127.0.0.1.
+Reported per path: tiles/s, MB/s (uncompressed tile pixels written), peak RSS and cores busy (CPU seconds /
+wall seconds), both over this process + every child process but the Prefect server and the STAC API, i.e.
+the flow's process (the driver) + Dask nannies/workers; time is the best of ``--repeat`` rounds (each round
+runs every path once), memory the worst.
 
-1. pipeline: `ingest_items` (real `read_item`, quality filters, captions, lineage, staging + commit) on the
-   project's LocalCluster (`dask_client`, as `ingest_items` starts it) that is started (and warmed up) before
-   the clock starts, with 1 and 2 workers;
-   the 2-worker run is repeated on half the scenes to show that peak memory does not grow with scenes.
+1. flow: the `refresh-dataset` Prefect flow, the path users and the scheduled deployments run (load the
+   catalog, search the STAC API, `ingest_items`: real `read_item`, quality filters, captions, lineage,
+   staging + commits, report artifact), against a `prefect server` started here, on the project's
+   LocalCluster (`dask_client`, as `ingest_items` starts it) that is started (and warmed up) before the
+   clock starts and given to the flow as `dask_address`, with 1 and 2 workers; the 2-worker run is
+   repeated on half the scenes (`max_items`) to show that peak memory does not grow with scenes.
 2. peer: `odc.stac.load` of each item onto its native grid, numpy tiling, per-scene 2/98 % scaling to
-   uint8, appended to a zarr array with the same chunking; no metadata, captions, filters. One process.
+   uint8, appended to a zarr array with the same chunking; no search, metadata, captions, filters. One
+   process.
 
-Targets printed as ratios: pipeline(2 workers) / peer >= 1.0 (wall time on the same scenes),
+Targets printed as ratios: flow(2 workers) / peer >= 1.0 (wall time on the same scenes),
 2 workers / 1 worker >= 1.6,
 peak(N scenes) / peak(N/2 scenes) about 1 (flat).
 The CPU seconds of the 1- and 2-worker runs are printed beside their ratio: on a machine with as many cores
-as workers, the driver (Dask scheduler, client and committer) shares the cores with the workers, so the
-speed-up stays under 2 even for equal CPU work; more CPU seconds with 1 worker mean periodic costs (Dask's
-heartbeats and monitors) that grow with wall time.
+as workers, the driver (Dask scheduler, client and committer, Prefect's engine) shares the cores with the
+workers, so the speed-up stays under 2 even for equal CPU work; more CPU seconds with 1 worker mean
+periodic costs (Dask's heartbeats and monitors) that grow with wall time.
 """
 
 from __future__ import annotations
@@ -29,9 +33,14 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import os
 import shutil
+import subprocess
+import sys
 import threading
 import time
+import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -46,15 +55,17 @@ RGB = ("red", "green", "blue")
 
 
 class Usage:
-    """Peak summed RSS and CPU seconds of this process and its descendants (driver + Dask nannies/workers).
+    """Peak summed RSS and CPU seconds of this process and its descendants (driver + Dask nannies/workers),
+    less the process trees of ``exclude`` (the services the flow talks to: Prefect server, STAC API).
 
     RSS is sampled in a background thread; the process tree is listed every ``relist`` seconds, not at
     every sample: listing scans all of /proc, which at 50 samples/s took about 9 % of a core from the
     driver being measured. CPU seconds are those the tree's processes spent between enter and exit.
     """
 
-    def __init__(self, interval: float = 0.02, relist: float = 0.5) -> None:
+    def __init__(self, exclude: tuple[int, ...] = (), interval: float = 0.02, relist: float = 0.5) -> None:
         self.interval, self.relist, self.peak, self.cpu_seconds = interval, relist, 0, 0.0
+        self.exclude = exclude
         self._stop = threading.Event()
         self._me = psutil.Process()
         self._tree: list[psutil.Process] = []
@@ -63,7 +74,12 @@ class Usage:
 
     def _list(self) -> list[psutil.Process]:
         if time.monotonic() - self._listed > self.relist:
-            self._tree, self._listed = [self._me, *self._me.children(recursive=True)], time.monotonic()
+            skip = set(self.exclude)
+            for pid in self.exclude:
+                with contextlib.suppress(psutil.Error):
+                    skip.update(p.pid for p in psutil.Process(pid).children(recursive=True))
+            tree = [self._me, *self._me.children(recursive=True)]
+            self._tree, self._listed = [p for p in tree if p.pid not in skip], time.monotonic()
         return self._tree
 
     def _cpu(self) -> dict[int, float]:
@@ -123,32 +139,98 @@ def load_items(n_scenes: int) -> list[dict]:
     return items
 
 
-def run_pipeline(items, config, workdir: Path, n_workers: int) -> dict:
-    from dsat_core.data.cluster import dask_client
-    from dsat_core.data.ingest import ingest_items
-    from dsat_core.data.reader import read_item
+@contextlib.contextmanager
+def prefect_server(workdir: Path) -> Iterator[subprocess.Popen]:
+    """`prefect server start` on a free 127.0.0.1 port (its own session and database under ``workdir``);
+    the flows of this process talk to it (PREFECT_API_URL, set before Prefect is imported)."""
+    from dsat_core.data.stac_server import free_port
 
-    uri = str(workdir / f"pipeline-{n_workers}w-{len(items)}.zarr")
+    port, home = free_port(), workdir / "prefect-home"
+    shutil.rmtree(home, ignore_errors=True)
+    home.mkdir(parents=True)
+    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    log = (home / "server.log").open("w")
+    cmd = [str(Path(sys.executable).with_name("prefect")), "server", "start", "--host", "127.0.0.1",
+           "--port", str(port)]  # fmt: skip
+    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    api = f"http://127.0.0.1:{port}/api"
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            with contextlib.suppress(OSError), urllib.request.urlopen(f"{api}/health", timeout=2):
+                break
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise SystemExit(f"prefect server did not start: {(home / 'server.log').read_text()[-2000:]}")
+            time.sleep(0.5)
+        os.environ.update(PREFECT_API_URL=api, PREFECT_HOME=str(home))
+        yield proc
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, 15)
+        proc.wait(timeout=30)
+        log.close()
+
+
+@contextlib.contextmanager
+def stac_api(items: list[dict]) -> Iterator:
+    """A real STAC API (rustac) on a free 127.0.0.1 port over ``items``; yields its `StacServer`."""
+    from dsat_core.data.stac_server import start_stac_server
+
+    server = start_stac_server(items)
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def write_catalog(config, workdir: Path) -> Path:
+    """The benchmark's catalog (the source catalog, RGB only) as a YAML file the flow loads by path."""
+    import yaml
+
+    path = workdir / "bench-catalog.yaml"
+    path.write_text(yaml.safe_dump(config.model_dump(mode="json")))
+    return path
+
+
+def run_flow(
+    catalog: Path, stac_api: str, workdir: Path, n_workers: int, n_scenes: int, exclude: tuple[int, ...]
+) -> dict:
+    """One `refresh-dataset` flow run of the first ``n_scenes`` items into a new store, timed."""
+    from dsat_core.data.catalog import load_catalog
+    from dsat_core.data.cluster import dask_client
+    from dsat_core.data.reader import read_item
+    from dsat_core.data.stac import search_items
+    from flows.refresh_dataset import RefreshParams, refresh_dataset
+
+    uri = str(workdir / f"flow-{n_workers}w-{n_scenes}.zarr")
     shutil.rmtree(uri, ignore_errors=True)
+    config = load_catalog(catalog)
     with dask_client(n_workers=n_workers) as client:  # the project's LocalCluster, as ingest_items makes it
-        warm = items[0]  # a long-running cluster has warm workers (GDAL, pyproj, geocoder caches)
-        client.run(lambda: read_item(warm, config) and None)
-        with Usage() as usage:
+        warm = search_items(config, api_url=stac_api, max_items=1)[0]  # a long-running cluster has warm
+        client.run(lambda: read_item(warm, config) and None)  # workers (GDAL, pyproj, geocoder caches)
+        params = RefreshParams(
+            catalog=str(catalog),
+            store_uri=uri,
+            stac_api=stac_api,
+            max_items=n_scenes,
+            dask_address=client.scheduler.address,
+        )
+        with Usage(exclude) as usage:
             began = time.perf_counter()
-            report = ingest_items(items, config, uri, client=client)
+            result = refresh_dataset(params)
             seconds = time.perf_counter() - began
-    tiles = report.n_added
+    tiles = sum(result.tiles_added.values())
     mbytes = tiles * len(RGB) * config.tile_size**2 / 1e6
     return {
-        "name": f"pipeline {n_workers}w",
-        "scenes": len(items),
+        "name": f"flow {n_workers}w",
+        "scenes": n_scenes,
         "tiles": tiles,
         "seconds": seconds,
         "tiles_s": tiles / seconds,
         "mb_s": mbytes / seconds,
         "peak_mb": usage.peak / 1e6,
         "cores": usage.cpu_seconds / seconds,
-        "rejected": len(report.rejected),
+        "rejected": result.rejected,
     }
 
 
@@ -164,7 +246,7 @@ def _odc_item(item: dict):
     return pystac.Item.from_dict(item)
 
 
-def run_peer(items, config, workdir: Path) -> dict:
+def run_peer(items, config, workdir: Path, exclude: tuple[int, ...]) -> dict:
     import odc.stac
     import zarr
 
@@ -172,7 +254,7 @@ def run_peer(items, config, workdir: Path) -> dict:
     odc.stac.load([_odc_item(items[0])], bands=list(RGB), chunks=None)  # warm up GDAL like the workers
     uri = str(workdir / f"peer-{len(items)}.zarr")
     shutil.rmtree(uri, ignore_errors=True)
-    with Usage() as usage:
+    with Usage(exclude) as usage:
         began = time.perf_counter()
         root = zarr.open_group(uri, mode="w", zarr_format=3)
         arr = root.create_array(
@@ -228,18 +310,23 @@ def main() -> None:
     config = base.with_overrides(products={"rgb": base.products["rgb"].model_dump()})
     args.workdir.mkdir(parents=True, exist_ok=True)
     items = load_items(args.scenes)
-    half = items[: args.scenes // 2]
+    half = args.scenes // 2
+    catalog = write_catalog(config, args.workdir)
+    served = [{**item, "collection": config.collections[0], "links": []} for item in items]
 
-    paths = [
-        (run_peer, items, config, args.workdir),
-        (run_pipeline, items, config, args.workdir, 1),
-        (run_pipeline, items, config, args.workdir, 2),
-        (run_pipeline, half, config, args.workdir, 2),
-    ]
-    runs: list[list[dict]] = [[] for _ in paths]
-    for _ in range(max(1, args.repeat)):  # rounds interleave the paths: a slow minute hits all of them
-        for done, (run, *run_args) in zip(runs, paths, strict=True):
-            done.append(run(*run_args))
+    with prefect_server(args.workdir) as server, stac_api(served) as api:
+        exclude = (server.pid, api.process.pid)
+        run_flow(catalog, api.url, args.workdir, 1, 1, exclude)  # warm up Prefect (its first flow run)
+        paths = [
+            (run_peer, items, config, args.workdir, exclude),
+            (run_flow, catalog, api.url, args.workdir, 1, args.scenes, exclude),
+            (run_flow, catalog, api.url, args.workdir, 2, args.scenes, exclude),
+            (run_flow, catalog, api.url, args.workdir, 2, half, exclude),
+        ]
+        runs: list[list[dict]] = [[] for _ in paths]
+        for _ in range(max(1, args.repeat)):  # rounds interleave the paths: a slow minute hits all of them
+            for done, (run, *run_args) in zip(runs, paths, strict=True):
+                done.append(run(*run_args))
     results = [
         {**min(done, key=lambda r: r["seconds"]), "peak_mb": max(r["peak_mb"] for r in done)} for done in runs
     ]
@@ -256,9 +343,9 @@ def main() -> None:
     peer, one, two, two_half = results
     checks = [
         # Same scenes in, so "as fast" is wall time; tiles/s also shown (the peer writes the nodata border
-        # tiles that the pipeline rejects, so it has more tiles per scene).
-        ("pipeline(2w) / peer  same scenes", peer["seconds"] / two["seconds"], ">= 1.0"),
-        ("pipeline(2w) / peer  tiles/s", two["tiles_s"] / peer["tiles_s"], "(info)"),
+        # tiles that the flow rejects, so it has more tiles per scene).
+        ("flow(2w) / peer  same scenes", peer["seconds"] / two["seconds"], ">= 1.0"),
+        ("flow(2w) / peer  tiles/s", two["tiles_s"] / peer["tiles_s"], "(info)"),
         ("2 workers / 1 worker", one["seconds"] / two["seconds"], ">= 1.6"),
         ("  per round (1w / 2w)", _ratios(runs[1], runs[2]), "(info)"),
         ("  CPU seconds 1w / 2w", f"{_cpu_s(one):.1f} / {_cpu_s(two):.1f}", "(info)"),

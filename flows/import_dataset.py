@@ -91,7 +91,6 @@ def import_dataset(params: ImportParams) -> ImportResult:
                 catalog=params.catalog,
                 store_uri=params.store_uri,
                 stac_api=url,
-                use_dask=params.dask_address is not None,
                 dask_address=params.dask_address,
                 read_options=params.storage_options,  # the assets live in the copy
             )

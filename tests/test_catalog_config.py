@@ -1,5 +1,7 @@
 """Catalog YAML validation."""
 
+from pathlib import Path
+
 import pytest
 
 from dsat_core.data.catalog import CatalogConfigError, list_catalogs, load_catalog
@@ -56,4 +58,25 @@ def test_unknown_keys_are_rejected(tmp_path):
         "products: {rgb: {bands: [{name: red}]}}\ntile_sise: 3\n"
     )
     with pytest.raises(CatalogConfigError, match="tile_sise"):
+        load_catalog(bad)
+
+
+def test_static_catalog_is_resolved_next_to_the_yaml(tmp_path):
+    """A catalog may name a static catalog to serve instead of a STAC API URL (relative to its YAML)."""
+    config = load_catalog("local-samples")
+    assert config.stac_api is None and config.static_catalog is not None
+    assert Path(config.static_catalog).is_file() and Path(config.static_catalog).name == "catalog.json"
+    path = tmp_path / "own.yaml"
+    path.write_text(
+        "name: own\nstatic_catalog: cat/catalog.json\ncollections: [c]\n"
+        "products: {rgb: {bands: [{name: red}]}}\n"
+    )
+    assert load_catalog(path).static_catalog == str(tmp_path / "cat" / "catalog.json")
+    assert load_catalog(path).with_overrides(stac_api="http://x").stac_api == "http://x"
+
+
+def test_a_catalog_needs_a_stac_api_or_a_static_catalog(tmp_path):
+    bad = tmp_path / "nowhere.yaml"
+    bad.write_text("name: x\ncollections: [c]\nproducts: {rgb: {bands: [{name: red}]}}\n")
+    with pytest.raises(CatalogConfigError, match=r"nowhere\.yaml.*stac_api.*static_catalog"):
         load_catalog(bad)

@@ -30,6 +30,12 @@ def raising_reader(item, config, *, aoi_bbox=None, storage_options=None):
     return synthetic_reader(item, config, aoi_bbox=aoi_bbox, storage_options=storage_options)
 
 
+def unstageable_reader(item, config, *, aoi_bbox=None, storage_options=None):
+    if item["properties"]["synthetic:index"] == 1:
+        return None  # not a SceneTiles: staging raises on the worker, so the whole task fails
+    return synthetic_reader(item, config, aoi_bbox=aoi_bbox, storage_options=storage_options)
+
+
 @pytest.fixture(scope="module")
 def client() -> Iterator[Client]:
     with dask_client(n_workers=2) as own:  # the LocalCluster that ingest_items starts when given no client
@@ -102,9 +108,21 @@ def test_rejections_are_reported_and_stored(client: Client, tmp_path: Path) -> N
     assert items[2]["id"] in md
 
 
-def test_commit_every_and_scheduler_address(client: Client, tmp_path: Path) -> None:
+def test_a_failed_task_is_recorded_as_a_rejection_and_the_run_goes_on(client: Client, tmp_path: Path) -> None:
+    uri = str(tmp_path / "s.zarr")
+    items = [synthetic_item(i, tiles=2) for i in range(3)]
+    report = ingest_items(items, CONFIG, uri, client=client, reader=unstageable_reader)
+    reasons = {(r.item_id, r.tile_index): r.reason for r in report.rejected}
+    assert reasons[(items[1]["id"], -1)].startswith("ingest task failed: AttributeError: ")
+    assert report.added_tiles == {"rgb": 4} and sorted(report.items_added) == [items[0]["id"], items[2]["id"]]
+    store = DatasetStore.open(uri)
+    assert items[1]["id"] not in store.ingested_items() and len(store.rejected()) == 1  # retried next time
+
+
+def test_commit_every_scheduler_address_and_progress_hook(client: Client, tmp_path: Path) -> None:
     uri = str(tmp_path / "s.zarr")
     items = [synthetic_item(i, tiles=1) for i in range(5)]
+    calls: list[tuple[int, int]] = []
     report = ingest_items(
         items,
         CONFIG,
@@ -112,10 +130,12 @@ def test_commit_every_and_scheduler_address(client: Client, tmp_path: Path) -> N
         scheduler_address=client.scheduler.address,
         reader=synthetic_reader,
         commit_every=2,
+        progress=lambda done, total: calls.append((done, total)),
     )
     store = DatasetStore.open(uri)
     assert report.version == 3 and [v["n_tiles"]["rgb"] for v in store.attrs["versions"]] == [2, 4, 5]
     assert report.added_tiles == {"rgb": 5} and len(report.items_added) == 5
+    assert calls == [(k, 5) for k in range(1, 6)]  # once per item, on the driver
 
 
 def test_default_local_cluster(tmp_path: Path) -> None:

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import json
+import os
 import signal
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import numpy as np
@@ -114,57 +117,64 @@ def test_hash_is_order_independent_and_content_sensitive(tmp_path: Path) -> None
     assert c.content_hash != a.content_hash
 
 
-def test_crash_mid_commit_is_invisible_then_completed(tmp_path: Path) -> None:
+def _rows_on_disk(uri: str) -> tuple[int, int]:
+    """(rows of rgb/images, tiles committed) as the store's metadata files say, read as another process
+    would; (0, 0) while a file is being rewritten."""
+    try:
+        images = json.loads((Path(uri) / "rgb" / "images" / "zarr.json").read_text())
+        root = json.loads((Path(uri) / "zarr.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return 0, 0
+    return images["shape"][0], root["attributes"]["n_tiles"]["rgb"]
+
+
+def test_commit_killed_midway_is_invisible_and_the_next_commit_completes_it(tmp_path: Path) -> None:
+    """A real kill: a process commits 16 staged scenes and is SIGKILLed once its image rows are on disk
+    but before its commit point. Readers see the old version; the staged scenes survive; the next commit
+    truncates the torn tail and gives the store a clean ingest would."""
     from dsat_core.data.dataset import TileDataset
 
-    store = _new(tmp_path)
-    _ingest(store, [synthetic_scene(0, 4, 16)])
-    hash_before = store.content_hash
-    staged = [store.stage(synthetic_scene(i, 4, 16)) for i in (1, 2)]
-
-    def crash() -> None:
-        raise RuntimeError("power cut")
-
-    store._crash_hook = crash
-    with pytest.raises(RuntimeError, match="power cut"):
-        store.commit(staged)
-    reopened = DatasetStore.open(store.uri)
-    assert reopened.root["rgb"]["images"].shape[0] > 4  # the arrays did grow...
-    assert (
-        reopened.n_tiles("rgb") == 4 and reopened.content_hash == hash_before
-    )  # ...but nothing is committed
-    assert (
-        reopened.open_xarray("rgb").sizes["tile"] == 4 and len(TileDataset(store.uri, resolution=None)) == 4
-    )
-    result = reopened.commit()  # the staged scenes survived the crash
-    assert result.added_tiles == {"rgb": 8}
-    ds = reopened.open_xarray("rgb")
-    identities = {(i, tuple(w)) for i, w in zip(ds.item_id.values, ds.window.values.tolist(), strict=True)}
-    assert len(identities) == 12 == reopened.root["rgb"]["images"].shape[0]
-    clean = _new(tmp_path, "clean.zarr")
-    _ingest(clean, [synthetic_scene(i, 4, 16) for i in range(3)])
-    assert reopened.content_hash == clean.content_hash
-
-
-def test_sigkill_mid_commit(tmp_path: Path) -> None:
-    """A commit killed with SIGKILL after writing tiles: readers see the old version; a rerun fixes it."""
-    uri = str(tmp_path / "s.zarr")
-    make_synthetic_store(uri, n_scenes=1, tiles_per_scene=4, size=16)
+    uri = make_synthetic_store(str(tmp_path / "s.zarr"), n_scenes=1, tiles_per_scene=4, size=16)
+    hash_before = DatasetStore.open(uri).content_hash
+    scenes = range(1, 17)  # 64 tiles each: the commit writes 16 shards, about a second of work
     script = textwrap.dedent(f"""
-        import os, signal
         from dsat_core.data.store import DatasetStore
         from dsat_core.data.synthetic import synthetic_scene
         store = DatasetStore.open({uri!r})
-        staged = [store.stage(synthetic_scene(i, 4, 16)) for i in (1, 2)]
-        store._crash_hook = lambda: os.kill(os.getpid(), signal.SIGKILL)
-        store.commit(staged)
+        staged = [store.stage(synthetic_scene(i, 64, 16)) for i in {list(scenes)!r}]
+        store.commit(staged, batch_tiles=64)
     """)
-    proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, timeout=120)
-    assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()[-2000:]
+    proc = subprocess.Popen([sys.executable, "-c", script], cwd=REPO, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 120
+        while (rows := _rows_on_disk(uri))[0] <= rows[1] or rows[1] != 4:  # no torn tail yet
+            assert proc.poll() is None, f"the commit ended before it was killed: {proc.stderr.read()[-2000:]}"
+            assert time.monotonic() < deadline, "no image rows written within 120 s"
+            time.sleep(0.005)  # then read again; the kill follows the read that shows the torn tail
+        os.kill(proc.pid, signal.SIGKILL)
+        assert proc.wait(timeout=30) == -signal.SIGKILL
+    finally:
+        proc.kill()
+        proc.wait()
+        proc.stderr.close()
+
     store = DatasetStore.open(uri)
-    assert store.n_tiles("rgb") == 4 and store.version == 1 and len(store.staged()) == 2
-    assert store.commit().added_tiles == {"rgb": 8}
-    assert store.n_tiles("rgb") == 12 and store.root["rgb"]["images"].shape[0] == 12 and store.version == 2
+    assert store.root["rgb"]["images"].shape[0] > 4  # the arrays did grow...
+    assert store.n_tiles("rgb") == 4 and store.version == 1 and store.content_hash == hash_before  # ...unseen
+    assert store.open_xarray("rgb").sizes["tile"] == 4 and len(TileDataset(uri, resolution=None)) == 4
+    assert len(store.staged()) == len(scenes)  # every staged scene survived the kill
+
+    result = store.commit()
+    assert result.added_tiles == {"rgb": 64 * len(scenes)} and store.version == 2
+    ds = store.open_xarray("rgb")
+    identities = {(i, tuple(w)) for i, w in zip(ds.item_id.values, ds.window.values.tolist(), strict=True)}
+    assert len(identities) == 4 + 64 * len(scenes) == store.root["rgb"]["images"].shape[0]
+    clean = _new(tmp_path, "clean.zarr")
+    _ingest(clean, [synthetic_scene(0, 4, 16), *(synthetic_scene(i, 64, 16) for i in scenes)])
+    assert store.content_hash == clean.content_hash
+    first = synthetic_scene(1, 64, 16)
+    rows = ds.item_id.values == first.item_id
+    np.testing.assert_array_equal(ds.images.values[rows], first.products["rgb"].images)
 
 
 def test_rejections_appended_across_commits(tmp_path: Path) -> None:

@@ -89,8 +89,13 @@ class CatalogConfig(_Strict):
 
     name: str
     description: str = ""
-    stac_api: str = Field(
-        description="STAC API root URL; may be overridden at run time (e.g. a local server)"
+    stac_api: str | None = Field(
+        None, description="STAC API root URL; may be overridden at run time (e.g. a local server)"
+    )
+    static_catalog: str | None = Field(
+        None,
+        description="a static STAC catalog (catalog.json, or an importer's folder; relative to the YAML) "
+        "that each run serves itself on a free 127.0.0.1 port when no stac_api is given",
     )
     collections: list[str] = Field(min_length=1)
     signing: Literal["none", "planetary-computer"] = "none"
@@ -120,6 +125,12 @@ class CatalogConfig(_Strict):
         if value in ("utm", "native") or value.upper().startswith("EPSG:"):
             return value
         raise ValueError("target_crs must be 'utm', 'native' or 'EPSG:<code>'")
+
+    @model_validator(mode="after")
+    def _has_source(self) -> CatalogConfig:
+        if self.stac_api is None and self.static_catalog is None:
+            raise ValueError("give stac_api (a STAC API URL) or static_catalog (a catalog to serve)")
+        return self
 
     @model_validator(mode="after")
     def _overlap_below_tile(self) -> CatalogConfig:
@@ -157,6 +168,8 @@ def load_catalog(name_or_path: str | Path) -> CatalogConfig:
     if not isinstance(raw, dict):
         raise CatalogConfigError(f"{path}: expected a mapping at top level")
     raw["allowed_roots"] = [str((path.parent / r).resolve()) for r in raw.get("allowed_roots", [])]
+    if isinstance(raw.get("static_catalog"), str) and "://" not in raw["static_catalog"]:
+        raw["static_catalog"] = str((path.parent / raw["static_catalog"]).resolve())
     try:
         return CatalogConfig.model_validate(raw)
     except ValidationError as err:

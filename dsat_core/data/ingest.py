@@ -1,9 +1,12 @@
-"""The ingest driver: read STAC items into tiles on Dask workers, stage them, commit once.
+"""The ingest driver: read STAC items into tiles on Dask workers, stage them, commit as it goes.
 
-Pure Python + Dask (the Prefect flow is a thin layer over `ingest_items`). Each item is read and staged by
-one task on a worker (`reader` then `DatasetStore.stage`), so pixels never travel back to the driver; the
-driver keeps at most ``max_in_flight`` items submitted and is the single committer: it decides which staged
-tiles go to which rows, while the copies of whole shards of images into the store run as worker tasks.
+Pure Python + Dask, and the one way items get into a store: `dsat ingest` calls `ingest_items`, and so does
+the `refresh-dataset` Prefect flow (with a ``progress`` hook of its own). Each item is read and staged by one
+task on a worker (`read_and_stage`), so pixels never travel back to the driver; the driver keeps at most
+``max_in_flight`` items submitted and is the single committer: it decides which staged tiles go to which
+rows, while the copies of whole shards of images into the store run as worker tasks. A task that fails (a
+worker died, the staging write failed) is recorded as a rejection of its item, like a reader error, and the
+run goes on.
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from functools import partial
@@ -27,6 +30,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 Reader = Callable[..., SceneTiles]
+# progress(items done, items to do): called on the driver after each item's task has finished
+Progress = Callable[[int, int], None]
 COMMIT_BATCH_TILES = TILES_PER_SHARD  # copy each shard as soon as it is complete
 
 
@@ -49,6 +54,15 @@ class IngestReport:
     @property
     def n_added(self) -> int:
         return sum(self.added_tiles.values())
+
+
+@dataclass
+class IngestPlan:
+    """Which items of a search are new to the store, already ingested, or not valid STAC items."""
+
+    todo: list[dict[str, Any]]
+    skipped: list[str]
+    invalid: list[Rejection]
 
 
 def _default_reader() -> Reader:
@@ -80,17 +94,6 @@ def read_and_stage(
     return store.stage(scene)
 
 
-def _merge(report: IngestReport, result: CommitResult) -> None:
-    for attr in ("added_tiles", "skipped_duplicates"):
-        total = getattr(report, attr)
-        for product, n in getattr(result, attr).items():
-            total[product] = total.get(product, 0) + n
-    report.items_added.extend(result.items_added)
-    report.rejected.extend(result.rejected)
-    report.version = result.version
-    report.content_hash = result.content_hash
-
-
 def ingest_items(
     items: Sequence[Mapping[str, Any]],
     config: CatalogConfig,
@@ -102,7 +105,7 @@ def ingest_items(
     n_workers: int = 2,
     storage_options: Mapping[str, Any] | None = None,
     read_options: Mapping[str, Any] | None = None,
-    progress: bool = False,
+    progress: bool | Progress = False,
     reader: Reader | None = None,
     commit_every: int | None = None,
     max_in_flight: int | None = None,
@@ -113,105 +116,35 @@ def ingest_items(
     else on the scheduler at ``scheduler_address``, else on a new ``LocalCluster(n_workers)``.
     ``storage_options`` are for the store, ``read_options`` for the reader's asset access. At most
     ``max_in_flight`` (default 2 × workers) items are in flight; staged scenes are committed once at the
-    end, or every ``commit_every`` items. ``reader`` defaults to `dsat_core.data.reader.read_item`.
+    end, or every ``commit_every`` items. ``progress``: True for a terminal bar, or a `Progress` hook.
+    ``reader`` defaults to `dsat_core.data.reader.read_item`.
     """
-    from distributed import as_completed
-
     began = time.perf_counter()
     store = DatasetStore.open(store_uri, storage_options=storage_options, create=True, catalog=config)
     plan = plan_ingest(items, store)
-    report = IngestReport(store_uri=store_uri, version=store.version, content_hash=store.content_hash)
-    report.skipped_items, report.n_items = plan.skipped, len(plan.todo)
-    todo, bad = plan.todo, plan.invalid
-    transaction: CommitTransaction | None = None
-    submit: Callable[..., Any] | None = None  # image copies of whole shards run on the workers
-    in_transaction = 0
-
-    def commit() -> None:
-        nonlocal transaction, in_transaction
-        if transaction is not None:
-            _merge(report, transaction.finish())
-            transaction, in_transaction = None, 0
-
-    def add(staged: StagedScene) -> None:
-        nonlocal transaction, in_transaction
-        if transaction is None:
-            transaction = store.begin_commit(batch_tiles=COMMIT_BATCH_TILES, submit=submit)
-        transaction.add(staged)  # the driver plans rows and copies shards while the workers go on reading
-        in_transaction += 1
-
+    committer = _Committer(store, _new_report(store, plan), commit_every)
+    job = {
+        "config": config,
+        "store_uri": store_uri,
+        "aoi_bbox": aoi_bbox,
+        "storage_options": storage_options,
+        "read_options": read_options,
+        "reader": reader,
+    }
     with ExitStack() as stack:
-        if todo:
-            client = stack.enter_context(
+        if plan.todo:
+            dask = stack.enter_context(
                 dask_client(client, scheduler_address=scheduler_address, n_workers=n_workers)
             )
-            workers = n_workers_of(client, n_workers)
-            submit = partial(client.submit, pure=False, priority=1)  # shard copies go before queued reads
-            limit = max_in_flight or 2 * workers
-            pending = iter(todo)
-            futures: dict[Any, str] = {}
-            bar = _progress(len(todo)) if progress else None
-
-            def submit_next(ac: Any) -> None:
-                item = next(pending, None)
-                if item is None:
-                    return
-                fut = client.submit(
-                    read_and_stage,
-                    item,
-                    config,
-                    store_uri,
-                    aoi_bbox=aoi_bbox,
-                    storage_options=storage_options,
-                    read_options=read_options,
-                    reader=reader,
-                    pure=False,
-                    key=f"ingest-{item['id']}-{time.time_ns()}",
-                )
-                futures[fut] = item["id"]
-                ac.add(fut)
-
-            ac = as_completed()
-            for _ in range(limit):
-                submit_next(ac)
-            for fut in ac:
-                item_id = futures.pop(fut)
-                try:
-                    staged = fut.result()
-                except Exception as err:  # a worker died or the store write failed: record, go on
-                    reason = f"ingest task failed: {type(err).__name__}: {err}"
-                    log.warning("%s: %s", item_id, reason)
-                    staged = store.stage(SceneTiles(item_id, rejected=[Rejection(item_id, reason)]))
-                finally:
-                    fut.release()
-                submit_next(ac)
-                add(staged)
-                if bar is not None:
-                    bar.update(1)
-                if commit_every and in_transaction >= commit_every:
-                    commit()
-            if bar is not None:
-                bar.close()
-        if bad:
-            add(store.stage(SceneTiles("<invalid items>", rejected=bad)))
-        commit()
-    return _finish_report(report, store, began)
-
-
-def _finish_report(report: IngestReport, store: DatasetStore, began: float) -> IngestReport:
-    report.total_tiles = {p: store.n_tiles(p) for p in store.products()}
-    report.version, report.content_hash = store.version, store.content_hash
-    report.seconds = time.perf_counter() - began
-    return report
-
-
-@dataclass
-class IngestPlan:
-    """Which items of a search are new to the store, already ingested, or not valid STAC items."""
-
-    todo: list[dict[str, Any]]
-    skipped: list[str]
-    invalid: list[Rejection]
+            committer.submit = partial(dask.submit, pure=False, priority=1)  # before queued reads
+            limit = max_in_flight or 2 * n_workers_of(dask, n_workers)
+            report_progress = _progress_hook(progress, len(plan.todo))
+            for done, (item_id, outcome) in enumerate(_stage_on_workers(dask, plan.todo, job, limit), 1):
+                committer.add_outcome(item_id, outcome)
+                report_progress(done, len(plan.todo))
+        committer.add_invalid(plan.invalid)
+        committer.commit()  # while the cluster is up: the last shard copies run on its workers
+    return _finish_report(committer.report, store, began)
 
 
 def plan_ingest(items: Sequence[Mapping[str, Any]], store: DatasetStore) -> IngestPlan:
@@ -231,28 +164,117 @@ def plan_ingest(items: Sequence[Mapping[str, Any]], store: DatasetStore) -> Inge
     return plan
 
 
-def commit_staged(
-    store: DatasetStore, staged: Sequence[StagedScene], plan: IngestPlan, *, began: float | None = None
-) -> IngestReport:
-    """Commit scenes staged elsewhere (e.g. by Prefect tasks) as one version; report like `ingest_items`."""
-    began = time.perf_counter() if began is None else began
+def _new_report(store: DatasetStore, plan: IngestPlan) -> IngestReport:
     report = IngestReport(store_uri=store.uri, version=store.version, content_hash=store.content_hash)
     report.skipped_items, report.n_items = plan.skipped, len(plan.todo)
-    staged = list(staged)
-    if plan.invalid:
-        staged.append(store.stage(SceneTiles("<invalid items>", rejected=plan.invalid)))
-    if staged:
-        transaction = store.begin_commit()
-        for scene in staged:
-            transaction.add(scene)
-        _merge(report, transaction.finish())
-    return _finish_report(report, store, began)
+    return report
 
 
-def _progress(total: int):
+def _stage_on_workers(
+    client: distributed.Client, todo: Sequence[dict[str, Any]], job: Mapping[str, Any], limit: int
+) -> Iterator[tuple[str, StagedScene | Exception]]:
+    """Run `read_and_stage` for every item on the workers, at most ``limit`` at once, and yield
+    ``(item id, staged scene)`` as each finishes, or ``(item id, exception)`` for a task that failed."""
+    from distributed import as_completed
+
+    pending = iter(todo)
+    futures: dict[Any, str] = {}
+    running = as_completed()
+
+    def submit_next() -> None:
+        item = next(pending, None)
+        if item is not None:
+            key = f"ingest-{item['id']}-{time.time_ns()}"
+            future = client.submit(read_and_stage, item, **job, pure=False, key=key)
+            futures[future] = item["id"]
+            running.add(future)
+
+    for _ in range(limit):
+        submit_next()
+    for future in running:
+        item_id = futures.pop(future)
+        try:
+            outcome: StagedScene | Exception = future.result()
+        except Exception as err:  # a worker died or the store write failed: the item is rejected
+            outcome = err
+        finally:
+            future.release()
+        submit_next()  # the workers go on reading while the driver commits this one
+        yield item_id, outcome
+
+
+class _Committer:
+    """The single writer of one run: adds staged scenes to an open commit (its shard copies go to
+    ``submit``), commits every ``commit_every`` scenes and at the end, merging each commit into ``report``."""
+
+    def __init__(self, store: DatasetStore, report: IngestReport, commit_every: int | None) -> None:
+        self.store, self.report, self.commit_every = store, report, commit_every
+        self.submit: Callable[..., Any] | None = None
+        self._transaction: CommitTransaction | None = None
+        self._scenes = 0
+
+    def add(self, staged: StagedScene) -> None:
+        if self._transaction is None:
+            self._transaction = self.store.begin_commit(batch_tiles=COMMIT_BATCH_TILES, submit=self.submit)
+        self._transaction.add(staged)  # rows are planned and full shards copied while workers read on
+        self._scenes += 1
+        if self.commit_every and self._scenes >= self.commit_every:
+            self.commit()
+
+    def add_outcome(self, item_id: str, outcome: StagedScene | Exception) -> None:
+        """A staged scene, or a failed task recorded as the rejection of its item."""
+        if isinstance(outcome, StagedScene):
+            self.add(outcome)
+            return
+        reason = f"ingest task failed: {type(outcome).__name__}: {outcome}"
+        log.warning("%s: %s", item_id, reason)
+        self.add(self.store.stage(SceneTiles(item_id, rejected=[Rejection(item_id, reason)])))
+
+    def add_invalid(self, rejections: list[Rejection]) -> None:
+        """Items that are not valid STAC items, recorded as rejections."""
+        if rejections:
+            self.add(self.store.stage(SceneTiles("<invalid items>", rejected=rejections)))
+
+    def commit(self) -> None:
+        if self._transaction is not None:
+            _merge(self.report, self._transaction.finish())
+            self._transaction, self._scenes = None, 0
+
+
+def _merge(report: IngestReport, result: CommitResult) -> None:
+    for attr in ("added_tiles", "skipped_duplicates"):
+        total = getattr(report, attr)
+        for product, n in getattr(result, attr).items():
+            total[product] = total.get(product, 0) + n
+    report.items_added.extend(result.items_added)
+    report.rejected.extend(result.rejected)
+    report.version = result.version
+    report.content_hash = result.content_hash
+
+
+def _finish_report(report: IngestReport, store: DatasetStore, began: float) -> IngestReport:
+    report.total_tiles = {p: store.n_tiles(p) for p in store.products()}
+    report.version, report.content_hash = store.version, store.content_hash
+    report.seconds = time.perf_counter() - began
+    return report
+
+
+def _progress_hook(progress: bool | Progress, total: int) -> Progress:
+    """The hook for ``progress``: the caller's, a tqdm bar (closed at the last item), or nothing."""
+    if callable(progress):
+        return progress
+    if not progress:
+        return lambda done, total: None
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, desc="ingest", unit="item")
+    bar = tqdm(total=total, desc="ingest", unit="item")
+
+    def update(done: int, total: int) -> None:
+        bar.update(done - bar.n)
+        if done >= total:
+            bar.close()
+
+    return update
 
 
 def ingest_report_markdown(report: IngestReport, *, max_reasons: int = 20) -> str:
@@ -293,7 +315,7 @@ def ingest_report_markdown(report: IngestReport, *, max_reasons: int = 20) -> st
 __all__ = [
     "IngestPlan",
     "IngestReport",
-    "commit_staged",
+    "Progress",
     "ingest_items",
     "ingest_report_markdown",
     "plan_ingest",

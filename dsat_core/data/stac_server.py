@@ -1,4 +1,8 @@
-"""A real STAC API on 127.0.0.1 over a static catalog, served by `rustac serve` (memory backend)."""
+"""A real STAC API on 127.0.0.1 over a static catalog, served by `rustac serve` (memory backend).
+
+`catalog_api` gives the API a catalog config searches: its `stac_api`, or its `static_catalog` served for
+the duration of a block (what `dsat ingest` and the `refresh-dataset` flow do for `catalogs/local-samples`).
+"""
 
 from __future__ import annotations
 
@@ -19,6 +23,8 @@ from pathlib import Path
 from typing import Any
 
 import pystac
+
+from dsat_core.data.catalog import CatalogConfig
 
 logger = logging.getLogger(__name__)
 
@@ -86,7 +92,9 @@ def item_problem(data: Any) -> str | None:
 def _item_hrefs(catalog: pystac.Catalog) -> Iterator[str]:
     """Absolute hrefs of the item links of `catalog` and of its sub-catalogs."""
     for link in catalog.get_links(pystac.RelType.ITEM):
-        yield link.get_absolute_href()
+        href = link.get_absolute_href()
+        if href:
+            yield href
     for child in catalog.get_children():
         yield from _item_hrefs(child)
 
@@ -137,10 +145,12 @@ def static_catalog_items(
 
 def _ndjson_items(path: Path, on_skip: SkipHandler | None) -> tuple[list[str], int]:
     """The good lines of an items.ndjson file and how many were skipped (each reported to `on_skip`)."""
-    good, skipped = [], 0
+    good: list[str] = []
+    skipped = 0
     for number, line in enumerate(path.read_text().splitlines(), start=1):
         if not line.strip():
             continue
+        problem: str | None
         try:
             data = json.loads(line)
         except json.JSONDecodeError as err:
@@ -279,3 +289,21 @@ def serve_static_catalog(
         yield server.url
     finally:
         server.stop()
+
+
+@contextmanager
+def catalog_api(config: CatalogConfig, *, on_skip: SkipHandler | None = log_skipped) -> Iterator[str]:
+    """Context manager: the root URL of the STAC API to search for `config`.
+
+    That is `config.stac_api` when set (a run-time override included); else the catalog's
+    `static_catalog`, served under its first collection on a free 127.0.0.1 port by `serve_static_catalog`
+    (the server `dsat stac serve` and the demo use) until the block ends.
+    """
+    if config.stac_api:
+        yield config.stac_api
+        return
+    if not config.static_catalog:
+        raise ValueError(f"catalog {config.name!r} names neither a stac_api nor a static_catalog")
+    with serve_static_catalog(config.static_catalog, config.collections[0], on_skip=on_skip) as url:
+        logger.info("serving %s as a STAC API at %s", config.static_catalog, url)
+        yield url

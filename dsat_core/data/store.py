@@ -198,7 +198,9 @@ def _rejection_columns(rejections: list[Rejection]) -> dict[str, np.ndarray]:
 def _to_json(values: np.ndarray) -> list[Any]:
     """Exact JSON form of a column (floats round-trip through repr; NaN becomes null)."""
     if values.dtype.kind == "f":
-        return np.where(np.isnan(values), None, values.astype(object)).tolist()
+        out = values.astype(object)
+        out[np.isnan(values)] = None
+        return out.tolist()
     return values.tolist()
 
 
@@ -246,8 +248,6 @@ class DatasetStore:
         self.uri = uri
         self.root = root
         self.storage_options = dict(storage_options or {})
-        # test hook, called after tiles are appended and before the commit point (simulates a crash)
-        self._crash_hook: Callable[[], None] | None = None
 
     # ------------------------------------------------------------------ opening
     @classmethod
@@ -366,19 +366,32 @@ class DatasetStore:
         return self.root[product]
 
     def open_xarray(self, product: str):
-        """The product as an `xarray.Dataset` (lazy, Dask-backed) sliced to the committed tiles."""
+        """The product as an `xarray.Dataset` (lazy, Dask-backed) sliced to the committed tiles.
+
+        A commit that died midway can leave arrays of different lengths (image rows are written ahead of
+        the per-tile columns), which one `xr.open_zarr` refuses: arrays of each length are then opened
+        apart, sliced, and merged.
+        """
         import xarray as xr
 
         n = self.n_tiles(product)
-        self.product_group(product)
-        ds = xr.open_zarr(
-            self.uri,
-            group=product,
-            consolidated=False,
-            zarr_format=3,
-            storage_options=self.storage_options or None,
-        )
-        ds = ds.isel(tile=slice(0, n))
+        by_length: dict[int, list[str]] = {}
+        for name, arr in self.product_group(product).arrays():
+            if name != "band":
+                by_length.setdefault(arr.shape[0], []).append(name)
+        names = [name for same in by_length.values() for name in same]
+        parts = [
+            xr.open_zarr(
+                self.uri,
+                group=product,
+                consolidated=False,
+                zarr_format=3,
+                storage_options=self.storage_options or None,
+                drop_variables=[name for name in names if name not in same] or None,
+            ).isel(tile=slice(0, n))
+            for same in by_length.values()
+        ]
+        ds = parts[0] if len(parts) == 1 else xr.merge(parts, combine_attrs="override", join="exact")
         ds.attrs.update(n_tiles=n, content_hash=self.content_hash, version=self.version)
         return ds
 
@@ -737,8 +750,6 @@ class CommitTransaction:
         for product, images in self._images.items():
             if images.shape[0] != n_tiles[product]:
                 images.resize((n_tiles[product], *images.shape[1:]))
-        if store._crash_hook is not None:
-            store._crash_hook()
         result.rejected = list(self._rejections)
         all_hashes = [
             h
