@@ -1,0 +1,224 @@
+"""The model of a run, from its URI (a pipeline folder, ``models:/name@alias`` / ``models:/name/N`` or
+``runs:/<id>/path``), and how it turns a batch of tiles into images.
+
+Two runners share one interface (`TileRunner`): `ControlNetRunner` (a `SatControlNetPipeline` and its task
+card: the task says which product conditions it, the output factor and the conditioning) and
+`GenerationRunner` (a `DiffusionSatPipeline`: each tile's metadata, no conditioning). The noise of each tile
+comes from its own seed (`tile_seed`), so a tile's output does not depend on the batch it runs in.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, cast
+
+import numpy as np
+import torch
+
+from dsat_core.data.tasks import ControlNetTask, get_task, read_task_card
+from dsat_core.evaluation.tracking import ModelSource, registered_model_name, resolve_model
+from dsat_core.metadata import SatMetadata
+from dsat_core.metadata.bands import align_bands
+from dsat_core.pipelines import DiffusionSatPipeline, SatControlNetPipeline
+from dsat_core.pipelines.diffusionsat import DiffusionSatPipelineOutput
+
+GENERATE = "generate"
+
+
+@dataclass
+class ModelInfo:
+    """Provenance of the model: the URI asked for, its registered name / version / alias and MLflow run."""
+
+    uri: str
+    path: Path
+    version: str
+    name: str | None = None
+    alias: str | None = None
+    run_id: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "uri": self.uri, "name": self.name, "version": self.version, "alias": self.alias,
+            "run_id": self.run_id, "path": str(self.path),
+        }  # fmt: skip
+
+
+def resolve(uri: str, work_dir: str | Path, tracking_uri: str | None) -> ModelInfo:
+    """The model folder on local disk and its provenance (downloads registry / run models once)."""
+    if uri.startswith(("models:/", "runs:/")) and not tracking_uri:
+        raise ValueError(f"model {uri}: set MLFLOW_TRACKING_URI (or --mlflow-tracking-uri) to resolve it")
+    source: ModelSource = resolve_model(uri, Path(work_dir) / "model", tracking_uri or "")
+    alias = uri.split("@", 1)[1] if uri.startswith("models:/") and "@" in uri else None
+    return ModelInfo(uri, source.path, source.version, registered_model_name(uri), alias, source.run_id)
+
+
+@dataclass
+class TileRunner:
+    """A loaded model and what applying it needs: input product, output factor, output tile size."""
+
+    pipe: DiffusionSatPipeline
+    input_product: str
+    steps: int = 20
+    guidance_scale: float = 1.0
+    prompt: str = "a satellite image"
+    task: ControlNetTask | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def output_factor(self) -> int:
+        return 1
+
+    @property
+    def fills_mask(self) -> bool:
+        return False
+
+    @property
+    def tile_px(self) -> int:
+        """Output pixels a side of one tile: the UNet's sample size × the VAE factor."""
+        return int(self.pipe.unet.config.sample_size) * int(self.pipe.vae_scale_factor)
+
+    def latents(self, seeds: Sequence[int]) -> torch.Tensor:
+        """Each tile's starting noise from its own seed."""
+        side = self.tile_px // int(self.pipe.vae_scale_factor)
+        shape = (int(self.pipe.unet.config.in_channels), side, side)
+        noise = [torch.randn(shape, generator=torch.Generator().manual_seed(int(s))) for s in seeds]
+        return torch.stack(noise).to(self.pipe.device, self.pipe.unet.dtype)
+
+    def check_bands(self, bands: Sequence[str]) -> None:
+        """Fails when the model needs bands the input product lacks."""
+
+    def __call__(
+        self,
+        frames: torch.Tensor,
+        bands: Sequence[str],
+        fill: torch.Tensor | None,
+        metadata: list[SatMetadata],
+        frame_metadata: list[SatMetadata],
+        seeds: Sequence[int],
+    ) -> np.ndarray:
+        """float32 (B, 3, s, s) images in [0, 1] for a batch of tiles."""
+        raise NotImplementedError
+
+
+class GenerationRunner(TileRunner):
+    """DiffusionSat over the AOI's tiles: each tile generated from its own metadata and the prompt."""
+
+    def __call__(self, frames, bands, fill, metadata, frame_metadata, seeds) -> np.ndarray:  # noqa: ANN001
+        out = cast(
+            DiffusionSatPipelineOutput,
+            self.pipe(
+                prompt=self.prompt,
+                metadata=metadata,
+                num_inference_steps=self.steps,
+                guidance_scale=self.guidance_scale,
+                latents=self.latents(seeds),
+                output_type="np",
+            ),
+        ).images
+        return np.ascontiguousarray(np.asarray(out, dtype=np.float32).transpose(0, 3, 1, 2))
+
+
+class ControlNetRunner(TileRunner):
+    """A ControlNet task over the AOI's tiles (the task card says how the frames condition it)."""
+
+    @property
+    def control_task(self) -> ControlNetTask:
+        if self.task is None:
+            raise ValueError("a ControlNet runner needs its task")
+        return self.task
+
+    @property
+    def control_pipe(self) -> SatControlNetPipeline:
+        return cast(SatControlNetPipeline, self.pipe)
+
+    @property
+    def output_factor(self) -> int:
+        return self.control_task.output_factor
+
+    @property
+    def fills_mask(self) -> bool:
+        return self.control_task.fills_place_mask
+
+    def check_bands(self, bands: Sequence[str]) -> None:
+        named = self.control_pipe.controlnet.config.get("conditioning_bands")
+        probe = torch.zeros(1, len(bands), 1, 1, 1)
+        fill = torch.zeros(1, 1, self.output_factor, self.output_factor) if self.fills_mask else None
+        cond_bands = self.control_task.place_conditioning(probe, bands, fill)["cond_bands"]
+        if named is not None:
+            alignment = align_bands([b for b in named if b != "mask"], cond_bands)
+            missing = list(alignment.missing)
+            if missing:
+                raise ValueError(
+                    f"the model needs bands {missing} that the catalog's {self.input_product!r} product "
+                    f"does not supply (it has {list(bands)})"
+                )
+            return
+        want = int(self.control_pipe.controlnet.config.conditioning_channels)
+        if len(cond_bands) != want:
+            raise ValueError(
+                f"the model takes {want} conditioning channels; the catalog's {self.input_product!r} "
+                f"product gives {len(cond_bands)} ({cond_bands})"
+            )
+
+    def __call__(self, frames, bands, fill, metadata, frame_metadata, seeds) -> np.ndarray:  # noqa: ANN001
+        inputs = self.control_task.place_conditioning(frames.to(self.pipe.device), bands, fill)
+        if self.control_pipe.controlnet.config.get("conditioning_bands") is None:
+            inputs.pop("cond_bands")
+        out = cast(
+            DiffusionSatPipelineOutput,
+            self.control_pipe(
+                cond_metadata=[[m] for m in frame_metadata],
+                metadata=metadata,
+                prompt=self.prompt,
+                num_inference_steps=self.steps,
+                guidance_scale=self.guidance_scale,
+                latents=self.latents(seeds),
+                output_type="np",
+                **inputs,
+            ),
+        ).images
+        return np.ascontiguousarray(np.asarray(out, dtype=np.float32).transpose(0, 3, 1, 2))
+
+
+def load_runner(
+    kind: str,
+    model: ModelInfo,
+    *,
+    product: str = "rgb",
+    device: str = "cpu",
+    steps: int = 20,
+    guidance_scale: float | None = None,
+    prompt: str = "a satellite image",
+) -> TileRunner:
+    """The runner for ``kind`` ("generate" or a registered ControlNet task name) over ``model``.
+
+    A ControlNet's task comes from its card (``task.json``); a card of another task is an error.
+    """
+    cls: type[TileRunner]
+    pipe: DiffusionSatPipeline
+    if kind == GENERATE:
+        pipe = DiffusionSatPipeline.from_pretrained(str(model.path))
+        cls, task, guidance = GenerationRunner, None, 3.0 if guidance_scale is None else guidance_scale
+        input_product = product
+    else:
+        task = read_task_card(model.path) or get_task(kind)()
+        if task.name != kind:
+            raise ValueError(f"{model.uri} holds a {task.name!r} ControlNet (task.json), not {kind!r}")
+        pipe = SatControlNetPipeline.from_pretrained(str(model.path))
+        cls, guidance, input_product = ControlNetRunner, guidance_scale or 1.0, task.input_product
+    pipe = pipe.to(torch.device(device))
+    pipe.set_progress_bar_config(disable=True)
+    return cls(pipe, input_product, steps, guidance, prompt, task)
+
+
+__all__ = [
+    "GENERATE",
+    "ControlNetRunner",
+    "GenerationRunner",
+    "ModelInfo",
+    "TileRunner",
+    "load_runner",
+    "resolve",
+]

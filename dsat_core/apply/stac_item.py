@@ -1,0 +1,142 @@
+"""The STAC item of an applied mosaic (and the catalog of a run), with its provenance.
+
+Item properties: the output's ``gsd``, the source scene's date (``datetime``, or its interval), the
+projection extension (``proj:code``, ``proj:shape``, ``proj:transform``, ``proj:bbox``), the processing
+extension (software, lineage, time) and ``dsat:apply`` — kind, model (uri, name, version, alias, MLflow
+run), inputs (item ids and hrefs), seed, steps, guidance, prompt, tiling and the input scaling per band —
+plus the ``dsat:model_uri`` / ``dsat:model_version`` / ``dsat:seed`` / ``dsat:prompt`` fields the project's
+offline validator (`dsat_core.evaluation.stac_output.validate_catalog`) checks on generated items.
+Assets (relative hrefs): ``image`` (the COG, with ``raster:bands``-like per-band info), ``preview`` (PNG),
+``fill_mask`` (the mask used, for the fill tasks).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pystac
+from affine import Affine
+from pyproj import Transformer
+from pystac.extensions.projection import ProjectionExtension
+from rasterio.crs import CRS
+
+from dsat_core.evaluation.stac_output import PROCESSING_SCHEMA, _software_version
+
+COLLECTION = "dsat-applied"
+
+
+def footprint(crs: CRS, transform: Affine, height: int, width: int) -> tuple[dict, list[float]]:
+    """WGS84 polygon (counter-clockwise) and bbox of a north-up raster."""
+    to_wgs84 = Transformer.from_crs(crs, "EPSG:4326", always_xy=True)
+    cols = np.array([0, 0, width, width], dtype=float)
+    rows = np.array([0, height, height, 0], dtype=float)
+    xs = transform.a * cols + transform.b * rows + transform.c
+    ys = transform.d * cols + transform.e * rows + transform.f
+    lons, lats = to_wgs84.transform(xs, ys)
+    ring = [[float(a), float(b)] for a, b in zip(lons, lats, strict=True)]
+    ring.append(ring[0])
+    return {"type": "Polygon", "coordinates": [ring]}, [
+        float(np.min(lons)), float(np.min(lats)), float(np.max(lons)), float(np.max(lats)),
+    ]  # fmt: skip
+
+
+def _dates(properties: Mapping[str, Any]) -> tuple[datetime | None, dict[str, str]]:
+    """(datetime, extra properties) of the source scene: its datetime, else its start/end interval."""
+
+    def parse(text: str) -> datetime:
+        return datetime.fromisoformat(text.replace("Z", "+00:00"))
+
+    if properties.get("datetime"):
+        return parse(properties["datetime"]), {}
+    start, end = properties.get("start_datetime"), properties.get("end_datetime")
+    if start and end:
+        return None, {"start_datetime": start, "end_datetime": end}
+    return datetime.now(UTC).replace(microsecond=0), {}
+
+
+def build_item(
+    item_id: str,
+    *,
+    crs: CRS,
+    transform: Affine,
+    shape: tuple[int, int],
+    gsd: float,
+    source_properties: Mapping[str, Any],
+    provenance: Mapping[str, Any],
+    assets: Mapping[str, tuple[str, str, Sequence[str]]],
+    bands: Sequence[Mapping[str, Any]],
+) -> pystac.Item:
+    """The item of one mosaic; ``assets``: key → (relative href, media type, roles)."""
+    height, width = shape
+    geometry, bbox = footprint(crs, transform, height, width)
+    when, interval = _dates(source_properties)
+    now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    model = provenance["model"]
+    props: dict[str, Any] = {
+        **interval,
+        "gsd": float(gsd),
+        "dsat:apply": dict(provenance),
+        "dsat:model_uri": str(model["uri"]),
+        "dsat:model_version": str(model["version"]),
+        "dsat:seed": int(provenance["seed"]),
+        "dsat:prompt": str(provenance.get("prompt", "")),
+        "processing:software": {"dsat-core": _software_version()},
+        "processing:lineage": (
+            f"{provenance['kind']} by model {model['uri']} (version {model['version']}) applied to "
+            f"{', '.join(i['id'] for i in provenance['inputs'])}; see dsat:apply"
+        ),
+        "processing:datetime": now,
+        "created": now,
+    }
+    item = pystac.Item(item_id, geometry, bbox, when, props)
+    for key, (href, media_type, roles) in assets.items():
+        extra = {"dsat:bands": list(bands)} if key == "image" else {}
+        item.add_asset(key, pystac.Asset(href, media_type=media_type, roles=list(roles), extra_fields=extra))
+    proj = ProjectionExtension.ext(item, add_if_missing=True)
+    epsg = crs.to_epsg()
+    proj.code = f"EPSG:{epsg}" if epsg else None
+    if epsg is None:
+        proj.wkt2 = crs.to_wkt()
+    proj.shape = [height, width]
+    proj.transform = list(transform)[:6]
+    proj.bbox = [
+        transform.c,
+        transform.f + transform.e * height,
+        transform.c + transform.a * width,
+        transform.f,
+    ]
+    item.stac_extensions.append(PROCESSING_SCHEMA)
+    return item
+
+
+def write_catalog(out_dir: str | Path, item_files: Sequence[Path], description: str) -> Path:
+    """``out_dir/catalog.json`` linking the item JSONs (``out_dir/<id>/<id>.json``) by relative hrefs.
+
+    Written directly (pystac's ``normalize_hrefs`` takes a folder named like ``run-1.0`` for a file).
+    """
+    out_dir = Path(out_dir)
+    links = [{"rel": "root", "href": "./catalog.json", "type": "application/json"}]
+    for path in sorted(item_files):
+        rel = Path(path).resolve().relative_to(out_dir.resolve()).as_posix()
+        links.append({"rel": "item", "href": f"./{rel}", "type": "application/geo+json"})
+    catalog = {"type": "Catalog", "id": "dsat-apply", "stac_version": pystac.get_stac_version(),
+               "description": description, "links": links}  # fmt: skip
+    path = out_dir / "catalog.json"
+    tmp = out_dir / ".catalog.json.tmp"
+    tmp.write_text(json.dumps(catalog, indent=1))
+    tmp.replace(path)
+    return path
+
+
+ITEM_LINKS = [
+    {"rel": "root", "href": "../catalog.json", "type": "application/json"},
+    {"rel": "parent", "href": "../catalog.json", "type": "application/json"},
+]
+
+
+__all__ = ["COLLECTION", "ITEM_LINKS", "build_item", "footprint", "write_catalog"]
