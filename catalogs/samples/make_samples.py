@@ -8,7 +8,13 @@ Writes, next to this script:
   for `rustac serve collection.json items.ndjson` started from this folder;
 - `LICENSES.md` (origin and licence of each file).
 
-Usage: `python catalogs/samples/make_samples.py [--source ../shared/data/real]`.
+- `extra/`: more real scenes (Sentinel-2 L2A / L1C crops, Landsat 7 Everest, Landsat 8 South Carolina),
+  a separate static catalog (`extra/catalog/`, collection `local-samples-extra`, plus `extra/collection.json`
+  and `extra/items.ndjson`) built by `extra_scenes.py`; origins and licences are appended to `LICENSES.md`.
+
+Usage: `python catalogs/samples/make_samples.py [--source ../shared/data/real] [--mirror DIR]`, where DIR
+holds the files cut from public repositories (see `extra_scenes.MIRRORED`); without `--mirror` the extra
+catalog is left as it is.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 import rasterio
+from rasterio.windows import Window
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_SOURCE = HERE.parents[2] / "shared" / "data" / "real"
@@ -33,12 +40,14 @@ FILES = {
 _COG_NOTE = "converted to a Cloud-Optimised GeoTIFF (GDAL COG driver, deflate); pixel values unchanged"
 
 
-def write_cog(src_path: Path, dst_path: Path) -> None:
-    """Copy `src_path` to a deflate COG and check that every pixel value is unchanged."""
+def write_cog(src_path: Path, dst_path: Path, window: Window | None = None) -> None:
+    """Copy `src_path` (or its `window`) to a deflate COG and check that every pixel value is unchanged."""
     with rasterio.open(src_path) as src:
         profile = src.profile.copy()
-        data = src.read()
+        data = src.read(window=window)
         tags = src.tags()
+        if window is not None:
+            profile.update(width=data.shape[2], height=data.shape[1], transform=src.window_transform(window))
     for key in ("blockxsize", "blockysize", "tiled", "interleave", "compress"):
         profile.pop(key, None)
     profile.update(driver="COG", compress="DEFLATE", blocksize=256, overview_resampling="nearest")
@@ -104,7 +113,7 @@ def _licenses(readme: str) -> str:
     return header + "\n".join(sections)
 
 
-def main(source: Path = DEFAULT_SOURCE, out: Path = HERE) -> None:
+def main(source: Path = DEFAULT_SOURCE, out: Path = HERE, mirror: Path | None = None) -> None:
     source = source.resolve()
     catalog_dir = out / "catalog"
     catalog_dir.mkdir(parents=True, exist_ok=True)
@@ -129,10 +138,20 @@ def main(source: Path = DEFAULT_SOURCE, out: Path = HERE) -> None:
     (catalog_dir / "catalog.json").write_text(json.dumps(root, indent=2) + "\n")
     (out / "items.ndjson").write_text("".join(json.dumps(it) + "\n" for it in api_items))
     (out / "collection.json").write_text(json.dumps(_collection(api_items), indent=2) + "\n")
-    (out / "LICENSES.md").write_text(_licenses((source / "README.md").read_text()))
+    licences = _licenses((source / "README.md").read_text())
+    if mirror is not None:
+        from extra_scenes import build_extra  # noqa: PLC0415 (a sibling script, not a package module)
+
+        build_extra(source, mirror.resolve(), out / "extra")
+    extra_licences = out / "extra" / "LICENSES.md"
+    if extra_licences.is_file():
+        licences += "\n" + extra_licences.read_text()
+    (out / "LICENSES.md").write_text(licences)
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--source", type=Path, default=DEFAULT_SOURCE)
-    main(parser.parse_args().source)
+    parser.add_argument("--mirror", type=Path, default=None)
+    args = parser.parse_args()
+    main(args.source, mirror=args.mirror)
