@@ -28,8 +28,9 @@ demo: install
 test: install
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
+# ruff, then mypy over dsat_core and flows (its strictness is stated in pyproject.toml).
 lint: install
-	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+	$(BIN)/ruff check . && $(BIN)/ruff format --check . && $(BIN)/mypy
 
 bench: install
 	$(BIN)/python bench/ingest.py && $(BIN)/python bench/train_step.py && $(BIN)/python bench/sample.py

@@ -24,9 +24,13 @@ def _cmd_ingest(args: argparse.Namespace) -> int:
     from dsat_core.data.catalog import load_catalog
     from dsat_core.data.ingest import ingest_items, ingest_report_markdown
     from dsat_core.data.stac import search_items
+    from dsat_core.data.stac_server import catalog_api
 
     config = load_catalog(args.catalog).with_overrides(stac_api=args.stac_api)
-    items = search_items(config, bbox=args.bbox, datetime=args.datetime, max_items=args.max_items)
+    with catalog_api(config) as url:  # a static_catalog is served while the search runs
+        items = search_items(
+            config, api_url=url, bbox=args.bbox, datetime=args.datetime, max_items=args.max_items
+        )
     report = ingest_items(
         items,
         config,
@@ -50,7 +54,6 @@ def _cmd_refresh(args: argparse.Namespace) -> int:
         bbox=args.bbox,
         datetime=args.datetime,
         max_items=args.max_items,
-        use_dask=args.dask,
         dask_address=args.dask_address,
         n_workers=args.workers,
     )
@@ -175,6 +178,56 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_apply(args: argparse.Namespace) -> int:
+    import json
+
+    from dsat_core.apply.job import ApplySpec, run_apply
+
+    fields = ("catalog", "bbox", "datetime", "model", "out", "stac_api", "max_items", "input_gsd", "overlap",
+              "batch_size", "steps", "guidance_scale", "seed", "prompt", "product", "fill_mask", "device",
+              "max_pixels", "max_tiles", "work_dir", "nproc_per_node")  # fmt: skip
+    values = {name: getattr(args, name) for name in fields if getattr(args, name) is not None}
+    if args.mlflow_tracking_uri:
+        values["mlflow_tracking_uri"] = args.mlflow_tracking_uri
+    if args.flow:
+        from flows.apply_model import apply_model
+
+        print(json.dumps(apply_model(ApplySpec(kind=args.kind, **values)), indent=2))
+        return 0
+    report = run_apply(ApplySpec(kind=args.kind, **values), log=lambda line: print(line, file=sys.stderr))
+    print(json.dumps(report.to_dict(), indent=2))
+    return 0
+
+
+def _add_apply_parser(sub: argparse._SubParsersAction) -> None:
+    apply = sub.add_parser("apply", help="apply a model to an AOI: COG + STAC item per scene (apply-model)")
+    apply.add_argument("kind", choices=("sr", "inpaint", "temporal", "generate"))
+    apply.add_argument("--catalog", required=True, help="catalogs/<name>.yaml or a YAML path")
+    apply.add_argument("--bbox", type=_bbox, required=True, help="AOI as lon_min,lat_min,lon_max,lat_max")
+    apply.add_argument("--datetime", help="STAC datetime range, e.g. 2024-05-01/2024-06-30")
+    apply.add_argument("--model", required=True, help="pipeline folder, models:/name@alias or runs:/id/path")
+    apply.add_argument("--out", required=True, help="output folder or s3://bucket/prefix")
+    apply.add_argument("--stac-api", help="override the catalog's STAC API URL")
+    apply.add_argument("--max-items", type=int)
+    apply.add_argument("--input-gsd", type=float, help="metres per input pixel (default: the catalog's)")
+    apply.add_argument("--overlap", type=int, help="input pixels shared by neighbouring tiles (default 1/4)")
+    apply.add_argument("--batch-size", type=int)
+    apply.add_argument("--steps", type=int)
+    apply.add_argument("--guidance-scale", type=float)
+    apply.add_argument("--seed", type=int)
+    apply.add_argument("--prompt")
+    apply.add_argument("--product", help="generate: the product whose grid and dates it follows")
+    apply.add_argument("--fill-mask", help="inpaint: a mask GeoTIFF (1 = fill) instead of the cloud mask")
+    apply.add_argument("--device")
+    apply.add_argument("--max-pixels", type=int, help="largest output mosaic accepted (pixels)")
+    apply.add_argument("--max-tiles", type=int, help="stop after this many tiles (rerun to resume)")
+    apply.add_argument("--work-dir", help="scratch tiles and staging (default <out>/.work)")
+    apply.add_argument("--nproc-per-node", type=int, help="processes sharing the tiles (torchrun, 1 per GPU)")
+    apply.add_argument("--mlflow-tracking-uri", default=os.environ.get("MLFLOW_TRACKING_URI"))
+    apply.add_argument("--flow", action="store_true", help="run it as the apply-model Prefect flow")
+    apply.set_defaults(func=_cmd_apply)
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from flows.demo import run_demo
 
@@ -242,7 +295,6 @@ def build_parser() -> argparse.ArgumentParser:
 
     refresh = sub.add_parser("refresh", help="run the refresh-dataset Prefect flow once")
     _add_source_args(refresh)
-    refresh.add_argument("--dask", action="store_true", help="run per-item tasks on Dask")
     refresh.set_defaults(func=_cmd_refresh)
 
     imp = sub.add_parser("import", help="import a published dataset copy (fMoW, xBD, ...) as STAC items")
@@ -311,6 +363,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.set_defaults(func=_cmd_evaluate)
 
     _add_convert_parser(sub)
+    _add_apply_parser(sub)
 
     demo = sub.add_parser("demo", help="the main job end to end on the shipped sample scenes (CPU, minutes)")
     demo.add_argument("--output", default="demo-output")

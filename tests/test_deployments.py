@@ -1,7 +1,10 @@
-"""The deployments in infra/prefect.yaml really run: a real Prefect server, `prefect deploy --all`, process
-workers, a real MLflow server; a worker killed mid-run leaves a CRASHED flow run and a rerun resumes training.
+"""The deployments in infra/prefect.yaml really run: a real Prefect server, the README's "Deployments"
+commands verbatim (pools, `prefect deploy --all`, a process worker per pool, `refresh-dataset/local-samples` →
+`train-diffusionsat/default` → `train-controlnet/sr`, tiny step counts added as `--params`), a real MLflow
+server; a worker killed mid-run leaves a CRASHED flow run and a rerun resumes training.
 
-Everything is started here on 127.0.0.1 (no mocks); the module takes ~3-4 minutes on 2 cores.
+Everything is started here on 127.0.0.1 (no mocks); the module took 13 minutes on 2 cores shared with other
+jobs (load average ~8), the README sequence 5.5 of them.
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ import contextlib
 import json
 import os
 import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -26,7 +30,7 @@ from conftest import stop_group, wait_until_healthy
 from dsat_core.data.stac_server import free_port
 
 REPO = Path(__file__).resolve().parents[1]
-PREFECT_FILE = REPO / "infra" / "prefect.yaml"
+README = REPO / "README.md"
 ZOMBIE_AUTOMATION = REPO / "infra" / "automations" / "crash-zombie-flow-runs.yaml"
 VENV_BIN = Path(sys.executable).parent
 HEARTBEAT_S = 30  # Prefect's minimum flow-run heartbeat interval
@@ -48,6 +52,9 @@ EXPECTED_DEPLOYMENTS = {
     "train-controlnet/inpaint",
     "evaluate/generation",
     "evaluate/sr",
+    "apply-model/sr",
+    "apply-model/cloud-fill",
+    "apply-model/generate",
 }
 
 pytestmark = pytest.mark.slow
@@ -94,6 +101,63 @@ def _run_worker_once(env: dict[str, str], pool: str, log: Path, timeout: float =
             stop_group(proc)
             pytest.fail(f"worker --run-once still running after {timeout} s:\n{log.read_text()[-4000:]}")
     assert code == 0, log.read_text()[-4000:]
+
+
+def readme_deployment_commands() -> list[str]:
+    """The command lines of the README's "Deployments" code block, as written there."""
+    section = README.read_text().split("\n## Deployments\n", 1)[1].split("\n## ", 1)[0]
+    block = re.search(r"```bash\n(.*?)```", section, re.S)
+    assert block, "README.md: no bash block in the Deployments section"
+    return [line for line in block.group(1).splitlines() if line.strip() and not line.startswith("#")]
+
+
+def _split_setup(commands: list[str]) -> tuple[list[str], list[str]]:
+    """(the lines before the first worker starts: pools and deployments, the rest: workers and runs)."""
+    first = next(i for i, line in enumerate(commands) if " worker start " in line)
+    return commands[:first], commands[first:]
+
+
+def _bash(env: dict[str, str], lines: list[str], log: Path, timeout: float) -> subprocess.Popen:
+    """Run `lines` as one `bash -e` script from the repository root, in its own session, logging to `log`;
+    returns once the script ended (its background jobs may still run: stop them with `_stop_session`)."""
+    with log.open("w") as sink:
+        proc = subprocess.Popen(
+            ["bash", "-euo", "pipefail", "-c", "\n".join(lines)],
+            env=env,
+            cwd=REPO,
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            _stop_session(proc.pid)
+            pytest.fail(f"the README commands still ran after {timeout} s:\n{log.read_text()[-5000:]}")
+    return proc
+
+
+def _running_in_group(pgid: int) -> list[int]:
+    """Pids of the group's processes that still run (zombies whose parent has not reaped them excluded)."""
+    import psutil
+
+    alive = []
+    for proc in psutil.process_iter(["status"]):
+        with contextlib.suppress(psutil.Error, ProcessLookupError):
+            if os.getpgid(proc.pid) == pgid and proc.info["status"] != psutil.STATUS_ZOMBIE:
+                alive.append(proc.pid)
+    return alive
+
+
+def _stop_session(pgid: int, timeout: float = 30) -> None:
+    """SIGTERM every process of the group, wait until none runs, SIGKILL what is left after `timeout`."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pgid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while _running_in_group(pgid) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pgid, signal.SIGKILL)
 
 
 def _state(api: str, flow_run_id: str) -> dict[str, Any]:
@@ -170,34 +234,35 @@ def prefect_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[st
 
 
 @pytest.fixture(scope="module")
-def deployed(prefect_server: dict[str, str]) -> dict[str, str]:
-    """Both pools, the zombie-run automation and every deployment of infra/prefect.yaml.
+def deployed(prefect_server: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """The README's commands up to the first worker (both pools, every deployment of infra/prefect.yaml),
+    run verbatim, and the zombie-run automation.
 
-    `prefect deploy` runs WITHOUT DSAT_REPO: the workers' own DSAT_REPO decides where the code is.
+    They run WITHOUT DSAT_REPO, as a deployer's shell would: the workers' own DSAT_REPO decides where the
+    code is.
     """
     env = prefect_server
-    _cli(env, "work-pool", "create", "dsat-process", "--type", "process")
-    _cli(env, "work-pool", "create", "dsat-gpu", "--type", "process")
     automation = yaml.safe_load(ZOMBIE_AUTOMATION.read_text())
     automation["automations"][0]["trigger"]["within"] = ZOMBIE_WITHIN_S  # shorter window, same definition
     _cli(env, "automation", "create", "--from-json", json.dumps(automation))
-    deploy_env = {k: v for k, v in env.items() if k != "DSAT_REPO"}
-    _cli(deploy_env, "--no-prompt", "deploy", "--all", "--prefect-file", str(PREFECT_FILE), timeout=300)
+    setup, _ = _split_setup(readme_deployment_commands())
+    log = tmp_path_factory.mktemp("readme-setup") / "setup.log"
+    done = _bash(_without_repo(env), setup, log, timeout=400)
+    assert done.returncode == 0, log.read_text()[-5000:]
     return env
+
+
+def _without_repo(env: dict[str, str]) -> dict[str, str]:
+    return {k: v for k, v in env.items() if k != "DSAT_REPO"}
 
 
 @pytest.fixture(scope="module")
 def tiny_inputs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
-    """A store with `rgb` + `multispectral` tiles (SR pairs) and a saved tiny DiffusionSatPipeline."""
+    """A small synthetic store with `rgb` tiles for the crash test."""
     from dsat_core.data.synthetic import make_synthetic_store
-    from dsat_core.pipelines.diffusionsat import make_tiny_pipeline
 
     root = tmp_path_factory.mktemp("deploy-inputs")
-    store = make_synthetic_store(
-        str(root / "store.zarr"), n_scenes=2, tiles_per_scene=4, size=16, products=("rgb", "multispectral")
-    )
-    make_tiny_pipeline(sample_size=8, vae_downsample=2, seed=3).save_pretrained(str(root / "base"))
-    return {"store": store, "base": str(root / "base")}
+    return {"store": make_synthetic_store(str(root / "store.zarr"), n_scenes=2, tiles_per_scene=4, size=16)}
 
 
 # ------------------------------------------------------------------------------------------------ tests
@@ -251,56 +316,91 @@ def test_work_pool_templates_are_accepted_by_the_server(prefect_server: dict[str
     assert refused.status_code == 422, refused.text
 
 
-def test_train_controlnet_sr_deployment_runs_on_a_worker_and_logs_to_mlflow(
-    deployed: dict[str, str], tiny_inputs: dict[str, str], mlflow_server: str, tmp_path: Path
+def _tiny_params(tmp_path: Path, mlflow_server: str) -> dict[str, dict[str, Any]]:
+    """`--params` for each deployment the README runs: tiny steps, outputs under `tmp_path`."""
+    store, base = str(tmp_path / "local-samples.zarr"), tmp_path / "diffusionsat"
+    tiny = {"model_size": "tiny", "text_encoder": "hash", "resolution": 16, "train_batch_size": 2}
+    launch = {"nproc_per_node": 1, "launcher": "torchrun"}
+    return {
+        "refresh-dataset/local-samples": {"params": {"catalog": "local-samples", "store_uri": store}},
+        "train-diffusionsat/default": {
+            "params": {
+                "train": {**tiny, "store_uri": store, "output_dir": str(base), "max_steps": 2,
+                          "checkpointing_steps": 100, "use_mlflow": False},
+                "launch": launch,
+            }
+        },
+        "train-controlnet/sr": {
+            "params": {
+                "train": {**tiny, "task": "sr", "store_uri": store, "base_model": str(base / "pipeline"),
+                          "output_dir": str(tmp_path / "controlnet-sr"), "max_steps": 2,
+                          "checkpointing_steps": 100, "conditioning_embedding_channels": [8, 16],
+                          "degradation": {"factor": 2, "blur_sigma": 0.8}, "use_mlflow": True,
+                          "mlflow_tracking_uri": mlflow_server, "mlflow_experiment": "deployments-test",
+                          "registered_model_name": "deploy-test-controlnet-sr", "validation_steps": 2,
+                          "num_validation_samples": 2, "validation_inference_steps": 2},
+                "launch": launch,
+            }
+        },
+    }  # fmt: skip
+
+
+def _with_params(lines: list[str], params: dict[str, dict[str, Any]]) -> list[str]:
+    """The lines as written, each `prefect deployment run 'NAME' ...` with ` --params JSON` appended."""
+    out = []
+    for line in lines:
+        match = re.match(r"prefect deployment run '([^']+)'", line)
+        if match:
+            assert match.group(1) in params, f"the README runs {match.group(1)}: give it tiny --params here"
+            line = f"{line} --params {shlex.quote(json.dumps(params.pop(match.group(1))))}"
+        out.append(line)
+    assert not params, f"the README no longer runs {sorted(params)}"
+    return out
+
+
+def test_readme_deployment_commands_refresh_the_samples_then_train_then_the_sr_controlnet(
+    deployed: dict[str, str], mlflow_server: str, tmp_path: Path
 ) -> None:
+    """The README's worker and `deployment run --watch` lines, verbatim: nothing serves a STAC API but the
+    refresh run itself; each run completes on its pool's worker before the next one starts."""
     from mlflow import MlflowClient
 
-    env = deployed
-    api = env["PREFECT_API_URL"]
-    output = tmp_path / "controlnet-sr"
-    params = {
-        "train": {
-            "task": "sr",
-            "store_uri": tiny_inputs["store"],
-            "base_model": tiny_inputs["base"],
-            "output_dir": str(output),
-            "model_size": "tiny",
-            "text_encoder": "hash",
-            "resolution": 16,
-            "train_batch_size": 2,
-            "max_steps": 3,
-            "checkpointing_steps": 100,
-            "conditioning_embedding_channels": [8, 16],
-            "degradation": {"factor": 2, "blur_sigma": 0.8},
-            "use_mlflow": True,
-            "mlflow_tracking_uri": mlflow_server,
-            "mlflow_experiment": "deployments-test",
-            "registered_model_name": "deploy-test-controlnet-sr",
-            "validation_steps": 3,
-            "num_validation_samples": 2,
-            "validation_inference_steps": 2,
-        },
-        "launch": {"nproc_per_node": 1, "launcher": "torchrun"},
-    }
-    flow_run_id = _run_deployment(env, "train-controlnet/sr", params)
-    _run_worker_once(env, "dsat-gpu", tmp_path / "worker.log")
+    from dsat_core.data.store import DatasetStore
 
-    state = _state(api, flow_run_id)
-    assert state["type"] == "COMPLETED", (state, (tmp_path / "worker.log").read_text()[-4000:])
-    result = json.loads((output / "train_result.json").read_text())
-    assert result["global_step"] == 3 and result["pipeline_dir"] == str(output / "pipeline")
+    api = deployed["PREFECT_API_URL"]
+    _, runs = _split_setup(readme_deployment_commands())
+    log = tmp_path / "readme-runs.log"
+    script = _bash(
+        _without_repo(deployed), _with_params(runs, _tiny_params(tmp_path, mlflow_server)), log, 600
+    )
+    _stop_session(script.pid)  # the two workers the README started in the background
+    out = log.read_text()
+    assert script.returncode == 0, out[-6000:]
+    flow_runs = re.findall(r"UUID: ([0-9a-f-]{36})", out)
+    assert len(flow_runs) == 3 and all(_state(api, run)["type"] == "COMPLETED" for run in flow_runs), out
+    _COMPLETED_RUNS.extend(flow_runs)
+
+    store = DatasetStore.open(str(tmp_path / "local-samples.zarr"))
+    shipped = {json.loads(line)["id"] for line in (REPO / "catalogs/samples/items.ndjson").open()}
+    assert store.ingested_items() == shipped and store.n_tiles("rgb") > 50 and store.n_tiles("multispectral")
+    base = json.loads((tmp_path / "diffusionsat" / "train_result.json").read_text())
+    assert (
+        base["global_step"] == 2 and (tmp_path / "diffusionsat" / "pipeline" / "model_index.json").is_file()
+    )
+    result = json.loads((tmp_path / "controlnet-sr" / "train_result.json").read_text())
+    assert result["global_step"] == 2 and result["pipeline_dir"] == str(
+        tmp_path / "controlnet-sr" / "pipeline"
+    )
 
     client = MlflowClient(tracking_uri=mlflow_server)
     run = client.get_run(result["mlflow_run_id"])
     assert run.info.status == "FINISHED" and run.data.params["task"] == "sr"
-    assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == [1, 2, 3]
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == [1, 2]
     images = [a.path for a in client.list_artifacts(run.info.run_id, "images")]
     assert any(p.endswith(".png") for p in images), images
     versions = client.search_model_versions("name='deploy-test-controlnet-sr'")
     assert [(v.version, v.run_id) for v in versions] == [("1", run.info.run_id)]
     assert result["registered_model_version"] == "1"
-    _COMPLETED_RUNS.append(flow_run_id)
 
 
 def test_killed_worker_leaves_a_crashed_run_and_a_rerun_resumes_from_the_checkpoint(

@@ -303,3 +303,71 @@ def test_bad_inputs_raise_clear_errors(eval_store: str, tiny_pipelines: dict[str
         evaluate_controlnet(tiny_pipelines["sr"], eval_store, "temporal", n=1, holdout_fraction=EVAL_HOLDOUT)
     with pytest.raises(FileNotFoundError, match="model_index.json"):
         evaluate_controlnet(tiny_pipelines["sr"].parent, eval_store, "sr")
+
+
+def test_honest_figures_sample_sizes_interval_and_lr_consistency(
+    eval_store: str, tiny_pipelines: dict[str, Path]
+) -> None:
+    """FID with its bootstrap interval, KID with a non-zero std, SR with LR-consistency of model and bicubic,
+    sample sizes beside every figure and the smoke-figure mark (far below the benchmark's sizes here)."""
+    from dsat_core.evaluation.report import evaluation_markdown, headline_figures
+
+    gen = evaluate_generation(
+        tiny_pipelines["generation"], eval_store, n_samples=8, num_inference_steps=STEPS, guidance_scale=1.0,
+        holdout_fraction=EVAL_HOLDOUT, max_real=8, fid_resamples=50,
+    )  # fmt: skip
+    m = gen.metrics
+    assert m["fid_ci_low"] < m["fid"] < m["fid_ci_high"] and m["kid_std"] > 0
+    assert gen.params["kid_subset_size"] == 4 and gen.params["fid_bootstrap_resamples"] == 50
+    assert gen.params["sample_sizes"]["fid"] == "n=8 generated / 8 real" and gen.params["smoke_figure"]
+    figures = headline_figures("generation", m)
+    assert any(f.startswith("fid=") and "95% CI" in f and "(n=8 generated / 8 real)" in f for f in figures)
+    assert any(f.startswith("kid_mean=") and "±" in f for f in figures) and "smoke" in figures[-1]
+
+    sr = evaluate_controlnet(
+        tiny_pipelines["sr"], eval_store, "sr", n=4, steps=STEPS, holdout_fraction=EVAL_HOLDOUT
+    )
+    assert {"lr_psnr/model", "lr_psnr/bicubic", "n_sensors"} <= sr.metrics.keys()
+    # bicubic is (almost) consistent with its own input; the tiny random model is not
+    assert sr.metrics["lr_psnr/bicubic"] > 30 > sr.metrics["lr_psnr/model"]
+    assert all("lr_psnr_model" in r and r["platform"] for r in sr.records)
+    assert sr.params["sample_sizes"]["psnr/model"] == f"n=4 tiles, {int(sr.metrics['n_sensors'])} sensor"
+    assert sr.params["smoke_figure"] and sr.params["cond_bands"] == ["blue", "green", "red", "nir08"]
+    summary = evaluation_markdown(sr, model_uri="m", store_uri=eval_store, content_hash="0" * 16)
+    assert "| lr_psnr |" in summary and "n=4 tiles" in summary and "Smoke figures" in summary
+    temporal = evaluate_controlnet(
+        tiny_pipelines["temporal"], eval_store, "temporal", n=2, steps=STEPS, holdout_fraction=EVAL_HOLDOUT
+    )
+    assert "lr_psnr" in temporal.skipped and "lr_psnr/model" not in temporal.metrics
+
+
+def test_a_controlnet_with_band_names_takes_another_band_set(
+    eval_store: str, tiny_pipelines: dict[str, Path]
+) -> None:
+    """The store's bands (blue, green, red, nir08) aligned by name to a model's (blue, green, red, nir,
+    swir16): nir / swir16 marked missing and recorded, nir08 dropped with a warning naming it."""
+    from dsat_core.models.controlnet3d import ControlNet3D
+
+    base = load_pipeline(tiny_pipelines["generation"], DiffusionSatPipeline)
+    bands = ["blue", "green", "red", "nir", "swir16"]
+    torch.manual_seed(0)
+    controlnet = ControlNet3D.from_unet(base.unet, 5, (8, 16), vae_scale_factor=2, conditioning_bands=bands)
+    with torch.no_grad():
+        for name, p in controlnet.named_parameters():
+            if "controlnet_" in name or "cond_embedding.conv_out" in name or name == "missing_band_values":
+                p.normal_(0, 0.05)
+    pipe = SatControlNetPipeline.from_diffusionsat(base, controlnet)
+    with pytest.warns(UserWarning, match=r"\['nir08'\] are unknown"):
+        result = evaluate_controlnet(pipe, eval_store, "sr", n=3, steps=STEPS, holdout_fraction=EVAL_HOLDOUT)
+    assert result.params["missing_bands"] == ["nir", "swir16"] and result.params["unknown_bands"] == ["nir08"]
+    assert result.params["model_bands"] == bands and math.isfinite(result.metrics["psnr/model"])
+    assert result.inputs["cond_bands"] == ["blue", "green", "red", "nir08"]  # names kept for re-sampling
+    report = evaluation_sensitivity(
+        result, pipe, num_inference_steps=STEPS, guidance_scale=1.0, n=2, fields_and_values={"month": [1, 7]}
+    )
+    assert set(report["fields"]) == {"month"} and report["robustness"]["n"] == 2
+    from dsat_core.data.tasks import DataSpec, SuperResolutionTask
+
+    task = SuperResolutionTask()
+    with pytest.raises(ValueError, match="none of the conditioning bands"):
+        task.band_alignment(task.dataset(DataSpec(eval_store)), ["swir16", "swir22"])

@@ -15,6 +15,7 @@ LAYERS = (
     {"data", "pipelines"},
     {"training"},
     {"evaluation"},
+    {"apply"},  # applies a model to a place; reuses evaluation's MLflow helpers and offline STAC validator
 )
 RANK = {package: rank for rank, packages in enumerate(LAYERS) for package in packages}
 

@@ -470,3 +470,102 @@ def test_all_missing_change_and_score_ratios():
     )
     assert list(ratios) == ["lat", "lon", "month"]  # keys of both, numerator's order
     assert ratios["lat"] == pytest.approx(2.0) and ratios["lon"] == float("inf") and np.isnan(ratios["month"])
+
+
+# ------------------------------------------------------------------------------- honest evaluation (#16)
+def _feature_sets(n: int, seed: int, dim: int = 16) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return rng.normal(size=(n, dim)), rng.normal(0.3, 1.2, size=(n, dim))
+
+
+def test_fid_from_features_equals_the_covariance_formula() -> None:
+    from dsat_core.evaluation.metrics import frechet_distance, frechet_distance_features
+
+    rng = np.random.default_rng(3)
+    for n, m, dim in ((40, 30, 64), (200, 150, 8)):  # fewer images than dimensions (Gram form), and more
+        x, y = rng.normal(size=(n, dim)), rng.normal(0.2, 1.1, size=(m, dim))
+        want = frechet_distance(x.mean(0), np.cov(x, rowvar=False), y.mean(0), np.cov(y, rowvar=False))
+        assert frechet_distance_features(x, y) == pytest.approx(want, rel=1e-7)
+    assert abs(frechet_distance_features(x, x)) < 1e-8
+    with pytest.raises(ValueError, match="at least 2"):
+        frechet_distance_features(x[:1], y)
+
+
+def test_fid_bootstrap_interval_holds_the_estimate_and_narrows_with_n() -> None:
+    from dsat_core.evaluation.metrics import fid_bootstrap, frechet_distance_features
+
+    widths = []
+    for n in (40, 640):
+        real, fake = _feature_sets(n, seed=n)
+        interval = fid_bootstrap(real, fake, resamples=200, seed=1)
+        assert interval.estimate == pytest.approx(frechet_distance_features(real, fake))
+        assert interval.low < interval.estimate < interval.high
+        assert interval.bias > 0  # resampling repeats images: FID's small-sample bias, corrected for
+        assert interval.level == 0.95 and interval.resamples == 200
+        widths.append(interval.high - interval.low)
+    assert widths[1] < widths[0] / 2  # ~1/sqrt(n): 16x the images, about a quarter of the width
+    again = fid_bootstrap(*_feature_sets(40, seed=40), resamples=200, seed=1)
+    assert again.low == pytest.approx(fid_bootstrap(*_feature_sets(40, seed=40), seed=1).low)  # seeded
+    with pytest.raises(ValueError, match="level"):
+        fid_bootstrap(real, fake, level=1.5)
+
+
+def test_kid_std_is_positive_and_shrinks_with_n() -> None:
+    from dsat_core.evaluation.metrics import kid_subset_size
+
+    assert kid_subset_size(16, 30) == 8 and kid_subset_size(5000, 4000) == 1000 and kid_subset_size(3, 3) == 2
+    stds = []
+    for n in (40, 320):
+        real, fake = _feature_sets(n, seed=7 + n)
+        mean, std = kernel_inception_distance(real, fake, subsets=50, subset_size=kid_subset_size(n, n))
+        assert mean > 0 and std > 0
+        stds.append(std)
+        # subsets as large as the sets are always the whole sets: std 0, which is why the size is half
+        assert kernel_inception_distance(real, fake, subsets=5, subset_size=n)[1] == pytest.approx(
+            0, abs=1e-12
+        )
+    assert stds[1] < stds[0] / 2
+
+
+def test_lr_consistency_of_bicubic_is_high_and_of_noise_low() -> None:
+    from dsat_core.data.tasks import DegradationRecipe
+    from dsat_core.evaluation.metrics import lr_consistency_psnr
+
+    recipe = DegradationRecipe(factor=4, blur_sigma=1.0)
+    g = torch.Generator().manual_seed(0)
+    smooth = torch.nn.functional.interpolate(torch.rand(2, 3, 8, 8, generator=g), size=64, mode="bilinear")
+    low = torch.stack([recipe.lowres(x) for x in smooth])  # (2, 3, 16, 16): the SR input
+    upsampled = bicubic_upsample(low.double(), 64).clamp(0, 1)
+    again = torch.stack([recipe.lowres(x) for x in upsampled]).double()
+    consistent = lr_consistency_psnr(again, low.double())
+    noise = torch.stack([recipe.lowres(x) for x in torch.rand(2, 3, 64, 64, generator=g)]).double()
+    assert consistent.min() > 35 and lr_consistency_psnr(noise, low.double()).max() < 20
+    with pytest.raises(ValueError, match="LR-consistency"):
+        lr_consistency_psnr(again[:, :, :8], low.double())
+
+
+def test_sample_sizes_and_smoke_figures() -> None:
+    from dsat_core.evaluation.metrics import is_smoke_figure, metric_sample_size
+
+    generation = {
+        "fid": 3.0,
+        "fid_ci_low": 2.0,
+        "kid_mean": 0.1,
+        "is_mean": 2.0,
+        "n_fake": 16.0,
+        "n_real": 12.0,
+    }
+    assert metric_sample_size("fid", generation) == "n=16 generated / 12 real"
+    assert metric_sample_size("fid_ci_low", generation) == "n=16 generated / 12 real"
+    assert (
+        metric_sample_size("is_mean", generation) == "n=16"
+        and metric_sample_size("n_fake", generation) is None
+    )
+    paired = {"psnr/model": 20.0, "lr_psnr/bicubic": 30.0, "n_tiles": 64.0, "n_sensors": 2.0}
+    assert metric_sample_size("lr_psnr/bicubic", paired) == "n=64 tiles, 2 sensors"
+    assert is_smoke_figure("generation", generation)
+    assert not is_smoke_figure("generation", {**generation, "n_fake": 256.0, "n_real": 300.0})
+    assert not is_smoke_figure("sr", paired)
+    assert is_smoke_figure("sr", {**paired, "n_sensors": 1.0}) and is_smoke_figure(
+        "sr", {**paired, "n_tiles": 63.0}
+    )

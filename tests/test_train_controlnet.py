@@ -153,3 +153,31 @@ def test_torchrun_two_processes(stores: dict[str, str], tmp_path: Path) -> None:
     assert set(hashes) == {"rank0.sha256", "rank1.sha256"}
     assert hashes["rank0.sha256"] == hashes["rank1.sha256"]  # both ranks hold the same ControlNet weights
     assert (tmp_path / "ddp" / "checkpoint-2" / "rng_rank1.safetensors").is_file()
+
+
+def test_band_names_come_from_the_store_and_band_dropout_trains_missing_values(
+    stores: dict[str, str], tmp_path: Path
+) -> None:
+    from dsat_core.models.controlnet3d import ControlNet3D
+    from dsat_core.training.train_controlnet import conditioning_band_names, drop_bands
+
+    keep = drop_bands(6000, 3, 0.5, torch.Generator().manual_seed(0))
+    assert keep.any(dim=1).all()  # a sample always keeps a band
+    # each band dropped with p = 0.5, except that one of the 1/8 all-dropped samples' bands comes back
+    assert 1 - keep.float().mean().item() == pytest.approx(0.5 - 1 / 24, abs=0.02)
+    assert drop_bands(4, 6, 0.0, torch.Generator().manual_seed(0)).all()
+    with pytest.warns(UserWarning, match="same band twice"):
+        assert conditioning_band_names(["B04", "red"]) is None
+    with pytest.raises(ValueError, match="band_dropout"):
+        tiny_config(stores["sr"], "sr", tmp_path, band_dropout=1.0)
+
+    missing = {}
+    for p in (0.0, 0.5):
+        cfg = tiny_config(stores["sr"], "sr", tmp_path / f"bands-{p}", band_dropout=p, max_steps=5,
+                          save_pipeline=True, use_ema=False)  # fmt: skip
+        controlnet = ControlNet3D.from_pretrained(Path(train(cfg).pipeline_dir) / "controlnet")
+        assert controlnet.config.conditioning_bands == ["blue", "green", "red", "nir08"]  # the store's
+        missing[p] = controlnet.missing_band_values.detach()
+    # zero at the start: only band dropout moves the learned missing values (by ~lr per step once the
+    # zero-initialised outputs let a gradient through)
+    assert not missing[0.0].any() and (missing[0.5].abs() > 1e-5).sum() >= 2

@@ -419,7 +419,19 @@ def test_controlnet_follows_dropout_mode_and_base_keeps_its_own(
     SatUNet(missing_metadata="zero", **unet_config("tiny")).save_pretrained(tmp_path / "base")
     seen: dict[str, tuple[torch.Tensor, ...]] = {}
 
-    def spy(unet, model, noisy, timesteps, states, metadata, mask, cond, cond_metadata, cond_mask):
+    def spy(
+        unet,
+        model,
+        noisy,
+        timesteps,
+        states,
+        metadata,
+        mask,
+        cond,
+        cond_metadata,
+        cond_mask,
+        cond_band_mask=None,
+    ):
         seen["last"] = (metadata.clone(), mask.clone(), cond_metadata.clone(), cond_mask.clone())
         return noisy * 0 + torch.zeros((), requires_grad=True)
 

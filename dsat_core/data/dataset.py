@@ -37,7 +37,7 @@ def holdout_score(item_id: str, window: Sequence[int]) -> float:
     return int.from_bytes(digest[:8], "big") / 2.0**64
 
 
-def holdout_mask(item_ids: Sequence[str], windows: np.ndarray, fraction: float) -> np.ndarray:
+def holdout_mask(item_ids: Sequence[str] | np.ndarray, windows: np.ndarray, fraction: float) -> np.ndarray:
     """bool (N,): True where a tile is held out (its `holdout_score` is below ``fraction``)."""
     if not 0.0 <= fraction <= 1.0:
         raise ValueError(f"holdout_fraction must be in [0, 1], got {fraction}")

@@ -59,7 +59,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields, replace
 from datetime import date
 from pathlib import Path
-from typing import Any, ClassVar, Literal, get_args
+from typing import Any, ClassVar, Generic, Literal, Self, TypeVar, get_args
 
 import numpy as np
 import torch
@@ -78,6 +78,7 @@ from dsat_core.data.store import DatasetStore, StoreError
 from dsat_core.imaging.baselines import bicubic_upsample, classical_inpaint, nearest_date_index
 from dsat_core.imaging.rgb import rgb_band_indices, rgb_preview, to_rgb
 from dsat_core.metadata import SatMetadata, effective_gsd
+from dsat_core.metadata.bands import BandAlignment, align_bands
 
 Split = Literal["train", "holdout"]
 Direction = Literal["both", "forward", "backward"]
@@ -135,7 +136,7 @@ def _rgb_view(image: torch.Tensor, bands: Sequence[str]) -> torch.Tensor:
 
 
 def _tile_date(meta: SatMetadata) -> date | None:
-    if None in (meta.year, meta.month, meta.day):
+    if meta.year is None or meta.month is None or meta.day is None:
         return None
     return date(meta.year, meta.month, meta.day)
 
@@ -151,6 +152,9 @@ class TaskDataset(Dataset):
     def __init__(self, transform: Callable[[dict[str, Any]], dict[str, Any]] | None) -> None:
         self.transform = transform
         self.recipe: dict[str, Any] = {}
+
+    def __len__(self) -> int:
+        raise NotImplementedError
 
     @property
     def cond_bands(self) -> list[str]:
@@ -405,6 +409,8 @@ class SuperResolutionDataset(TaskDataset):
     def _recipe_frame(self, cond_pos: int) -> torch.Tensor:
         """(C, r, r) ``2·v − 1`` with v the input recipe applied to the raw values of a conditioning tile."""
         inputs = self.input_recipe
+        if inputs is None:
+            raise RuntimeError("_recipe_frame needs the dataset's fixed input recipe")
         stored = self.cond_tiles.stored_image(cond_pos)[self._input_positions]
         raw = unscale(
             stored,
@@ -482,7 +488,9 @@ class TemporalDataset(TaskDataset):
             raise ValueError(f"sequence_length must be >= 1, got {sequence_length}")
         _check_choice("direction", direction, get_args(Direction))
         self.sequence_length = sequence_length
-        tile_split = dict(split=split, holdout_fraction=holdout_fraction) if split_frames else {}
+        tile_split: dict[str, Any] = (
+            dict(split=split, holdout_fraction=holdout_fraction) if split_frames else {}
+        )
         self.tiles = TileDataset(
             store_uri,
             product,
@@ -744,8 +752,11 @@ class DataSpec:
         )
 
 
+DatasetT = TypeVar("DatasetT", bound=TaskDataset)
+
+
 @dataclass(frozen=True)
-class ControlNetTask(ABC):
+class ControlNetTask(ABC, Generic[DatasetT]):
     """A conditional task: its options (the dataclass fields, recorded in its card) and its behaviour.
 
     Subclasses set ``name`` (the registry key, `TaskName`) and ``baseline_name`` and implement `dataset`
@@ -759,24 +770,80 @@ class ControlNetTask(ABC):
 
     # -------------------------------------------------------------- data
     @abstractmethod
-    def dataset(self, spec: DataSpec) -> TaskDataset:
+    def dataset(self, spec: DataSpec) -> DatasetT:
         """The task's dataset over the tiles ``spec`` selects."""
 
     @abstractmethod
-    def baseline(self, dataset: TaskDataset, i: int, sample: dict[str, Any]) -> torch.Tensor:
+    def baseline(self, dataset: DatasetT, i: int, sample: dict[str, Any]) -> torch.Tensor:
         """The classical prediction of sample ``i`` (``sample = dataset[i]``): (3, H, W) in [-1, 1]."""
 
-    def cond_preview(self, dataset: TaskDataset, sample: dict[str, Any]) -> torch.Tensor:
+    def cond_preview(self, dataset: DatasetT, sample: dict[str, Any]) -> torch.Tensor:
         """(3, H, W) RGB view of the last conditioning frame, at the target's size (H, W)."""
         return rgb_preview(sample["cond"][:, -1], dataset.cond_bands, sample["pixel_values"].shape[-2:])
 
-    def conditioning(self, batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
-        """The `SatControlNetPipeline` inputs of a collated batch, other than ``metadata`` and ``prompt``."""
-        return {key: batch[key] for key in ("cond", "cond_metadata", "cond_metadata_mask")}
+    def conditioning(
+        self, batch: Mapping[str, Any], cond_bands: Sequence[str] | None = None
+    ) -> dict[str, Any]:
+        """The `SatControlNetPipeline` inputs of a collated batch, other than ``metadata`` and ``prompt``.
+
+        ``cond_bands``: the name of each conditioning channel (the dataset's `TaskDataset.cond_bands`), for a
+        ControlNet that takes bands by name: the pipeline then aligns them to the model's bands (a band the
+        store lacks is marked missing, one the model does not know is dropped with a warning; see
+        `band_alignment`).
+        """
+        out: dict[str, Any] = {key: batch[key] for key in ("cond", "cond_metadata", "cond_metadata_mask")}
+        if cond_bands is not None:
+            out["cond_bands"] = list(cond_bands)
+        return out
+
+    def band_alignment(self, dataset: DatasetT, model_bands: Sequence[str]) -> BandAlignment:
+        """How the dataset's conditioning bands map onto a ControlNet's ``model_bands`` (by name): the
+        model's bands the store lacks (``missing``) and the store's bands the model does not know
+        (``unknown``). None of the model's bands in the store is an error naming both band lists."""
+        alignment = align_bands(model_bands, dataset.cond_bands)
+        if all(source is None for source in alignment.source):
+            raise ValueError(
+                f"{self.name}: none of the conditioning bands {dataset.cond_bands} is one of the "
+                f"ControlNet's bands {list(model_bands)}"
+            )
+        return alignment
 
     def fill_mask(self, batch: Mapping[str, Any]) -> torch.Tensor | None:
         """(N, 1, H, W) pixels the task fills, scored apart (1 = fill); None when that is the whole image."""
         return None
+
+    def lowres_views(
+        self, dataset: DatasetT, i: int, image: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """For LR-consistency: (``image``, a (3, H, W) output in [-1, 1], taken down to the input's
+        resolution as the input was made; sample ``i``'s low-resolution input), both (3, h, w) in [-1, 1];
+        None for a task whose input is no degraded view of the target."""
+        return None
+
+    # -------------------------------------------------------------- apply to a place (dsat_core.apply)
+    #: the task fills the pixels of a mask (a scene's cloud mask) and keeps the others exactly
+    fills_place_mask: ClassVar[bool] = False
+
+    @property
+    def input_product(self) -> str:
+        """The catalog product whose frames condition the model when it is applied to a place."""
+        return self.product
+
+    @property
+    def output_factor(self) -> int:
+        """Output pixels per input pixel along a side when the model is applied to a place."""
+        return 1
+
+    def place_conditioning(
+        self, frames: torch.Tensor, bands: Sequence[str], fill: torch.Tensor | None = None
+    ) -> dict[str, Any]:
+        """`SatControlNetPipeline` inputs (besides metadata and prompt) for frames read from a place.
+
+        ``frames``: (B, C, T, h, w) in [-1, 1] on the input grid, channels named ``bands``; ``fill``:
+        (B, 1, H, W) pixels to fill on the output grid (1 = fill), for tasks that fill a mask. The result
+        holds ``cond`` and ``cond_bands`` (the name of each of its channels).
+        """
+        return {"cond": frames, "cond_bands": list(bands)}
 
     # -------------------------------------------------------------- card
     def to_card(self) -> dict[str, Any]:
@@ -784,7 +851,7 @@ class ControlNetTask(ABC):
         return {"task": self.name, **json.loads(json.dumps(asdict(self)))}
 
     @classmethod
-    def from_card(cls, card: Mapping[str, Any]) -> ControlNetTask:
+    def from_card(cls, card: Mapping[str, Any]) -> ControlNetTask[Any]:
         """The task a card describes: every field the card has, the default of one it lacks.
 
         A key that is no field of the task is an error, except the other tasks' options that cards of the old
@@ -798,7 +865,7 @@ class ControlNetTask(ABC):
         values = {k: v for k, v in values.items() if k in known or k not in _LEGACY_CARD_FIELDS}
         return task().with_options(**values)
 
-    def with_options(self, **changes: Any) -> ControlNetTask:
+    def with_options(self, **changes: Any) -> Self:
         """A copy with some fields changed; a name that is not a field of this task is an error."""
         known = [f.name for f in fields(self)]
         if unknown := sorted(set(changes) - set(known)):
@@ -807,7 +874,7 @@ class ControlNetTask(ABC):
 
 
 @dataclass(frozen=True)
-class SuperResolutionTask(ControlNetTask):
+class SuperResolutionTask(ControlNetTask[SuperResolutionDataset]):
     """``sr``: a degraded (or fixed-recipe) ``cond_product`` frame → the ``product`` RGB tile; baseline:
     bicubic upsampling of the degraded frame's RGB bands. ``degradation``: `split_sr_recipe` keys, kept as
     the whole recipe (`sr_recipe_record`)."""
@@ -830,9 +897,43 @@ class SuperResolutionTask(ControlNetTask):
         low = to_rgb(dataset.lowres(i), dataset.cond_bands)
         return bicubic_upsample(low[None].double(), tuple(sample["pixel_values"].shape[-2:]))[0]
 
+    def lowres_views(
+        self, dataset: SuperResolutionDataset, i: int, image: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The output blurred and area-downsampled by the recipe, and the RGB bands of the degraded input
+        (what bicubic upsamples); None with a fixed input recipe (its input is not the target degraded)."""
+        if dataset.input_recipe is not None:
+            return None
+        low = to_rgb(dataset.lowres(i), dataset.cond_bands).double()
+        return dataset.degradation.lowres(image.double()).to(low.dtype), low
+
+    @property
+    def input_product(self) -> str:
+        return self.cond_product
+
+    @property
+    def output_factor(self) -> int:
+        if "input_recipe" in self.degradation:
+            raise ValueError("an SR model with a fixed input recipe cannot be applied to a place yet")
+        return int(self.degradation["factor"])
+
+    def place_conditioning(
+        self, frames: torch.Tensor, bands: Sequence[str], fill: torch.Tensor | None = None
+    ) -> dict[str, Any]:
+        """The recipe's bands, upsampled by the factor with the recipe's ``upsample`` (as in training)."""
+        recipe = DegradationRecipe(**self.degradation)
+        keep = recipe.band_indices(list(bands))
+        batch, _, steps, height, width = frames.shape
+        x = frames[:, keep].permute(0, 2, 1, 3, 4).reshape(batch * steps, len(keep), height, width)
+        kwargs = {} if recipe.upsample == "nearest" else {"align_corners": False}
+        size = (height * recipe.factor, width * recipe.factor)
+        up = F.interpolate(x.float(), size=size, mode=recipe.upsample, **kwargs).clamp(-1.0, 1.0)
+        cond = up.reshape(batch, steps, len(keep), *size).permute(0, 2, 1, 3, 4)
+        return {"cond": cond.contiguous(), "cond_bands": [list(bands)[k] for k in keep]}
+
 
 @dataclass(frozen=True)
-class TemporalTask(ControlNetTask):
+class TemporalTask(ControlNetTask[TemporalDataset]):
     """``temporal``: ``sequence_length`` other-date tiles of a place → the tile at the target date; baseline:
     the frame nearest in time."""
 
@@ -861,13 +962,25 @@ class TemporalTask(ControlNetTask):
         frames = [
             _decode(v, m) for v, m in zip(sample["cond_metadata"], sample["cond_metadata_mask"], strict=True)
         ]
-        target = _decode(sample["metadata"], sample["metadata_mask"])
-        k = nearest_date_index([_tile_date(f) for f in frames], _tile_date(target))
+        target = _tile_date(_decode(sample["metadata"], sample["metadata_mask"]))
+        dated = [(k, day) for k, day in enumerate(map(_tile_date, frames)) if day is not None]
+        if target is None or not dated:  # no dates to compare: the last frame
+            k = len(frames) - 1
+        else:
+            k = dated[nearest_date_index([day for _, day in dated], target)][0]
         return to_rgb(sample["cond"][:, k], dataset.cond_bands)
+
+    def place_conditioning(
+        self, frames: torch.Tensor, bands: Sequence[str], fill: torch.Tensor | None = None
+    ) -> dict[str, Any]:
+        raise ValueError(
+            "applying a temporal ControlNet to a place (frames from the clearest other dates) is not "
+            "supported yet; use inpaint for cloud fill from the same scene"
+        )
 
 
 @dataclass(frozen=True)
-class InpaintingTask(ControlNetTask):
+class InpaintingTask(ControlNetTask[InpaintingDataset]):
     """``inpaint``: the image with a ``mask_kind`` hole (+ the mask) → the full image; baseline: the harmonic
     fill of the hole. The pipeline gets the known image and the mask; the hole is scored apart."""
 
@@ -892,16 +1005,36 @@ class InpaintingTask(ControlNetTask):
         frame = sample["cond"][:-1, -1]
         return rgb_preview(frame, dataset.cond_bands[:-1], sample["pixel_values"].shape[-2:])
 
-    def conditioning(self, batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
-        return {**super().conditioning(batch), "image": batch["pixel_values"], "mask": batch["mask"]}
+    def conditioning(
+        self, batch: Mapping[str, Any], cond_bands: Sequence[str] | None = None
+    ) -> dict[str, Any]:
+        return {
+            **super().conditioning(batch, cond_bands),
+            "image": batch["pixel_values"],
+            "mask": batch["mask"],
+        }
 
     def fill_mask(self, batch: Mapping[str, Any]) -> torch.Tensor:
         return batch["mask"].float()
 
+    fills_place_mask: ClassVar[bool] = True
+
+    def place_conditioning(
+        self, frames: torch.Tensor, bands: Sequence[str], fill: torch.Tensor | None = None
+    ) -> dict[str, Any]:
+        """The last frame with the holes at 0 plus the mask (as in training), its RGB view and the mask."""
+        if fill is None:
+            raise ValueError("inpainting a place needs the pixels to fill (a cloud mask)")
+        frame = frames[:, :, -1].float()
+        fill = (fill > 0.5).float()
+        cond = torch.cat([frame * (1.0 - fill), fill], dim=1)[:, :, None]
+        image = frame[:, rgb_band_indices(list(bands), frame.shape[1])]
+        return {"cond": cond, "cond_bands": [*bands, "mask"], "image": image, "mask": fill}
+
 
 # ---------------------------------------------------------------------------------------------- registry
 TaskName = Literal["sr", "temporal", "inpaint"]
-TASKS: dict[str, type[ControlNetTask]] = {
+TASKS: dict[str, type[ControlNetTask[Any]]] = {
     task.name: task for task in (SuperResolutionTask, TemporalTask, InpaintingTask)
 }
 if set(TASKS) != set(get_args(TaskName)):
@@ -912,7 +1045,7 @@ TASK_CARD = "task.json"
 _LEGACY_CARD_FIELDS = frozenset({"cond_product", "degradation", "sequence_length", "direction", "mask_kind"})
 
 
-def get_task(name: str | None) -> type[ControlNetTask]:
+def get_task(name: str | None) -> type[ControlNetTask[Any]]:
     """The task class registered as ``name``."""
     if name not in TASKS:
         raise ValueError(f"unknown task {name!r}; choose one of {sorted(TASKS)}")

@@ -12,18 +12,29 @@ Distribution metrics (unpaired, Inception features of `inception.InceptionFeatur
   the number of images; `frechet_distance` uses a pivoted Cholesky factor and a symmetric eigenproblem.
 - KID: unbiased MMD^2 with the cubic polynomial kernel over `kid_subsets` random subsets, seeded. KID needs
   the features themselves: at most `kid_max_samples` per side are kept (seeded reservoir sample beyond that).
+  Its std is over the subsets, so the subsets must be smaller than the sets (`kid_subset_size`: half).
+- FID interval: `fid_bootstrap` resamples both feature sets with replacement (200 times by default) and gives
+  a 95 % interval; `frechet_distance_features` computes FID from features exactly and fast when there are
+  fewer images than feature dimensions (the trace term is a nuclear norm of an n x m matrix).
 - Inception Score: needs class logits, which the offline FID Inception does not have (see `inception.py`);
   pass `logits_model=` (a module or a local TorchScript path). Streaming: image i goes to split i % splits and
   each split keeps only sum(p) and sum(p log p).
 Paired metrics (real[i] vs fake[i], same shape): PSNR (capped, see `PSNR_CAP_DB`), SSIM (Gaussian 11x11,
 sigma 1.5), LPIPS (local weights only). CLIP score: fake images vs prompts, local CLIP folder only.
+LR-consistency (super-resolution): `lr_consistency_psnr`, the PSNR between an output taken down to the input's
+resolution by the degradation recipe and the input itself.
+
+Sample sizes: a figure below `BENCH_MIN_GENERATION` samples / real tiles (generation) or `BENCH_MIN_SR_TILES`
+tiles from `BENCH_MIN_SR_SENSORS` sensors (super-resolution) is a smoke figure (`is_smoke_figure`), not a
+benchmark result.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, cast
 
 import numpy as np
 import scipy.linalg
@@ -41,6 +52,12 @@ from dsat_core.evaluation.inception import (
 from dsat_core.imaging.rgb import to_rgb
 
 METRICS = ("fid", "kid", "is", "psnr", "ssim", "lpips", "clip")
+# the sizes below which a figure is a smoke figure (issue #16, "honest evaluation")
+BENCH_MIN_GENERATION = 256
+BENCH_MIN_SR_TILES = 64
+BENCH_MIN_SR_SENSORS = 2
+FID_BOOTSTRAP_RESAMPLES = 200
+FID_INTERVAL_LEVEL = 0.95
 # PSNR of identical images is +inf: it is reported as this finite cap (dB), so means and MLflow stay finite.
 PSNR_CAP_DB = 100.0
 
@@ -127,6 +144,122 @@ def frechet_distance(mu1: np.ndarray, cov1: np.ndarray, mu2: np.ndarray, cov2: n
     eig = scipy.linalg.eigvalsh((middle + middle.T) / 2) if middle.size else np.zeros(0)
     trace_sqrt = np.sqrt(np.clip(eig, 0.0, None)).sum()
     return float(diff @ diff + np.trace(cov1) + np.trace(cov2) - 2.0 * trace_sqrt)
+
+
+def frechet_distance_features(real: np.ndarray, fake: np.ndarray) -> float:
+    """FID between two feature sets (N, D) and (M, D), float64, the same value as `frechet_distance` of their
+    means and (n - 1)-normalised covariances.
+
+    With fewer images than dimensions it never forms a D x D matrix: for centred X (N, D) and Y (M, D),
+    cov_x cov_y has the nonzero eigenvalues of A A^T with A = X Y^T / sqrt((N-1)(M-1)), so
+    tr((cov_x cov_y)^(1/2)) is the sum of A's singular values.
+    """
+    x = np.asarray(real, np.float64)
+    y = np.asarray(fake, np.float64)
+    n, m = len(x), len(y)
+    if n < 2 or m < 2:
+        raise ValueError(f"FID needs at least 2 real and 2 fake images, got {n} and {m}")
+    if min(n, m) > x.shape[1]:
+        return frechet_distance(x.mean(0), np.cov(x, rowvar=False), y.mean(0), np.cov(y, rowvar=False))
+    mx, my = x.mean(0), y.mean(0)
+    xc, yc = x - mx, y - my
+    diff = mx - my
+    cross = (xc @ yc.T) / np.sqrt((n - 1) * (m - 1))
+    trace_sqrt = np.linalg.svd(cross, compute_uv=False).sum()
+    trace = (xc**2).sum() / (n - 1) + (yc**2).sum() / (m - 1)
+    return float(diff @ diff + trace - 2.0 * trace_sqrt)
+
+
+@dataclass(frozen=True)
+class BootstrapInterval:
+    """A bootstrap interval of a statistic: ``low`` .. ``high`` at ``level``, from ``resamples`` resamples.
+
+    ``bias``: the bootstrap estimate of the statistic's bias (mean of the resampled values minus the
+    estimate); the interval is the percentile interval of the resampled values shifted back by it.
+    """
+
+    estimate: float
+    low: float
+    high: float
+    bias: float
+    level: float
+    resamples: int
+
+
+def fid_bootstrap(
+    real: np.ndarray,
+    fake: np.ndarray,
+    resamples: int = FID_BOOTSTRAP_RESAMPLES,
+    level: float = FID_INTERVAL_LEVEL,
+    seed: int = 0,
+) -> BootstrapInterval:
+    """A ``level`` interval for the FID of two feature sets: both sets resampled with replacement, seeded.
+
+    Resampling repeats images, which shrinks the covariances' rank and inflates FID (FID's small-sample bias
+    grows as the effective sample shrinks), so the resampled values sit above the estimate: the interval is
+    their percentile interval shifted by that bootstrap bias (``BootstrapInterval.bias``), which centres it
+    on the estimate while keeping the spread the resampling shows.
+    """
+    if resamples < 2:
+        raise ValueError(f"the FID bootstrap needs at least 2 resamples, got {resamples}")
+    if not 0.0 < level < 1.0:
+        raise ValueError(f"interval level must be in (0, 1), got {level}")
+    real = np.asarray(real, np.float64)
+    fake = np.asarray(fake, np.float64)
+    estimate = frechet_distance_features(real, fake)
+    rng = np.random.default_rng(seed)
+    values = np.empty(resamples)
+    for k in range(resamples):
+        xr = real[rng.integers(0, len(real), len(real))]
+        xf = fake[rng.integers(0, len(fake), len(fake))]
+        values[k] = frechet_distance_features(xr, xf)
+    bias = float(values.mean() - estimate)
+    tail = (1.0 - level) / 2.0
+    low, high = np.quantile(values, [tail, 1.0 - tail]) - bias
+    return BootstrapInterval(estimate, float(max(low, 0.0)), float(high), bias, level, resamples)
+
+
+def kid_subset_size(n_real: int, n_fake: int, cap: int = 1000) -> int:
+    """KID subset size for sets of these sizes: half the smaller set (at least 2, at most ``cap``), so that
+    subsets differ and the std over them measures the estimate's spread (a subset of the whole set, drawn
+    without replacement, is always the same set: std 0)."""
+    return int(min(cap, max(2, min(n_real, n_fake) // 2)))
+
+
+def is_smoke_figure(kind: str, metrics: Mapping[str, float]) -> bool:
+    """Whether an evaluation's figures are below the benchmark sample sizes: generation ``n_fake`` /
+    ``n_real`` < `BENCH_MIN_GENERATION`; a paired task ``n_tiles`` < `BENCH_MIN_SR_TILES` or (with
+    ``n_sensors``) fewer than `BENCH_MIN_SR_SENSORS` sensors."""
+    if kind == "generation":
+        return min(metrics.get("n_fake", 0.0), metrics.get("n_real", 0.0)) < BENCH_MIN_GENERATION
+    few_sensors = metrics.get("n_sensors", BENCH_MIN_SR_SENSORS) < BENCH_MIN_SR_SENSORS
+    return metrics.get("n_tiles", 0.0) < BENCH_MIN_SR_TILES or few_sensors
+
+
+_GENERATION_PREFIXES = ("fid", "kid", "is_", "clip")
+SAMPLE_SIZE_KEYS = ("n_fake", "n_real", "n_tiles", "n_sensors")
+
+
+def metric_sample_size(name: str, metrics: Mapping[str, float]) -> str | None:
+    """``n=…`` for the figure ``name`` of an evaluation's ``metrics`` (its sample size), None for a size.
+
+    Generation figures: ``n=<generated> generated / <real> real`` (FID, KID) or ``n=<generated>`` (IS, CLIP);
+    paired figures (``<metric>/<model or baseline>``): ``n=<tiles> tiles[, <k> sensors]``.
+    """
+    if name in SAMPLE_SIZE_KEYS:
+        return None
+    if name.startswith(_GENERATION_PREFIXES) and "n_fake" in metrics:
+        fake = int(metrics["n_fake"])
+        if name.startswith(("fid", "kid")) and "n_real" in metrics:
+            return f"n={fake} generated / {int(metrics['n_real'])} real"
+        return f"n={fake}"
+    if "n_tiles" in metrics:
+        size = f"n={int(metrics['n_tiles'])} tiles"
+        if "n_sensors" in metrics:
+            sensors = int(metrics["n_sensors"])
+            size += f", {sensors} sensor{'s' if sensors != 1 else ''}"
+        return size
+    return None
 
 
 # ----------------------------------------------------------------------------------------------- KID
@@ -232,11 +365,26 @@ class InceptionScoreAccumulator:
 
 
 # ------------------------------------------------------------------------------------------- paired
-def psnr_per_image(pred: torch.Tensor, target: torch.Tensor, data_range: float, cap_db: float = PSNR_CAP_DB):
+def psnr_per_image(
+    pred: torch.Tensor, target: torch.Tensor, data_range: float, cap_db: float = PSNR_CAP_DB
+) -> torch.Tensor:
     """PSNR (dB) per image in float64; identical images (MSE 0) give `cap_db` (finite by design)."""
     mse = (pred.double() - target.double()).pow(2).flatten(1).mean(dim=1)
     psnr = 10.0 * torch.log10(data_range**2 / mse)  # mse == 0 -> +inf -> cap
     return psnr.clamp(max=cap_db)
+
+
+def lr_consistency_psnr(
+    output_lowres: torch.Tensor, input_lowres: torch.Tensor, data_range: float = 1.0
+) -> np.ndarray:
+    """LR-consistency (dB) per image: PSNR between outputs taken down to the input resolution by the
+    degradation recipe (``output_lowres``, (N, C, h, w)) and the low-resolution inputs (same shape)."""
+    if output_lowres.shape != input_lowres.shape:
+        raise ValueError(
+            f"LR-consistency: output taken down to {tuple(output_lowres.shape)} but the input is "
+            f"{tuple(input_lowres.shape)}"
+        )
+    return psnr_per_image(output_lowres, input_lowres, data_range).numpy()
 
 
 @dataclass
@@ -284,8 +432,9 @@ def paired_metrics(
     p64, t64 = p.double() - low, t.double() - low
     values = {
         "psnr": psnr_per_image(p64, t64, span, psnr_cap_db).numpy(),
-        "ssim": structural_similarity_index_measure(
-            p64, t64, data_range=(0.0, span), reduction="none"
+        "ssim": cast(
+            torch.Tensor,
+            structural_similarity_index_measure(p64, t64, data_range=(0.0, span), reduction="none"),
         ).numpy(),
     }
     if lpips is not None:
@@ -325,7 +474,7 @@ class ImageMetrics:
         inception: nn.Module | str | Path | None = None,
         logits_model: nn.Module | str | Path | None = None,
         lpips: nn.Module | str | Path | None = None,
-        clip: object | str | Path | None = None,
+        clip: Callable[[torch.Tensor, list[str]], Any] | str | Path | None = None,
         psnr_cap_db: float = PSNR_CAP_DB,
         device: str | torch.device = "cpu",
         batch_size: int = 32,
@@ -374,7 +523,7 @@ class ImageMetrics:
                     "lpips_vgg.safetensors / TorchScript file or a folder holding one (nothing is downloaded)"
                 )
             self.lpips = (load_lpips(lpips) if isinstance(lpips, (str, Path)) else lpips).to(self.device)
-        self.clip = None
+        self.clip: Callable[[torch.Tensor, list[str]], Any] | None = None
         if "clip" in self.metrics:
             from dsat_core.evaluation.clip import CLIPScorer, CLIPUnavailable
 
@@ -445,7 +594,7 @@ class ImageMetrics:
         if fake_u is not None and self.logits_model is not None:
             with torch.jit.optimized_execution(False):
                 self._is.update_logits(self.logits_model(inception_preprocess(fake_u)))
-        if paired and real_u is not None:
+        if paired and real_u is not None and fake_u is not None:
             result = paired_metrics(fake_u, real_u, 1.0, lpips=self.lpips, psnr_cap_db=self.psnr_cap_db)
             for name in paired:
                 self._paired[name].append(result.per_image[name])

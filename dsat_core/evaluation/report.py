@@ -16,6 +16,14 @@ import torch.nn.functional as F
 from PIL import Image
 
 from dsat_core.evaluation.geo_map import plot_quality_map
+from dsat_core.evaluation.metrics import (
+    BENCH_MIN_GENERATION,
+    BENCH_MIN_SR_SENSORS,
+    BENCH_MIN_SR_TILES,
+    SAMPLE_SIZE_KEYS,
+    is_smoke_figure,
+    metric_sample_size,
+)
 from dsat_core.evaluation.runner import GenerationEval, PairedEval, sample_images
 from dsat_core.evaluation.sensitivity import robustness, sensitivity_details, shuffled_metadata
 from dsat_core.evaluation.stac_output import validate_catalog, write_generated_stac
@@ -80,7 +88,8 @@ def make_sample_fn(
     Every image of a call starts from the SAME noise (`sample_images` with every seed ``seed``), so only the
     metadata differs. ``prompts``: one caption for all, or one per metadata entry. ``cond``: for a
     `SatControlNetPipeline`, keyword inputs (``cond``, ``cond_metadata``, ``cond_metadata_mask``, and for
-    inpainting ``image`` / ``mask``) with batch 1 (shared) or one per metadata entry.
+    inpainting ``image`` / ``mask``) with batch 1 (shared) or one per metadata entry; entries that are no
+    tensors (``cond_bands``) are passed as they are.
     """
 
     def sample_fn(metadata: list[SatMetadata], seed: int) -> np.ndarray:
@@ -91,10 +100,14 @@ def make_sample_fn(
         inputs = None
         if cond is not None:
             inputs = {
-                key: (value.expand(k, *value.shape[1:]) if value.shape[0] == 1 else value)
+                key: (
+                    value.expand(k, *value.shape[1:])
+                    if isinstance(value, torch.Tensor) and value.shape[0] == 1
+                    else value
+                )
                 for key, value in cond.items()
             }
-            if any(v.shape[0] != k for v in inputs.values()):
+            if any(isinstance(v, torch.Tensor) and v.shape[0] != k for v in inputs.values()):
                 raise ValueError(f"conditioning batch does not match {k} metadata entries")
         images = sample_images(
             pipe,
@@ -179,16 +192,17 @@ def evaluation_sensitivity(
         )
     k = min(n, len(result.metadata))
     cond = base_cond = None
-    if paired:
+    real: np.ndarray | None
+    if isinstance(result, PairedEval):
         if not result.inputs:
             raise ValueError("the ControlNet evaluation kept no conditioning inputs for a sensitivity run")
         k = min(k, len(result.inputs["cond"]))
-        cond = {key: value[:k] for key, value in result.inputs.items()}
-        base_cond = {key: value[:1] for key, value in cond.items()}
+        cond = _first(result.inputs, k)
+        base_cond = _first(cond, 1)
         real = result.targets[:k]
     else:
         real = result.references[:k] if result.references is not None else None
-    common = dict(num_inference_steps=num_inference_steps, guidance_scale=guidance_scale)
+    common: dict[str, Any] = dict(num_inference_steps=num_inference_steps, guidance_scale=guidance_scale)
     base_fn = make_sample_fn(pipe, result.prompts[0], cond=base_cond, **common)
     robust_fn = make_sample_fn(pipe, result.prompts[:k], cond=cond, **common)
     reference = None if real is None else reference_images(real, tuple(result.images.shape[-2:]))
@@ -208,6 +222,11 @@ def evaluation_sensitivity(
         guidance_scale=guidance_scale,
     )
     return report
+
+
+def _first(inputs: Mapping[str, Any], k: int) -> dict[str, Any]:
+    """The first ``k`` samples of conditioning inputs (tensors sliced; band names kept whole)."""
+    return {key: value[:k] if isinstance(value, torch.Tensor) else value for key, value in inputs.items()}
 
 
 def sensitivity_metrics(report: Mapping[str, Any]) -> dict[str, float]:
@@ -283,6 +302,30 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
+def headline_figures(kind: str, metrics: Mapping[str, float]) -> list[str]:
+    """``name=value (n=…)`` for every figure of an evaluation (sample sizes beside each, FID with its
+    interval), with a smoke-figure note when the sizes are below the benchmark's (`is_smoke_figure`)."""
+    out = []
+    for name in sorted(metrics):
+        if name in SAMPLE_SIZE_KEYS or name.startswith(("fid_ci_", "fid_bootstrap", "kid_std")):
+            continue
+        text = f"{name}={metrics[name]:.4g}"
+        if name == "fid" and "fid_ci_low" in metrics:
+            text += f" [95% CI {metrics['fid_ci_low']:.4g}–{metrics['fid_ci_high']:.4g}]"
+        if name == "kid_mean" and "kid_std" in metrics:
+            text += f" ± {metrics['kid_std']:.2g}"
+        size = metric_sample_size(name, metrics)
+        out.append(f"{text} ({size})" if size else text)
+    if is_smoke_figure(kind, metrics):
+        bench = (
+            f"{BENCH_MIN_GENERATION} generated and real"
+            if kind == "generation"
+            else f"{BENCH_MIN_SR_TILES} tiles from {BENCH_MIN_SR_SENSORS} sensors"
+        )
+        out.append(f"smoke figures (the benchmark takes >= {bench})")
+    return out
+
+
 def evaluation_markdown(
     result: Evaluation,
     *,
@@ -307,16 +350,29 @@ def evaluation_markdown(
     if stac_catalog:
         lines.append(f"- STAC catalog: `{stac_catalog}`")
     lines.append("")
+    if result.params.get("smoke_figure"):
+        lines += ["Smoke figures: the sample sizes are below the benchmark's.", ""]
+    if result.params.get("missing_bands") or result.params.get("unknown_bands"):
+        lines += [
+            f"Bands: the store has {result.params['cond_bands']}, the ControlNet takes "
+            f"{result.params['model_bands']}; missing (learned missing value): "
+            f"{result.params['missing_bands']}; unknown (dropped): {result.params['unknown_bands']}",
+            "",
+        ]
     if isinstance(result, PairedEval):
         names = sorted({k.split("/")[0] for k in result.metrics if k.endswith("/model")})
-        lines += [f"| metric | model | {result.baseline} |", "|---|---|---|"]
+        lines += [f"| metric | model | {result.baseline} | n |", "|---|---|---|---|"]
         for name in names:
             model = result.metrics[f"{name}/model"]
             base = result.metrics[f"{name}/{result.baseline}"]
-            lines.append(f"| {name} | {_fmt(model)} | {_fmt(base)} |")
+            size = metric_sample_size(f"{name}/model", result.metrics) or ""
+            lines.append(f"| {name} | {_fmt(model)} | {_fmt(base)} | {size} |")
     else:
-        lines += ["| metric | value |", "|---|---|"]
-        lines += [f"| {k} | {_fmt(v)} |" for k, v in result.metrics.items()]
+        lines += ["| metric | value | n |", "|---|---|---|"]
+        lines += [
+            f"| {k} | {_fmt(v)} | {metric_sample_size(k, result.metrics) or ''} |"
+            for k, v in result.metrics.items()
+        ]
     if result.skipped:
         lines += ["", "Skipped:"]
         lines += [f"- {k}: {v}" for k, v in result.skipped.items()]
@@ -341,6 +397,7 @@ __all__ = [
     "default_sensitivity_values",
     "evaluation_markdown",
     "evaluation_sensitivity",
+    "headline_figures",
     "make_sample_fn",
     "metadata_sensitivity",
     "plot_sensitivity",

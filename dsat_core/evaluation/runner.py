@@ -1,12 +1,19 @@
 """Evaluation runs: a trained pipeline against the held-out tiles of a dataset store.
 
 - `evaluate_generation`: sample N images (DiffusionSatPipeline) from the captions and metadata of held-out
-  tiles (cycling when there are fewer tiles than samples), FID / KID against the real held-out tiles,
-  Inception Score and CLIP score when their local models are given (else recorded in `skipped` with why).
+  tiles (cycling when there are fewer tiles than samples), FID (with a bootstrap interval) / KID (mean and
+  std over subsets) against the real held-out tiles, Inception Score and CLIP score when their local models
+  are given (else recorded in `skipped` with why).
 - `evaluate_controlnet`: SSIM / PSNR (and LPIPS with local weights) of a SatControlNetPipeline on a task
   (a `dsat_core.data.tasks.ControlNetTask`, by default the one training recorded in ``task.json``) AND of the
   task's classical baseline (bicubic, nearest-date frame, harmonic inpainting) on the SAME held-out tiles,
-  with one row per tile.
+  with one row per tile; for super-resolution also the LR-consistency of both (`lr_consistency_psnr`). A
+  ControlNet with band names takes a store with other bands: they are matched by name, the model's bands
+  the store lacks are marked missing (recorded in ``params["missing_bands"]``), unknown ones dropped.
+
+Every result carries its sample sizes beside its metrics (``n_fake`` / ``n_real``, ``n_tiles`` /
+``n_sensors``, and per metric in ``params["sample_sizes"]``) and says whether it is a smoke figure (below the
+benchmark sizes, `dsat_core.evaluation.metrics.is_smoke_figure`).
 
 Both return plain results (uint8 images, per-sample rows, metric dicts) that `report.py` turns into grids,
 quality maps and STAC catalogs. Nothing here logs anywhere: the `evaluate` flow does that. Every pipeline
@@ -16,6 +23,7 @@ STAC), so any single image can be regenerated on its own.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -27,6 +35,7 @@ import torch
 from torch import nn
 
 from dsat_core.data.dataset import TileDataset
+from dsat_core.data.store import DatasetStore
 from dsat_core.data.tasks import (
     ControlNetTask,
     DataSpec,
@@ -36,7 +45,17 @@ from dsat_core.data.tasks import (
     collate_task_batch,
     resolve_task,
 )
-from dsat_core.evaluation.metrics import ImageMetrics, paired_metrics
+from dsat_core.evaluation.metrics import (
+    FID_BOOTSTRAP_RESAMPLES,
+    FID_INTERVAL_LEVEL,
+    ImageMetrics,
+    fid_bootstrap,
+    is_smoke_figure,
+    kid_subset_size,
+    lr_consistency_psnr,
+    metric_sample_size,
+    paired_metrics,
+)
 from dsat_core.imaging.rgb import to_rgb
 from dsat_core.metadata import FIELD_NAMES, SatMetadata
 
@@ -115,7 +134,7 @@ def _columns(records: Sequence[Mapping[str, Any]]) -> dict[str, list[Any]]:
 
 
 # ----------------------------------------------------------------------------------------------- helpers
-def load_pipeline(pipeline: Any, cls: type, device: str | torch.device = "cpu") -> Any:
+def load_pipeline(pipeline: Any, cls: type[Any], device: str | torch.device = "cpu") -> Any:
     """`cls.from_pretrained(pipeline)` for a folder, or the given pipeline object; progress bars off."""
     if isinstance(pipeline, (str, Path)):
         path = Path(pipeline)
@@ -277,8 +296,10 @@ def _distribution_scores(
     inception: nn.Module | None,
     seed: int,
     kid_subsets: int,
+    fid_resamples: int = FID_BOOTSTRAP_RESAMPLES,
 ) -> tuple[dict[str, float], np.ndarray, str]:
-    """FID / KID, and each sample's distance to the nearest real tile (Inception space, else RMS pixels)."""
+    """FID (+ its bootstrap interval: ``fid_ci_low`` / ``fid_ci_high``, ``fid_bootstrap_bias``) / KID, and
+    each sample's distance to the nearest real tile (Inception space, else RMS pixels)."""
     if not distribution:
         if fake.shape[1:] != real.shape[1:]:
             raise ValueError(f"generated {fake.shape[1:]} and real {real.shape[1:]} images differ in shape")
@@ -293,10 +314,13 @@ def _distribution_scores(
         inception=net,
         seed=seed,
         kid_subsets=kid_subsets,
-        kid_subset_size=min(len(real_f), len(fake_f)),
+        kid_subset_size=kid_subset_size(len(real_f), len(fake_f)),
     )
     meter.update_features(real=real_f, fake=fake_f)
     scores = {k: v for k, v in meter.compute().items() if not k.startswith("n_")}
+    if "fid" in distribution and fid_resamples > 0:
+        interval = fid_bootstrap(real_f, fake_f, resamples=fid_resamples, seed=seed)
+        scores.update(fid_ci_low=interval.low, fid_ci_high=interval.high, fid_bootstrap_bias=interval.bias)
     return scores, nearest_distance(fake_f, real_f), "inception"
 
 
@@ -351,6 +375,7 @@ def evaluate_generation(
     clip_model: Any = None,
     inception: nn.Module | None = None,
     kid_subsets: int = 100,
+    fid_resamples: int = FID_BOOTSTRAP_RESAMPLES,
     device: str | torch.device = "cpu",
     storage_options: Mapping[str, Any] | None = None,
 ) -> GenerationEval:
@@ -361,6 +386,8 @@ def evaluate_generation(
     many held-out tiles form the real set (default: as many as samples; evenly spread over the split).
     ``metrics``: any of fid, kid, is, clip; IS needs ``logits_model``, CLIP ``clip_model`` (local files): when
     missing they are recorded in ``skipped`` with the reason instead of failing the run.
+    FID comes with a ``FID_INTERVAL_LEVEL`` bootstrap interval over ``fid_resamples`` resamples (0: none),
+    KID with its std over ``kid_subsets`` subsets of half the smaller set (`kid_subset_size`).
     Per sample, ``nearest_real_distance`` is the L2 distance of its Inception features to the nearest real
     tile's (pixel-space RMS distance when neither fid nor kid is computed): a per-sample realism proxy
     that the quality map bins by location.
@@ -394,7 +421,9 @@ def evaluate_generation(
 
     n_real = min(len(tiles), max_real if max_real is not None else max(n_samples, 2))
     real = tiles.rgb_uint8(np.unique(np.linspace(0, len(tiles) - 1, n_real).round().astype(int)).tolist())
-    results, nearest, space = _distribution_scores(fake, real, distribution, inception, seed, kid_subsets)
+    results, nearest, space = _distribution_scores(
+        fake, real, distribution, inception, seed, kid_subsets, fid_resamples
+    )
     scores, skipped = _model_scores(fake, prompts, metrics, logits_model, clip_model, seed)
     results.update(scores, n_real=float(len(real)), n_fake=float(len(fake)))
 
@@ -421,7 +450,13 @@ def evaluate_generation(
         "resolution": size,
         "metrics": ",".join(metrics),
         "nearest_real_space": space,
+        "sample_sizes": sample_sizes(results),
+        "smoke_figure": is_smoke_figure("generation", results),
     }
+    if "fid" in distribution and fid_resamples > 0:
+        params.update(fid_interval_level=FID_INTERVAL_LEVEL, fid_bootstrap_resamples=fid_resamples)
+    if "kid" in distribution:
+        params.update(kid_subsets=kid_subsets, kid_subset_size=kid_subset_size(len(real), len(fake)))
     return GenerationEval(
         metrics=results,
         skipped=skipped,
@@ -451,16 +486,52 @@ class _PairedRun:
     metadata: list[SatMetadata]
     prompts: list[str]
     tiles: list[dict[str, Any]]
-    inputs: dict[str, torch.Tensor]
+    inputs: dict[str, Any]
+    lr_model: np.ndarray | None = None
+    lr_baseline: np.ndarray | None = None
 
 
-def _check_channels(task: ControlNetTask, dataset: TaskDataset, pipe: Any, store_uri: str) -> None:
-    expected = pipe.controlnet.config.conditioning_channels
-    if dataset.conditioning_channels != expected:
-        raise ValueError(
-            f"{task.name} data of {store_uri} gives {dataset.conditioning_channels} conditioning channels "
-            f"({dataset.cond_bands}), the ControlNet takes {expected}"
+def _check_bands(
+    task: ControlNetTask, dataset: TaskDataset, pipe: Any, store_uri: str
+) -> tuple[list[str] | None, dict[str, Any]]:
+    """The band names to pass with the conditioning (None: channels by position) and what to record.
+
+    A ControlNet with band names (``conditioning_bands``) takes the store's bands by name
+    (`ControlNetTask.band_alignment`): its bands the store lacks are marked missing, store bands it does not
+    know are dropped with a warning naming them. One without names needs the same number of channels.
+    """
+    model_bands = pipe.controlnet.config.get("conditioning_bands")
+    if model_bands is None:
+        expected = pipe.controlnet.config.conditioning_channels
+        if dataset.conditioning_channels != expected:
+            raise ValueError(
+                f"{task.name} data of {store_uri} gives {dataset.conditioning_channels} conditioning "
+                f"channels ({dataset.cond_bands}), the ControlNet takes {expected}"
+            )
+        return None, {"cond_bands": dataset.cond_bands}
+    alignment = task.band_alignment(dataset, model_bands)
+    if alignment.unknown:
+        warnings.warn(
+            f"{store_uri}: bands {list(alignment.unknown)} are unknown to the ControlNet (it takes "
+            f"{list(model_bands)}); they are dropped",
+            stacklevel=3,
         )
+    record = {
+        "cond_bands": dataset.cond_bands,
+        "model_bands": list(model_bands),
+        "missing_bands": list(alignment.missing),
+        "unknown_bands": list(alignment.unknown),
+    }
+    return dataset.cond_bands, record
+
+
+def _platforms(
+    store_uri: str, product: str, rows: Sequence[int], storage_options: Mapping[str, Any] | None
+) -> list[str]:
+    """The recorded platform (sensor) of each of ``rows`` of ``product`` (an empty name when unknown)."""
+    store = DatasetStore.open(store_uri, storage_options=storage_options, read_only=True)
+    column = np.asarray(store.product_group(product)["platform"][: store.n_tiles(product)])
+    return [str(column[r]) for r in rows]
 
 
 def _lpips_model(lpips: nn.Module | str | Path | None) -> tuple[nn.Module | None, dict[str, str]]:
@@ -478,10 +549,14 @@ def _run_paired(
     dataset: TaskDataset,
     seeds: Sequence[int],
     batch_size: int,
+    cond_bands: Sequence[str] | None = None,
     **sampling: Any,
 ) -> _PairedRun:
-    """The model (`sample_images`), the baseline and the conditioning preview on samples 0 … len(seeds)-1."""
+    """The model (`sample_images`), the baseline and the conditioning preview on samples 0 … len(seeds)-1;
+    where the task defines it (`ControlNetTask.lowres_views`), the LR-consistency of model and baseline."""
     preds, bases, targets, previews, fills = [], [], [], [], []
+    lr_model: list[float] = []
+    lr_base: list[float] = []
     metadata: list[SatMetadata] = []
     prompts: list[str] = []
     tiles: list[dict[str, Any]] = []
@@ -490,17 +565,21 @@ def _run_paired(
         samples = [dataset[i] for i in batch_idx]
         batch = collate_task_batch(samples)
         metas, captions = batch_metadata(batch), list(batch["caption"])
-        conditioning = task.conditioning(batch)
-        preds.append(
-            sample_images(
-                pipe, captions, metas, [seeds[i] for i in batch_idx], conditioning=conditioning, **sampling
-            )
+        conditioning = task.conditioning(batch, cond_bands)
+        pred = sample_images(
+            pipe, captions, metas, [seeds[i] for i in batch_idx], conditioning=conditioning, **sampling
         )
+        preds.append(pred)
         if batch_idx.start < SENSITIVITY_INPUTS:
             inputs.append(conditioning)
-        bases.append(
-            torch.stack([task.baseline(dataset, i, s) for i, s in zip(batch_idx, samples, strict=True)])
-        )
+        base = torch.stack([task.baseline(dataset, i, s) for i, s in zip(batch_idx, samples, strict=True)])
+        bases.append(base)
+        for k, i in enumerate(batch_idx):
+            model_view = task.lowres_views(dataset, i, pred[k].double() * 2.0 - 1.0)
+            base_view = None if model_view is None else task.lowres_views(dataset, i, base[k].double())
+            if model_view is not None and base_view is not None:
+                lr_model.append(_lr_psnr(*model_view))
+                lr_base.append(_lr_psnr(*base_view))
         previews.append(torch.stack([task.cond_preview(dataset, s) for s in samples]))
         targets.append(batch["pixel_values"])
         if (fill := task.fill_mask(batch)) is not None:
@@ -517,8 +596,21 @@ def _run_paired(
         metadata=metadata,
         prompts=prompts,
         tiles=tiles,
-        inputs={key: torch.cat([k[key] for k in inputs])[:SENSITIVITY_INPUTS] for key in inputs[0]},
+        inputs={
+            key: torch.cat([k[key] for k in inputs])[:SENSITIVITY_INPUTS]
+            if isinstance(inputs[0][key], torch.Tensor)
+            else inputs[0][key]  # the same for every sample (band names)
+            for key in inputs[0]
+        },
+        lr_model=np.array(lr_model) if lr_model else None,
+        lr_baseline=np.array(lr_base) if lr_base else None,
     )
+
+
+def _lr_psnr(output_lowres: torch.Tensor, input_lowres: torch.Tensor) -> float:
+    """`lr_consistency_psnr` of one (C, h, w) pair in [-1, 1], on the [0, 1] scale of the other PSNRs."""
+    output_unit, input_unit = (((x.double() + 1.0) / 2.0)[None] for x in (output_lowres, input_lowres))
+    return float(lr_consistency_psnr(output_unit, input_unit)[0])
 
 
 def _hole_psnr(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, cap: float) -> np.ndarray:
@@ -540,6 +632,11 @@ def _per_image_scores(
     return scores
 
 
+def sample_sizes(metrics: Mapping[str, float]) -> dict[str, str]:
+    """Per metric, the sample size it was computed on (`metric_sample_size`), for the run's params."""
+    return {k: size for k in metrics if (size := metric_sample_size(k, metrics)) is not None}
+
+
 def _side_by_side(
     model: Mapping[str, np.ndarray], base: Mapping[str, np.ndarray], baseline_name: str
 ) -> dict[str, float]:
@@ -551,6 +648,15 @@ def _side_by_side(
     results["psnr/gain"] = results["psnr/model"] - results[f"psnr/{baseline_name}"]
     results["n_tiles"] = float(len(next(iter(model.values()))))
     return results
+
+
+def _with_lr_consistency(
+    model: dict[str, np.ndarray], base: dict[str, np.ndarray], run: _PairedRun
+) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """The per-image scores with ``lr_psnr`` added where the task has an LR-consistency."""
+    if run.lr_model is None or run.lr_baseline is None:
+        return model, base
+    return {**model, "lr_psnr": run.lr_model}, {**base, "lr_psnr": run.lr_baseline}
 
 
 def evaluate_controlnet(
@@ -598,7 +704,7 @@ def evaluate_controlnet(
     dataset = task.dataset(spec)
     if len(dataset) == 0:
         raise _empty_split_error(store_uri, task.product, split, holdout_fraction, f"no {task.name} samples")
-    _check_channels(task, dataset, pipe, store_uri)
+    cond_bands, band_record = _check_bands(task, dataset, pipe, store_uri)
     lpips_model, skipped = _lpips_model(lpips)
 
     count = min(n, len(dataset))
@@ -608,13 +714,22 @@ def evaluate_controlnet(
         guidance_scale=guidance_scale,
         controlnet_conditioning_scale=controlnet_conditioning_scale,
     )
-    run = _run_paired(pipe, task, dataset, seeds, batch_size, **sampling)
-    per_model = _per_image_scores(run.preds, run, lpips_model)
-    per_base = _per_image_scores(run.baselines, run, lpips_model)
+    run = _run_paired(pipe, task, dataset, seeds, batch_size, cond_bands, **sampling)
+    per_model, per_base = _with_lr_consistency(
+        _per_image_scores(run.preds, run, lpips_model),
+        _per_image_scores(run.baselines, run, lpips_model),
+        run,
+    )
+    if run.lr_model is None:
+        skipped["lr_psnr"] = f"the {task.name} task has no low-resolution input to be consistent with"
+    platforms = _platforms(store_uri, task.product, [t["tile_index"] for t in run.tiles], storage_options)
+    metrics = _side_by_side(per_model, per_base, task.baseline_name)
+    metrics["n_sensors"] = float(len({p for p in platforms if p}))
 
     records = []
     for i in range(count):
         row: dict[str, Any] = {"sample": i, **run.tiles[i], **_metadata_record(run.metadata[i])}
+        row["platform"] = platforms[i]
         row.update(caption=run.prompts[i], seed=seeds[i])
         for name in per_model:
             row[f"{name}_model"] = float(per_model[name][i])
@@ -629,11 +744,15 @@ def evaluate_controlnet(
         "split": split,
         "holdout_fraction": holdout_fraction,
         "recipe": dataset.recipe,
+        **band_record,
+        "sensors": sorted({p for p in platforms if p}),
+        "sample_sizes": sample_sizes(metrics),
+        "smoke_figure": is_smoke_figure(task.name, metrics),
     }
     return PairedEval(
         kind=task.name,
         baseline=task.baseline_name,
-        metrics=_side_by_side(per_model, per_base, task.baseline_name),
+        metrics=metrics,
         skipped=skipped,
         records=records,
         images=_to_uint8(run.preds),
@@ -656,6 +775,7 @@ __all__ = [
     "evaluate_generation",
     "load_pipeline",
     "nearest_distance",
+    "sample_sizes",
     "sample_images",
     "shared_inception",
 ]

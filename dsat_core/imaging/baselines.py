@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from datetime import UTC, date, datetime
+from typing import overload
 
 import numpy as np
 import scipy.sparse as sp
@@ -25,6 +26,10 @@ def _as_size(size: int | Sequence[int]) -> tuple[int, int]:
     return int(h), int(w)
 
 
+@overload
+def bicubic_upsample(lowres: torch.Tensor, size: int | Sequence[int]) -> torch.Tensor: ...
+@overload
+def bicubic_upsample(lowres: np.ndarray, size: int | Sequence[int]) -> np.ndarray: ...
 def bicubic_upsample(
     lowres: np.ndarray | torch.Tensor, size: int | Sequence[int]
 ) -> np.ndarray | torch.Tensor:
@@ -117,6 +122,10 @@ def _harmonic_fill(channel: np.ndarray, missing: np.ndarray) -> np.ndarray:
     return out.reshape(h, w)
 
 
+@overload
+def classical_inpaint(image: torch.Tensor, mask: np.ndarray | torch.Tensor) -> torch.Tensor: ...
+@overload
+def classical_inpaint(image: np.ndarray, mask: np.ndarray | torch.Tensor) -> np.ndarray: ...
 def classical_inpaint(
     image: np.ndarray | torch.Tensor, mask: np.ndarray | torch.Tensor
 ) -> np.ndarray | torch.Tensor:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import overload
 
 import numpy as np
 import torch
@@ -43,6 +44,10 @@ def rgb_band_indices(bands: Sequence[str] | None, num_channels: int) -> list[int
     raise ValueError(f"cannot make RGB from {num_channels} channels (bands={bands}): need 1 or >= 3 channels")
 
 
+@overload
+def to_rgb(images: torch.Tensor, bands: Sequence[str] | None = None) -> torch.Tensor: ...
+@overload
+def to_rgb(images: np.ndarray, bands: Sequence[str] | None = None) -> np.ndarray: ...
 def to_rgb(
     images: np.ndarray | torch.Tensor, bands: Sequence[str] | None = None
 ) -> np.ndarray | torch.Tensor:

@@ -85,7 +85,7 @@ class SatMetadata:
         return np.where(mask, encoded, 0.0), mask
 
     @classmethod
-    def decode(cls, vector: Sequence[float], mask: Sequence[bool]) -> SatMetadata:
+    def decode(cls, vector: Sequence[float] | np.ndarray, mask: Sequence[bool] | np.ndarray) -> SatMetadata:
         """Inverse of `encode` (integer fields are rounded)."""
         raw = np.asarray(vector, dtype=np.float64) / _SCALE * _DIVISOR - _OFFSET
         values: dict[str, Any] = {}

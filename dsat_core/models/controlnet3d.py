@@ -39,7 +39,7 @@ from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
-from diffusers import ControlNetModel
+from diffusers import ControlNetModel, UNet2DConditionModel
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 from diffusers.models.transformers.transformer_temporal import TransformerTemporalModel
@@ -121,13 +121,13 @@ def _temporal_heads(
 ) -> list[tuple[int, int]]:
     """(num_heads, head_dim) of each temporal layer: ``heads`` as given, or width // min(head_dim, width)."""
     if heads is None:
-        pairs = []
+        derived: list[tuple[int, int]] = []
         for pos, width in zip(positions, widths, strict=True):
             dim = min(head_dim, width)
             if width % dim:
                 raise ValueError(f"residual {pos} has {width} channels, not a multiple of head dim {dim}")
-            pairs.append((width // dim, dim))
-        return pairs
+            derived.append((width // dim, dim))
+        return derived
     pairs = [tuple(pair) for pair in heads]
     if len(pairs) != len(positions):
         raise ValueError(
@@ -425,7 +425,7 @@ class ControlNet3D(ModelMixin, ConfigMixin):
     @classmethod
     def from_unet(
         cls,
-        unet: nn.Module,
+        unet: UNet2DConditionModel,
         conditioning_channels: int,
         conditioning_embedding_channels: Sequence[int] = (16, 32, 96, 256),
         temporal_layers: Sequence[int] | None = None,
@@ -759,7 +759,7 @@ def freeze(module: nn.Module) -> nn.Module:
 
 def controlled_unet_forward(
     unet: nn.Module,
-    controlnet: ControlNet3D,
+    controlnet: nn.Module,
     sample: torch.Tensor,
     timestep: torch.Tensor | float | int,
     encoder_hidden_states: torch.Tensor,
@@ -769,8 +769,12 @@ def controlled_unet_forward(
     cond_metadata: torch.Tensor | None = None,
     cond_metadata_mask: torch.Tensor | None = None,
     conditioning_scale: float = 1.0,
+    cond_band_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The base `SatUNet`'s prediction with the ControlNet3D residuals added (training and sampling)."""
+    """The base `SatUNet`'s prediction with the ControlNet3D residuals added (training and sampling);
+    ``controlnet``: a `ControlNet3D` or its distributed wrapper.
+
+    ``cond_band_mask``: the ControlNet's (False: a missing or dropped band, see `ControlNet3D.forward`)."""
     down, mid = controlnet(
         sample,
         timestep,
@@ -781,6 +785,7 @@ def controlled_unet_forward(
         cond_metadata,
         cond_metadata_mask,
         conditioning_scale=conditioning_scale,
+        cond_band_mask=cond_band_mask,
     )
     unet_dtype = next(unet.parameters()).dtype
     return unet(

@@ -7,7 +7,7 @@ import json
 import types
 import typing
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Self
 
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, model_validator
 
@@ -177,7 +177,7 @@ class TrainConfig(BaseModel):
             )
 
     @classmethod
-    def from_cli(cls, argv: list[str] | None = None) -> TrainConfig:
+    def from_cli(cls, argv: list[str] | None = None) -> Self:
         """`--config cfg.json` plus `--field value` overrides."""
         parser = argparse.ArgumentParser(
             description="Train DiffusionSat (see dsat_core.training.TrainConfig)"

@@ -7,8 +7,11 @@ The base model (a saved `DiffusionSatPipeline` or `SatUNet` folder, an SD folder
 smoke runs) is FROZEN; only the `ControlNet3D` trains. The machinery is the DiffusionSat trainer's: the same
 `TrainConfig` fields, v-prediction with min-SNR-γ, caption / metadata dropout (mask only; here also for each
 conditioning frame's metadata; `metadata_dropout_mode` sets the ControlNet's `missing_metadata`, while a
-loaded base keeps its own), EMA, pickle-free checkpoints with exact resume (`checkpoint-N/unet/` holds the
-ControlNet3D weights: the shared checkpoint layout names the trained model's folder `unet/`), resumable
+loaded base keeps its own), band dropout (a new ControlNet takes the training store's band names as its
+`conditioning_bands`; whole conditioning bands are dropped per sample with probability ``band_dropout``, so
+that its learned per-band "missing" values are trained and it runs on stores with fewer bands), EMA,
+pickle-free checkpoints with exact resume (`checkpoint-N/unet/` holds the ControlNet3D weights: the shared
+checkpoint layout names the trained model's folder `unet/`), resumable
 rank-sharded batches, MLflow (params incl. the task recipe, e.g. the SR degradation; loss; sample grids;
 lineage) and, at the end, the whole `SatControlNetPipeline` saved with the EMA weights and its task card
 (``task.json``: `dsat_core.data.tasks.write_task_card`, which evaluation reads back), logged as an MLflow
@@ -21,10 +24,12 @@ import json
 import logging
 import os
 import sys
+import warnings
+from collections.abc import Sequence
 from contextlib import nullcontext
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -47,6 +52,7 @@ from dsat_core.data.tasks import (
     write_task_card,
 )
 from dsat_core.imaging.rgb import image_grid
+from dsat_core.metadata.bands import canonical_band
 from dsat_core.models import (
     SatUNet,
     encode_latents,
@@ -59,6 +65,7 @@ from dsat_core.models.controlnet3d import ControlNet3D, controlled_unet_forward,
 from dsat_core.models.metadata_embedding import set_missing_metadata
 from dsat_core.pipelines import DiffusionSatPipeline
 from dsat_core.pipelines.controlnet import SatControlNetPipeline
+from dsat_core.pipelines.diffusionsat import DiffusionSatPipelineOutput
 from dsat_core.training.conditioning import drop_metadata, noise_batch
 from dsat_core.training.config import TrainConfig
 from dsat_core.training.loop import TrainingRun, TrainResult, frozen_dtype, make_optimizer, start_run
@@ -109,6 +116,12 @@ class TrainControlNetConfig(TrainConfig):
         default=None, description="residual positions; None = reference"
     )
     cond_metadata_dropout: float = Field(default=0.1, description="per-field dropout of frame metadata")
+    band_dropout: float = Field(
+        default=0.15,
+        description="per-sample, per-band probability that a whole conditioning band is dropped (marked "
+        "missing: the ControlNet's learned missing-band value; at least one band is kept); needs a "
+        "ControlNet with band names (a new one takes the store's)",
+    )
     controlnet_conditioning_scale: float = 1.0
 
     validation_guidance_scale: float = 1.0
@@ -124,6 +137,8 @@ class TrainControlNetConfig(TrainConfig):
             raise ValueError("give init_from (a pipeline folder) or base_model / init_controlnet, not both")
         if not 0.0 <= self.cond_metadata_dropout <= 1.0:
             raise ValueError(f"cond_metadata_dropout must be in [0, 1], got {self.cond_metadata_dropout}")
+        if not 0.0 <= self.band_dropout < 1.0:
+            raise ValueError(f"band_dropout must be in [0, 1), got {self.band_dropout}")
         return self
 
     def control_task(self) -> ControlNetTask:
@@ -211,12 +226,33 @@ def build_base(config: TrainControlNetConfig) -> Components:
     return parts
 
 
+def conditioning_band_names(bands: Sequence[str]) -> list[str] | None:
+    """The band names a new ControlNet takes (``bands``: the training data's, e.g. a store product's), or
+    None (with a warning) when two of them are the same band (`canonical_band`): channels by position then.
+    """
+    canonical = [canonical_band(b) for b in bands]
+    if len(set(canonical)) != len(canonical):
+        warnings.warn(
+            f"conditioning bands {list(bands)} name the same band twice ({canonical}); the ControlNet takes "
+            "its channels by position (no band names, no band dropout)",
+            stacklevel=2,
+        )
+        return None
+    return list(bands)
+
+
 def build_controlnet(
-    config: TrainControlNetConfig, unet: SatUNet, vae: nn.Module, channels: int
+    config: TrainControlNetConfig,
+    unet: SatUNet,
+    vae: nn.Module,
+    channels: int,
+    bands: Sequence[str] | None = None,
 ) -> ControlNet3D:
     """A new ControlNet3D from the base UNet (seeded), or the one in ``init_controlnet``.
 
-    Its `missing_metadata` is set to ``config.metadata_dropout_mode`` (None: kept from where it comes from).
+    A new one takes ``bands`` (the training data's conditioning band names, `conditioning_band_names`) as its
+    `conditioning_bands`. Its `missing_metadata` is set to ``config.metadata_dropout_mode`` (None: kept from
+    where it comes from).
     """
     from dsat_core.models import vae_scale_factor
 
@@ -242,6 +278,7 @@ def build_controlnet(
                 config.conditioning_embedding_channels,
                 config.temporal_layers,
                 vae_scale_factor=factor,
+                conditioning_bands=conditioning_band_names(bands) if bands is not None else None,
             )
     if config.metadata_dropout_mode is not None:
         set_missing_metadata(controlnet, config.metadata_dropout_mode)
@@ -309,7 +346,7 @@ def sample_grid(
     pipe.set_progress_bar_config(disable=True)
     samples = [dataset[i] for i in picks]
     batch = collate_task_batch(samples)
-    out = pipe(
+    result = pipe(
         **task.conditioning(batch),
         metadata=batch_metadata(batch),
         prompt=list(batch["caption"]),
@@ -318,7 +355,8 @@ def sample_grid(
         generator=torch.Generator().manual_seed(config.seed),
         controlnet_conditioning_scale=config.controlnet_conditioning_scale,
         output_type="pt",
-    ).images
+    )
+    out = torch.as_tensor(cast(DiffusionSatPipelineOutput, result).images)
     rows = []
     for k, sample in enumerate(samples):
         preview = task.cond_preview(dataset, sample)
@@ -383,7 +421,12 @@ def train(config: TrainControlNetConfig) -> TrainResult:
         module.to(device)
         if frozen != torch.float32:
             module.to(dtype=frozen)
-    controlnet = build_controlnet(config, parts.unet, parts.vae, dataset.conditioning_channels)
+    controlnet = build_controlnet(
+        config, parts.unet, parts.vae, dataset.conditioning_channels, dataset.cond_bands
+    )
+    # band dropout trains the learned missing-band values: only a ControlNet with band names has them (it
+    # always gets a band mask, all present at band_dropout 0, so that every parameter is in the graph for DDP)
+    band_dropout = config.band_dropout if controlnet.missing_band_values is not None else None
     noise_scheduler = make_noise_scheduler()
 
     trainable = [p for p in controlnet.parameters() if p.requires_grad]
@@ -408,6 +451,8 @@ def train(config: TrainControlNetConfig) -> TrainResult:
             "world_size": world,
             "n_train_samples": len(dataset),
             "conditioning_channels": dataset.conditioning_channels,
+            "conditioning_bands": json.dumps(controlnet.config.get("conditioning_bands")),
+            "band_dropout_applied": band_dropout or 0.0,
             "controlnet_parameters": sum(p.numel() for p in trainable),
         },
     )
@@ -423,7 +468,7 @@ def train(config: TrainControlNetConfig) -> TrainResult:
 
     return run.fit(
         lambda batch, gen: _loss(
-            batch, gen, run.model, parts, noise_scheduler, config, device, frozen, accelerator
+            batch, gen, run.model, parts, noise_scheduler, config, device, frozen, accelerator, band_dropout
         ),
         batches,
         rank_state=lambda: run.base.state_dict(),
@@ -431,7 +476,9 @@ def train(config: TrainControlNetConfig) -> TrainResult:
         extra_state={"task": config.task, "recipe": dataset.recipe, "model": "ControlNet3D"},
         after_optimizer_step=lambda: run.base.clamp_temporal_gates_(),
         extra_metrics=lambda: {f"temporal_gate_{k}": v for k, v in run.base.temporal_gate_values().items()},
-        sample_fn=(lambda model: sample_grid(model, parts, task, dataset, picks, config)) if picks else None,
+        sample_fn=(lambda model: sample_grid(cast(ControlNet3D, model), parts, task, dataset, picks, config))
+        if picks
+        else None,
     )
 
 
@@ -445,11 +492,19 @@ def _loss(
     device: torch.device,
     frozen_dtype: torch.dtype,
     accelerator: Accelerator,
+    band_dropout: float | None = None,
 ) -> torch.Tensor:
-    """Min-SNR weighted v-prediction loss of the controlled UNet on one micro-batch (randomness: `gen`)."""
+    """Min-SNR weighted v-prediction loss of the controlled UNet on one micro-batch (randomness: `gen`).
+
+    ``band_dropout`` (a ControlNet with band names; None without): whole conditioning bands dropped per sample
+    with that probability (`drop_bands`), which the ControlNet fills with its learned missing-band values.
+    """
     latents = encode_latents(parts.vae, batch["pixel_values"].to(device, frozen_dtype)).float()
     step = noise_batch(latents, batch, config, noise_scheduler, gen, device)
     cond_mask = drop_metadata(batch["cond_metadata_mask"], config.cond_metadata_dropout, gen).to(device)
+    band_mask = None
+    if band_dropout is not None:
+        band_mask = drop_bands(batch["cond"].shape[0], batch["cond"].shape[1], band_dropout, gen).to(device)
     with accelerator.autocast():
         states = parts.text_encoder.encode(step.captions, device)
         pred = controlled_unet_forward(
@@ -463,8 +518,19 @@ def _loss(
             batch["cond"].to(device),
             batch["cond_metadata"].to(device, torch.float32),
             cond_mask,
+            cond_band_mask=band_mask,
         )
     return diffusion_loss(pred, step.target, step.timesteps, noise_scheduler, config.snr_gamma)
+
+
+def drop_bands(batch: int, channels: int, p: float, generator: torch.Generator) -> torch.Tensor:
+    """bool (batch, channels) band-present mask: each band of each sample dropped (False) with probability
+    ``p``; a sample whose every band was drawn dropped keeps one of them (drawn from the same generator)."""
+    keep = torch.rand(batch, channels, generator=generator) >= p
+    rescue = torch.randint(0, channels, (batch,), generator=generator)
+    none_left = ~keep.any(dim=1)
+    keep[none_left, rescue[none_left]] = True
+    return keep
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -475,7 +541,15 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-__all__ = ["TrainControlNetConfig", "build_base", "build_controlnet", "sample_grid", "train"]
+__all__ = [
+    "TrainControlNetConfig",
+    "build_base",
+    "build_controlnet",
+    "conditioning_band_names",
+    "drop_bands",
+    "sample_grid",
+    "train",
+]
 
 if __name__ == "__main__":
     sys.exit(main())
