@@ -22,10 +22,9 @@ import numpy as np
 import pystac
 from affine import Affine
 from pyproj import Transformer
-from pystac.extensions.projection import ProjectionExtension
 from rasterio.crs import CRS
 
-from dsat_core.evaluation.stac_output import PROCESSING_SCHEMA, _software_version
+from dsat_core.evaluation.stac_output import PROCESSING_SCHEMA, _software_version, set_projection
 
 COLLECTION = "dsat-applied"
 
@@ -97,19 +96,7 @@ def build_item(
     for key, (href, media_type, roles) in assets.items():
         extra = {"dsat:bands": list(bands)} if key == "image" else {}
         item.add_asset(key, pystac.Asset(href, media_type=media_type, roles=list(roles), extra_fields=extra))
-    proj = ProjectionExtension.ext(item, add_if_missing=True)
-    epsg = crs.to_epsg()
-    proj.code = f"EPSG:{epsg}" if epsg else None
-    if epsg is None:
-        proj.wkt2 = crs.to_wkt()
-    proj.shape = [height, width]
-    proj.transform = list(transform)[:6]
-    proj.bbox = [
-        transform.c,
-        transform.f + transform.e * height,
-        transform.c + transform.a * width,
-        transform.f,
-    ]
+    set_projection(item, crs, transform, height, width)
     item.stac_extensions.append(PROCESSING_SCHEMA)
     return item
 

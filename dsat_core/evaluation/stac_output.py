@@ -70,6 +70,22 @@ def _software_version() -> str:
         return "unknown"
 
 
+def set_projection(
+    item: pystac.Item, crs: CRS | rasterio.crs.CRS, transform: Affine, height: int, width: int
+) -> ProjectionExtension[pystac.Item]:
+    """The item's `proj:` fields for a north-up raster: code (or WKT2), shape, transform and bbox."""
+    proj = ProjectionExtension.ext(item, add_if_missing=True)
+    epsg = crs.to_epsg()
+    proj.code = f"EPSG:{epsg}" if epsg else None
+    if epsg is None:
+        proj.wkt2 = crs.to_wkt()
+    proj.shape = [height, width]
+    proj.transform = list(transform)[:6]
+    x0, y1 = transform.c, transform.f  # north-up: top-left corner
+    proj.bbox = [x0, y1 + transform.e * height, x0 + transform.a * width, y1]
+    return proj
+
+
 def _position(meta: SatMetadata, i: int) -> tuple[float, float, float]:
     """(lon, lat, gsd) of image ``i``; ValueError naming the image when one is missing."""
     lon, lat, gsd = meta.lon, meta.lat, meta.gsd
@@ -156,15 +172,7 @@ def write_generated_stac(
                 extra_fields={"dsat:bands": list(bands)},
             ),  # fmt: skip
         )
-        proj = ProjectionExtension.ext(item, add_if_missing=True)
-        epsg = target.to_epsg()
-        proj.code = f"EPSG:{epsg}" if epsg else None
-        if epsg is None:
-            proj.wkt2 = target.to_wkt()
-        proj.shape = [height, width]
-        proj.transform = list(transform)[:6]
-        x0, y1 = transform.c, transform.f  # north-up: top-left corner
-        proj.bbox = [x0, y1 + transform.e * height, x0 + transform.a * width, y1]
+        proj = set_projection(item, target, transform, height, width)
         proj.centroid = {"lat": round(lat, 7), "lon": round(lon, 7)}
         if "eo:cloud_cover" in props:
             EOExtension.add_to(item)
