@@ -18,30 +18,13 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pystac
 from affine import Affine
-from pyproj import Transformer
 from rasterio.crs import CRS
 
-from dsat_core.evaluation.stac_output import PROCESSING_SCHEMA, _software_version, set_projection
+from dsat_core.evaluation.stac_output import PROCESSING_SCHEMA, _software_version, footprint, set_projection
 
 COLLECTION = "dsat-applied"
-
-
-def footprint(crs: CRS, transform: Affine, height: int, width: int) -> tuple[dict, list[float]]:
-    """WGS84 polygon (counter-clockwise) and bbox of a north-up raster."""
-    to_wgs84 = Transformer.from_crs(crs, "EPSG:4326", always_xy=True)
-    cols = np.array([0, 0, width, width], dtype=float)
-    rows = np.array([0, height, height, 0], dtype=float)
-    xs = transform.a * cols + transform.b * rows + transform.c
-    ys = transform.d * cols + transform.e * rows + transform.f
-    lons, lats = to_wgs84.transform(xs, ys)
-    ring = [[float(a), float(b)] for a, b in zip(lons, lats, strict=True)]
-    ring.append(ring[0])
-    return {"type": "Polygon", "coordinates": [ring]}, [
-        float(np.min(lons)), float(np.min(lats)), float(np.max(lons)), float(np.max(lats)),
-    ]  # fmt: skip
 
 
 def _dates(properties: Mapping[str, Any]) -> tuple[datetime | None, dict[str, str]]:
@@ -126,4 +109,4 @@ ITEM_LINKS = [
 ]
 
 
-__all__ = ["COLLECTION", "ITEM_LINKS", "build_item", "footprint", "write_catalog"]
+__all__ = ["COLLECTION", "ITEM_LINKS", "build_item", "write_catalog"]

@@ -49,7 +49,9 @@ PROCESSING_SCHEMA = "https://stac-extensions.github.io/processing/v1.2.0/schema.
 DEFAULT_COLLECTION = "dsat-generated"
 
 
-def _footprint(target: CRS, transform: Affine, height: int, width: int) -> tuple[dict, list[float]]:
+def footprint(
+    target: CRS | rasterio.crs.CRS, transform: Affine, height: int, width: int
+) -> tuple[dict, list[float]]:
     """WGS84 polygon (corners, counter-clockwise as RFC 7946 asks) and bbox of the image footprint."""
     to_wgs84 = Transformer.from_crs(target, "EPSG:4326", always_xy=True)
     cols = np.array([0, 0, width, width], dtype=float)  # top-left, bottom-left, bottom-right, top-right
@@ -135,7 +137,7 @@ def write_generated_stac(
         item_id = f"{collection_id}-{i:06d}"
         lon, lat, gsd = positions[i]
         target, transform = image_georeference(lon, lat, gsd, height, width, crs)
-        geometry, bbox = _footprint(target, transform, height, width)
+        geometry, bbox = footprint(target, transform, height, width)
         props: dict[str, Any] = meta.to_stac_properties()
         when = props.pop("datetime", None)
         when_dt = datetime.fromisoformat(when.replace("Z", "+00:00")) if when else now
