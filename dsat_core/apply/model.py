@@ -102,12 +102,17 @@ class TileRunner:
         raise NotImplementedError
 
 
+def _channels_first(output: Any) -> np.ndarray:
+    """A pipeline's ``output_type="np"`` images (N, H, W, 3) as contiguous float32 (N, 3, H, W)."""
+    images = cast(DiffusionSatPipelineOutput, output).images
+    return np.ascontiguousarray(np.asarray(images, dtype=np.float32).transpose(0, 3, 1, 2))
+
+
 class GenerationRunner(TileRunner):
     """DiffusionSat over the AOI's tiles: each tile generated from its own metadata and the prompt."""
 
     def __call__(self, frames, bands, fill, metadata, frame_metadata, seeds) -> np.ndarray:  # noqa: ANN001
-        out = cast(
-            DiffusionSatPipelineOutput,
+        return _channels_first(
             self.pipe(
                 prompt=self.prompt,
                 metadata=metadata,
@@ -115,9 +120,8 @@ class GenerationRunner(TileRunner):
                 guidance_scale=self.guidance_scale,
                 latents=self.latents(seeds),
                 output_type="np",
-            ),
-        ).images
-        return np.ascontiguousarray(np.asarray(out, dtype=np.float32).transpose(0, 3, 1, 2))
+            )
+        )
 
 
 class ControlNetRunner(TileRunner):
@@ -166,8 +170,7 @@ class ControlNetRunner(TileRunner):
         inputs = self.control_task.place_conditioning(frames.to(self.pipe.device), bands, fill)
         if self.control_pipe.controlnet.config.get("conditioning_bands") is None:
             inputs.pop("cond_bands")
-        out = cast(
-            DiffusionSatPipelineOutput,
+        return _channels_first(
             self.control_pipe(
                 cond_metadata=[[m] for m in frame_metadata],
                 metadata=metadata,
@@ -177,9 +180,8 @@ class ControlNetRunner(TileRunner):
                 latents=self.latents(seeds),
                 output_type="np",
                 **inputs,
-            ),
-        ).images
-        return np.ascontiguousarray(np.asarray(out, dtype=np.float32).transpose(0, 3, 1, 2))
+            )
+        )
 
 
 def load_runner(
