@@ -287,13 +287,14 @@ def tiny_pipelines(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 # ------------------------------------------------------------------------------------------------------------
-# Torch: tiny models run fastest single-threaded on the 2-core CI machines (no oversubscription)
+# Torch: tiny models run fastest single-threaded on the 2-core CI machines (no oversubscription).
+# `DSAT_TORCH_THREADS=N make test` runs the suite on N threads: kernel choice must not decide a result.
 # ------------------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="session", autouse=True)
-def _torch_single_thread() -> Iterator[None]:
+def _torch_threads() -> Iterator[None]:
     import torch
 
     previous = torch.get_num_threads()
-    torch.set_num_threads(1)
+    torch.set_num_threads(int(os.environ.get("DSAT_TORCH_THREADS", "1")))
     yield
     torch.set_num_threads(previous)

@@ -357,6 +357,88 @@ def _model_scores(
     return scores, skipped
 
 
+@dataclass
+class _Conditions:
+    """What each generated sample is conditioned on: a held-out tile's caption and metadata, and a seed."""
+
+    positions: list[int]
+    metadata: list[SatMetadata]
+    prompts: list[str]
+    seeds: list[int]
+
+
+def _held_out_tiles(
+    store_uri: str,
+    product: str,
+    size: int,
+    split: Split,
+    holdout_fraction: float,
+    min_tiles: int,
+    storage_options: Mapping[str, Any] | None,
+) -> _HeldOutTiles:
+    """The split's tiles, read at ``size`` px; a clear error below ``min_tiles``."""
+    tiles = _HeldOutTiles(
+        TileDataset(
+            store_uri,
+            product,
+            resolution=size,
+            split=split,
+            holdout_fraction=holdout_fraction,
+            storage_options=storage_options,
+        )
+    )
+    if len(tiles) < min_tiles:
+        raise _empty_split_error(store_uri, product, split, holdout_fraction, f"{len(tiles)} found")
+    return tiles
+
+
+def _conditions(tiles: _HeldOutTiles, n_samples: int, seed: int) -> _Conditions:
+    """Held-out tiles in order, cycling when there are fewer than samples; sample i gets seed ``seed + i``."""
+    positions = [i % len(tiles) for i in range(n_samples)]
+    return _Conditions(
+        positions=positions,
+        metadata=[tiles.metadata(p) for p in positions],
+        prompts=[tiles[p]["caption"] for p in positions],
+        seeds=[seed + i for i in range(n_samples)],
+    )
+
+
+def _real_set(tiles: _HeldOutTiles, n_samples: int, max_real: int | None) -> np.ndarray:
+    """uint8 real tiles evenly spread over the split: as many as samples (at least 2), or ``max_real``."""
+    n_real = min(len(tiles), max_real if max_real is not None else max(n_samples, 2))
+    return tiles.rgb_uint8(np.unique(np.linspace(0, len(tiles) - 1, n_real).round().astype(int)).tolist())
+
+
+def _generation_records(
+    tiles: _HeldOutTiles, conditions: _Conditions, nearest: np.ndarray
+) -> list[dict[str, Any]]:
+    """One row per sample: its tile, metadata, caption, seed and distance to the nearest real tile."""
+    return [
+        {
+            "sample": i,
+            "tile_index": int(tiles[pos]["index"]),
+            "item_id": tiles[pos]["item_id"],
+            **_metadata_record(conditions.metadata[i]),
+            "caption": conditions.prompts[i],
+            "seed": conditions.seeds[i],
+            "nearest_real_distance": float(nearest[i]),
+        }
+        for i, pos in enumerate(conditions.positions)
+    ]
+
+
+def _resampling_params(
+    distribution: Sequence[str], fid_resamples: int, kid_subsets: int, n_real: int, n_fake: int
+) -> dict[str, Any]:
+    """How the FID interval and the KID std were resampled (for the run's params)."""
+    params: dict[str, Any] = {}
+    if "fid" in distribution and fid_resamples > 0:
+        params.update(fid_interval_level=FID_INTERVAL_LEVEL, fid_bootstrap_resamples=fid_resamples)
+    if "kid" in distribution:
+        params.update(kid_subsets=kid_subsets, kid_subset_size=kid_subset_size(n_real, n_fake))
+    return params
+
+
 def evaluate_generation(
     pipeline: Any,
     store_uri: str,
@@ -394,51 +476,28 @@ def evaluate_generation(
     """
     from dsat_core.pipelines import DiffusionSatPipeline
 
+    # 1. check the request, load the pipeline once, read the held-out tiles
     _check_generation_request(metrics, n_samples)
     distribution = [m for m in ("fid", "kid") if m in metrics]
     pipe = load_pipeline(pipeline, DiffusionSatPipeline, device)
-    size = int(pipe.unet.config.sample_size * pipe.vae_scale_factor)
-    tiles = _HeldOutTiles(
-        TileDataset(
-            store_uri,
-            product,
-            resolution=size,
-            split=split,
-            holdout_fraction=holdout_fraction,
-            storage_options=storage_options,
-        )
-    )
-    if len(tiles) == 0 or (distribution and len(tiles) < 2):
-        raise _empty_split_error(store_uri, product, split, holdout_fraction, f"{len(tiles)} found")
+    size = int(pipe.unet.config.sample_size * pipe.vae_scale_factor)  # the real tiles are read at this size
+    min_tiles = 2 if distribution else 1
+    tiles = _held_out_tiles(store_uri, product, size, split, holdout_fraction, min_tiles, storage_options)
 
-    # conditioning: held-out tiles in order, cycling
-    positions = [i % len(tiles) for i in range(n_samples)]
-    metadata = [tiles.metadata(p) for p in positions]
-    prompts = [tiles[p]["caption"] for p in positions]
-    seeds = [seed + i for i in range(n_samples)]
+    # 2. generate one image per held-out condition (cycling)
+    conditions = _conditions(tiles, n_samples, seed)
     sampling = dict(num_inference_steps=num_inference_steps, guidance_scale=guidance_scale)
-    fake = _generate(pipe, prompts, metadata, seeds, batch_size, **sampling)
+    fake = _generate(pipe, conditions.prompts, conditions.metadata, conditions.seeds, batch_size, **sampling)
 
-    n_real = min(len(tiles), max_real if max_real is not None else max(n_samples, 2))
-    real = tiles.rgb_uint8(np.unique(np.linspace(0, len(tiles) - 1, n_real).round().astype(int)).tolist())
+    # 3. score against the real set: FID / KID (+ nearest real tile per sample), then IS / CLIP
+    real = _real_set(tiles, n_samples, max_real)
     results, nearest, space = _distribution_scores(
         fake, real, distribution, inception, seed, kid_subsets, fid_resamples
     )
-    scores, skipped = _model_scores(fake, prompts, metrics, logits_model, clip_model, seed)
+    scores, skipped = _model_scores(fake, conditions.prompts, metrics, logits_model, clip_model, seed)
     results.update(scores, n_real=float(len(real)), n_fake=float(len(fake)))
 
-    records = [
-        {
-            "sample": i,
-            "tile_index": int(tiles[pos]["index"]),
-            "item_id": tiles[pos]["item_id"],
-            **_metadata_record(metadata[i]),
-            "caption": prompts[i],
-            "seed": seeds[i],
-            "nearest_real_distance": float(nearest[i]),
-        }
-        for i, pos in enumerate(positions)
-    ]
+    # 4. rows and params, each metric with its sample size
     params = {
         "kind": "generation",
         "product": product,
@@ -452,23 +511,20 @@ def evaluate_generation(
         "nearest_real_space": space,
         "sample_sizes": sample_sizes(results),
         "smoke_figure": is_smoke_figure("generation", results),
+        **_resampling_params(distribution, fid_resamples, kid_subsets, len(real), len(fake)),
     }
-    if "fid" in distribution and fid_resamples > 0:
-        params.update(fid_interval_level=FID_INTERVAL_LEVEL, fid_bootstrap_resamples=fid_resamples)
-    if "kid" in distribution:
-        params.update(kid_subsets=kid_subsets, kid_subset_size=kid_subset_size(len(real), len(fake)))
     return GenerationEval(
         metrics=results,
         skipped=skipped,
-        records=records,
+        records=_generation_records(tiles, conditions, nearest),
         images=fake,
         real_images=real,
-        metadata=metadata,
-        prompts=prompts,
-        seeds=seeds,
+        metadata=conditions.metadata,
+        prompts=conditions.prompts,
+        seeds=conditions.seeds,
         params=params,
         n_eval_tiles=len(tiles),
-        references=tiles.rgb_uint8(positions),
+        references=tiles.rgb_uint8(conditions.positions),
         map_label=f"distance to nearest real held-out tile ({space} space)",
     )
 
@@ -543,6 +599,88 @@ def _lpips_model(lpips: nn.Module | str | Path | None) -> tuple[nn.Module | None
     return (load_lpips(lpips) if isinstance(lpips, (str, Path)) else lpips), {}
 
 
+@dataclass
+class _PairedBatch:
+    """One batch of a paired run: model output in [0, 1]; baseline, target and preview in [-1, 1]."""
+
+    start: int
+    pred: torch.Tensor
+    baseline: torch.Tensor
+    target: torch.Tensor
+    preview: torch.Tensor
+    fill: torch.Tensor | None
+    conditioning: dict[str, Any]
+    metadata: list[SatMetadata]
+    prompts: list[str]
+    tiles: list[dict[str, Any]]
+    lr_model: list[float]
+    lr_baseline: list[float]
+
+
+def _lr_pairs(
+    task: ControlNetTask, dataset: TaskDataset, indices: range, pred: torch.Tensor, base: torch.Tensor
+) -> tuple[list[float], list[float]]:
+    """LR-consistency PSNR of model and baseline per sample, where the task defines it (`lowres_views`)."""
+    lr_model: list[float] = []
+    lr_base: list[float] = []
+    for k, i in enumerate(indices):
+        model_view = task.lowres_views(dataset, i, pred[k].double() * 2.0 - 1.0)
+        base_view = None if model_view is None else task.lowres_views(dataset, i, base[k].double())
+        if model_view is not None and base_view is not None:
+            lr_model.append(_lr_psnr(*model_view))
+            lr_base.append(_lr_psnr(*base_view))
+    return lr_model, lr_base
+
+
+def _paired_batch(
+    pipe: Any,
+    task: ControlNetTask,
+    dataset: TaskDataset,
+    indices: range,
+    seeds: Sequence[int],
+    cond_bands: Sequence[str] | None,
+    strength: float,
+    **sampling: Any,
+) -> _PairedBatch:
+    """The task baseline, then the model on the same samples; with ``strength`` < 1 the model starts from
+    the baseline noised to that fraction of the schedule (``init_image``, as image-to-image pipelines do)."""
+    samples = [dataset[i] for i in indices]
+    batch = collate_task_batch(samples)
+    metas, captions = batch_metadata(batch), list(batch["caption"])
+    conditioning = task.conditioning(batch, cond_bands)
+    base = torch.stack([task.baseline(dataset, i, s) for i, s in zip(indices, samples, strict=True)])
+    start: dict[str, Any] = {} if strength >= 1.0 else {"init_image": base.float(), "strength": strength}
+    pred = sample_images(
+        pipe, captions, metas, [seeds[i] for i in indices], conditioning=conditioning, **start, **sampling
+    )
+    lr_model, lr_base = _lr_pairs(task, dataset, indices, pred, base)
+    return _PairedBatch(
+        start=indices.start,
+        pred=pred,
+        baseline=base,
+        target=batch["pixel_values"],
+        preview=torch.stack([task.cond_preview(dataset, s) for s in samples]),
+        fill=task.fill_mask(batch),
+        conditioning=conditioning,
+        metadata=metas,
+        prompts=captions,
+        tiles=[{"tile_index": int(s["index"]), "item_id": s["item_id"]} for s in samples],
+        lr_model=lr_model,
+        lr_baseline=lr_base,
+    )
+
+
+def _sensitivity_inputs(parts: Sequence[_PairedBatch]) -> dict[str, Any]:
+    """The conditioning inputs of the first `SENSITIVITY_INPUTS` samples (band names: once)."""
+    kept = [p.conditioning for p in parts if p.start < SENSITIVITY_INPUTS]
+    return {
+        key: torch.cat([k[key] for k in kept])[:SENSITIVITY_INPUTS]
+        if isinstance(kept[0][key], torch.Tensor)
+        else kept[0][key]  # the same for every sample (band names)
+        for key in kept[0]
+    }
+
+
 def _run_paired(
     pipe: Any,
     task: ControlNetTask,
@@ -550,58 +688,27 @@ def _run_paired(
     seeds: Sequence[int],
     batch_size: int,
     cond_bands: Sequence[str] | None = None,
+    strength: float = 1.0,
     **sampling: Any,
 ) -> _PairedRun:
-    """The model (`sample_images`), the baseline and the conditioning preview on samples 0 … len(seeds)-1;
-    where the task defines it (`ControlNetTask.lowres_views`), the LR-consistency of model and baseline."""
-    preds, bases, targets, previews, fills = [], [], [], [], []
-    lr_model: list[float] = []
-    lr_base: list[float] = []
-    metadata: list[SatMetadata] = []
-    prompts: list[str] = []
-    tiles: list[dict[str, Any]] = []
-    inputs: list[dict[str, torch.Tensor]] = []
-    for batch_idx in _batches(len(seeds), batch_size):
-        samples = [dataset[i] for i in batch_idx]
-        batch = collate_task_batch(samples)
-        metas, captions = batch_metadata(batch), list(batch["caption"])
-        conditioning = task.conditioning(batch, cond_bands)
-        pred = sample_images(
-            pipe, captions, metas, [seeds[i] for i in batch_idx], conditioning=conditioning, **sampling
-        )
-        preds.append(pred)
-        if batch_idx.start < SENSITIVITY_INPUTS:
-            inputs.append(conditioning)
-        base = torch.stack([task.baseline(dataset, i, s) for i, s in zip(batch_idx, samples, strict=True)])
-        bases.append(base)
-        for k, i in enumerate(batch_idx):
-            model_view = task.lowres_views(dataset, i, pred[k].double() * 2.0 - 1.0)
-            base_view = None if model_view is None else task.lowres_views(dataset, i, base[k].double())
-            if model_view is not None and base_view is not None:
-                lr_model.append(_lr_psnr(*model_view))
-                lr_base.append(_lr_psnr(*base_view))
-        previews.append(torch.stack([task.cond_preview(dataset, s) for s in samples]))
-        targets.append(batch["pixel_values"])
-        if (fill := task.fill_mask(batch)) is not None:
-            fills.append(fill)
-        metadata += metas
-        prompts += captions
-        tiles += [{"tile_index": int(s["index"]), "item_id": s["item_id"]} for s in samples]
+    """Model, baseline and conditioning preview on samples 0 … len(seeds)-1, batch by batch."""
+    parts = [
+        _paired_batch(pipe, task, dataset, indices, seeds, cond_bands, strength, **sampling)
+        for indices in _batches(len(seeds), batch_size)
+    ]
+    fills = [p.fill for p in parts if p.fill is not None]
+    lr_model = [v for p in parts for v in p.lr_model]
+    lr_base = [v for p in parts for v in p.lr_baseline]
     return _PairedRun(
-        preds=torch.cat(preds),
-        baselines=_signed_to_unit(torch.cat(bases)),
-        targets=_signed_to_unit(torch.cat(targets)),
-        previews=_signed_to_unit(torch.cat(previews)),
+        preds=torch.cat([p.pred for p in parts]),
+        baselines=_signed_to_unit(torch.cat([p.baseline for p in parts])),
+        targets=_signed_to_unit(torch.cat([p.target for p in parts])),
+        previews=_signed_to_unit(torch.cat([p.preview for p in parts])),
         fill=torch.cat(fills) if fills else None,
-        metadata=metadata,
-        prompts=prompts,
-        tiles=tiles,
-        inputs={
-            key: torch.cat([k[key] for k in inputs])[:SENSITIVITY_INPUTS]
-            if isinstance(inputs[0][key], torch.Tensor)
-            else inputs[0][key]  # the same for every sample (band names)
-            for key in inputs[0]
-        },
+        metadata=[m for p in parts for m in p.metadata],
+        prompts=[c for p in parts for c in p.prompts],
+        tiles=[t for p in parts for t in p.tiles],
+        inputs=_sensitivity_inputs(parts),
         lr_model=np.array(lr_model) if lr_model else None,
         lr_baseline=np.array(lr_base) if lr_base else None,
     )
@@ -659,6 +766,35 @@ def _with_lr_consistency(
     return {**model, "lr_psnr": run.lr_model}, {**base, "lr_psnr": run.lr_baseline}
 
 
+def _task_dataset(task: ControlNetTask, spec: DataSpec) -> TaskDataset:
+    """The task's dataset over the split; a clear error when it has no samples."""
+    dataset = task.dataset(spec)
+    if len(dataset) == 0:
+        raise _empty_split_error(
+            spec.store_uri, task.product, spec.split, spec.holdout_fraction, f"no {task.name} samples"
+        )
+    return dataset
+
+
+def _paired_records(
+    run: _PairedRun,
+    seeds: Sequence[int],
+    platforms: Sequence[str],
+    per_model: Mapping[str, np.ndarray],
+    per_base: Mapping[str, np.ndarray],
+) -> list[dict[str, Any]]:
+    """One row per tile: tile, metadata, sensor, caption, seed and each metric of model and baseline."""
+    records = []
+    for i, seed in enumerate(seeds):
+        row: dict[str, Any] = {"sample": i, **run.tiles[i], **_metadata_record(run.metadata[i])}
+        row.update(platform=platforms[i], caption=run.prompts[i], seed=seed)
+        for name in per_model:
+            row[f"{name}_model"] = float(per_model[name][i])
+            row[f"{name}_baseline"] = float(per_base[name][i])
+        records.append(row)
+    return records
+
+
 def evaluate_controlnet(
     pipeline: Any,
     store_uri: str,
@@ -669,6 +805,7 @@ def evaluate_controlnet(
     seed: int = 0,
     guidance_scale: float = 1.0,
     controlnet_conditioning_scale: float = 1.0,
+    strength: float = 1.0,
     batch_size: int = 8,
     split: Split = "holdout",
     holdout_fraction: float = 0.1,
@@ -683,14 +820,18 @@ def evaluate_controlnet(
     ``task.json`` (`resolve_task`), or that task's defaults without one. The first ``n`` samples of its
     dataset, targets from ``split`` (a held-out target's conditioning may be any tile); the baseline is the
     task's (`ControlNetTask.baseline`), and a task that fills a hole is also scored over the hole only
-    (``psnr_hole``). Guidance 1.0 by default, as for the paper's metrics. ``lpips``: a local LPIPS weight file
-    / folder / module; without it LPIPS is listed in ``skipped``.
+    (``psnr_hole``). Guidance 1.0 by default, as for the paper's metrics. ``strength`` < 1: each sample
+    starts from its baseline noised to that fraction of the schedule (image-to-image) instead of pure noise.
+    ``lpips``: a local LPIPS weight file / folder / module; without it LPIPS is listed in ``skipped``.
     """
     from dsat_core.pipelines import SatControlNetPipeline
 
+    # 1. the task (from the pipeline's card), the pipeline loaded once, the task's dataset over the split
     task = resolve_task(task, pipeline if isinstance(pipeline, (str, Path)) else None)
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
+    if not 0.0 < strength <= 1.0:
+        raise ValueError(f"strength must be in (0, 1], got {strength}")
     pipe = load_pipeline(pipeline, SatControlNetPipeline, device)
     spec = DataSpec(
         store_uri,
@@ -701,20 +842,22 @@ def evaluate_controlnet(
         seed=seed,
         storage_options=storage_options,
     )
-    dataset = task.dataset(spec)
-    if len(dataset) == 0:
-        raise _empty_split_error(store_uri, task.product, split, holdout_fraction, f"no {task.name} samples")
+    dataset = _task_dataset(task, spec)
+
+    # 2. the conditioning bands by name; LPIPS when its weights are given
     cond_bands, band_record = _check_bands(task, dataset, pipe, store_uri)
     lpips_model, skipped = _lpips_model(lpips)
 
-    count = min(n, len(dataset))
-    seeds = [seed + i for i in range(count)]
+    # 3. model and baseline on the same samples
+    seeds = [seed + i for i in range(min(n, len(dataset)))]
     sampling = dict(
         num_inference_steps=steps,
         guidance_scale=guidance_scale,
         controlnet_conditioning_scale=controlnet_conditioning_scale,
     )
-    run = _run_paired(pipe, task, dataset, seeds, batch_size, cond_bands, **sampling)
+    run = _run_paired(pipe, task, dataset, seeds, batch_size, cond_bands, strength, **sampling)
+
+    # 4. per-image scores of both, side by side, with the tiles' sensors
     per_model, per_base = _with_lr_consistency(
         _per_image_scores(run.preds, run, lpips_model),
         _per_image_scores(run.baselines, run, lpips_model),
@@ -726,20 +869,13 @@ def evaluate_controlnet(
     metrics = _side_by_side(per_model, per_base, task.baseline_name)
     metrics["n_sensors"] = float(len({p for p in platforms if p}))
 
-    records = []
-    for i in range(count):
-        row: dict[str, Any] = {"sample": i, **run.tiles[i], **_metadata_record(run.metadata[i])}
-        row["platform"] = platforms[i]
-        row.update(caption=run.prompts[i], seed=seeds[i])
-        for name in per_model:
-            row[f"{name}_model"] = float(per_model[name][i])
-            row[f"{name}_baseline"] = float(per_base[name][i])
-        records.append(row)
+    # 5. rows and params, each metric with its sample size
     params = {
         "kind": task.name,
         "baseline": task.baseline_name,
-        "n": count,
+        "n": len(seeds),
         **sampling,
+        "strength": strength,
         "seed": seed,
         "split": split,
         "holdout_fraction": holdout_fraction,
@@ -754,7 +890,7 @@ def evaluate_controlnet(
         baseline=task.baseline_name,
         metrics=metrics,
         skipped=skipped,
-        records=records,
+        records=_paired_records(run, seeds, platforms, per_model, per_base),
         images=_to_uint8(run.preds),
         baselines=_to_uint8(run.baselines),
         targets=_to_uint8(run.targets),
