@@ -89,9 +89,13 @@ def _cmd_import(args: argparse.Namespace) -> int:
 
 
 def _cmd_stac_serve(args: argparse.Namespace) -> int:
+    import signal
     import time
 
     from dsat_core.data.stac_server import SkippedItem, serve_static_catalog
+
+    # `docker stop` / systemd send SIGTERM: leave through the `with` below, so rustac stops too
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
 
     def report(skipped: SkippedItem) -> None:
         print(f"dsat stac serve: {skipped}", file=sys.stderr, flush=True)

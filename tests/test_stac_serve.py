@@ -49,6 +49,10 @@ def _searchable_ids(url: str) -> list[str]:
     return sorted(item.id for item in Client.open(url).search(collections=["local-samples"]).items())
 
 
+def _ctrl_c_on() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _wait_for_url(out: Path, proc: subprocess.Popen, timeout: float = 60.0) -> str:
     """The URL `dsat stac serve` prints once the API answers."""
     deadline = time.monotonic() + timeout
@@ -66,7 +70,8 @@ def test_cli_skips_the_item_without_datetime_and_serves_the_rest(tmp_path: Path)
     out, err = tmp_path / "stdout", tmp_path / "stderr"
     cmd = [str(DSAT), "stac", "serve", "--catalog", str(catalog), "--port", str(free_port())]
     with out.open("w") as stdout, err.open("w") as stderr:
-        proc = subprocess.Popen(cmd, stdout=stdout, stderr=stderr, cwd=tmp_path)
+        # as from a terminal: a job started in the background (`cmd &`, nohup) inherits SIGINT ignored
+        proc = subprocess.Popen(cmd, stdout=stdout, stderr=stderr, cwd=tmp_path, preexec_fn=_ctrl_c_on)
     try:
         url = _wait_for_url(out, proc)
         assert _searchable_ids(url) == GOOD
