@@ -200,6 +200,17 @@ def _mlflow_run_ids(records: list[dict], tracking_uri: str | None) -> list[str]:
     return ids
 
 
+def _sampling(record: dict) -> str:
+    """How each run drew its tiles: uniformly, or balanced by platform / item (`balance_by`)."""
+    runs = [*record.get("previous_runs", []), record]
+    modes = [r["config"].get("balance_by") or "uniform" for r in runs]
+    if set(modes) == {"uniform"}:
+        return ""
+    return "; tiles drawn per run: " + ", ".join(
+        m if m == "uniform" else f"balanced by {m} (each {m} equally often)" for m in modes
+    )
+
+
 def ship(vae_dir: Path, dest: Path, result: dict, tracking_uri: str | None = None) -> None:
     """Copy the trained VAE (safetensors + config + train_result.json) to `dest` and write its model card."""
     import shutil
@@ -227,13 +238,13 @@ training latents).
 
 ## Training
 
-`bench/vae.py --train` ran the project's VAE trainer (`dsat_core.training.train_vae.train_vae`, the same as
-`python -m dsat_core.training.train_vae`) on CPU for {record.get("total_steps") or record["steps"]} steps
+The project's VAE trainer (`dsat_core.training.train_vae.train_vae`: `bench/vae.py --train` or
+`python -m dsat_core.training.train_vae`) ran on CPU for {record.get("total_steps") or record["steps"]} steps
 ({runs}): loss L1
 + {config["ssim_weight"]} (1 - SSIM) + {config["grad_weight"]} L1 of image gradients
 + {config["kl_weight"]} KL, AdamW lr {config["learning_rate"]} (warm-up {config["warmup_steps"]}, cosine to
-10 %), batch {config["batch_size"]}, random {config["crop_size"]} px crops of the 64 px tiles with flips,
-seed {config["seed"]}.
+10 %; each run its own), batch {config["batch_size"]}, random {config["crop_size"]} px crops of the 64 px
+tiles with flips, seed {config["seed"]}{_sampling(record)}.
 
 - Config: `{json.dumps(config)}`
 - Data: the `rgb` tiles (64 px, 2–98 % percentile scaling, `catalogs/local-samples.yaml`) of the shipped
@@ -271,6 +282,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-seconds", type=float, default=None, help="training time budget")
     parser.add_argument("--init-from", default=None, help="continue training from this VAE folder")
     parser.add_argument("--learning-rate", type=float, default=2e-3)
+    parser.add_argument("--balance-by", choices=("platform", "item"), default=None)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--mlflow-tracking-uri", default=None, help="log the VAE training run there")
     parser.add_argument("--ship", type=Path, default=None, help="copy the trained VAE + a model card here")
@@ -292,6 +304,7 @@ def main(argv: list[str] | None = None) -> int:
                 max_seconds=args.max_seconds,
                 init_from=args.init_from,
                 learning_rate=args.learning_rate,
+                balance_by=args.balance_by,
                 mlflow_tracking_uri=args.mlflow_tracking_uri,
             )
         )

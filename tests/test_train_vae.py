@@ -1,14 +1,22 @@
 """The offline VAE trainer: learns, calibrates its latents, records its data and logs to MLflow."""
 
 import json
+from collections import Counter
 
 import mlflow
+import pytest
 import torch
 
 from dsat_core.data.dataset import TileDataset
 from dsat_core.data.synthetic import make_synthetic_store
 from dsat_core.models.vae import decode_latents, encode_latents, load_vae, vae_scale_factor
-from dsat_core.training.train_vae import VAETrainConfig, reconstruction_loss, train_vae
+from dsat_core.training.train_vae import (
+    VAETrainConfig,
+    _loader,
+    balanced_weights,
+    reconstruction_loss,
+    train_vae,
+)
 
 
 def test_vae_learns_to_reconstruct_and_is_calibrated(tmp_path, mlflow_server):
@@ -64,3 +72,21 @@ def test_reconstruction_loss_terms():
     assert float(reconstruction_loss(smooth, target, 0.0, 1.0)) > float(
         reconstruction_loss(smooth, target, 0.0, 0.0)
     )
+
+
+def test_balanced_sampling_draws_each_group_equally_often(tmp_path):
+    weights = balanced_weights(["a", "a", "a", "b"])
+    assert weights == pytest.approx([1 / 3, 1 / 3, 1 / 3, 1.0])
+
+    store = make_synthetic_store(str(tmp_path / "s.zarr"), n_scenes=2, tiles_per_scene=8, size=16)
+    config = VAETrainConfig(store, str(tmp_path / "vae"), batch_size=4, balance_by="item")
+    dataset = TileDataset(store, split="train")
+    loader = _loader(dataset, config, shuffle=True)
+    epochs = [[i for b in loader for i in b["item_id"]] for _ in range(40)]
+    assert all(len(e) == len(dataset) for e in epochs) and epochs[0] != epochs[1]  # a new draw each epoch
+    shares = Counter(i for e in epochs for i in e)
+    assert set(shares) == set(dataset.item_ids) and len(shares) == 2
+    assert abs(shares.most_common()[0][1] / sum(shares.values()) - 0.5) < 0.08
+
+    with pytest.raises(ValueError, match="balance_by 'sensor'"):
+        _loader(dataset, VAETrainConfig(store, "x", balance_by="sensor"), shuffle=True)

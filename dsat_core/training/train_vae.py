@@ -19,12 +19,13 @@ import json
 import logging
 import math
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, WeightedRandomSampler
 from torchmetrics.functional.image import structural_similarity_index_measure
 
 from dsat_core.data.dataset import TileDataset
@@ -54,6 +55,7 @@ class VAETrainConfig:
     grad_weight: float = 0.1
     holdout_fraction: float = 0.1
     seed: int = 0
+    balance_by: str | None = None  # "platform" or "item": sample each group equally often (with replacement)
     init_from: str | None = None  # continue from the weights of a VAE folder (a fresh optimizer and schedule)
     log_every: int = 50
     mlflow_tracking_uri: str | None = None
@@ -89,9 +91,28 @@ def _dataset(config: VAETrainConfig) -> TileDataset:
 
 def _loader(dataset: TileDataset, config: VAETrainConfig, shuffle: bool) -> DataLoader:
     generator = torch.Generator().manual_seed(config.seed)
+    if shuffle and config.balance_by:
+        weights = balanced_weights(_groups(dataset, config.balance_by))
+        sampler = WeightedRandomSampler(weights, len(dataset), replacement=True, generator=generator)
+        return DataLoader(dataset, batch_size=config.batch_size, sampler=sampler, drop_last=False)
     return DataLoader(
         dataset, batch_size=config.batch_size, shuffle=shuffle, generator=generator, drop_last=False
     )
+
+
+def _groups(dataset: TileDataset, balance_by: str) -> list[str]:
+    """Each tile's group for balanced sampling: its item's platform (sensor) or its item."""
+    if balance_by == "platform":
+        return [str(p) for p in dataset._platforms]
+    if balance_by == "item":
+        return dataset.item_ids
+    raise ValueError(f"balance_by {balance_by!r}: expected 'platform' or 'item'")
+
+
+def balanced_weights(groups: list[str]) -> list[float]:
+    """Sampling weight 1 / (tiles in its group) per tile, so every group is drawn equally often."""
+    counts = Counter(groups)
+    return [1.0 / counts[g] for g in groups]
 
 
 def _augment(pixels: torch.Tensor, crop: int | None, generator: torch.Generator) -> torch.Tensor:
@@ -170,8 +191,9 @@ def _fit(vae, dataset: TileDataset, config: VAETrainConfig, tracker) -> list[dic
     step = 0
     start = time.monotonic()
     vae.train()
+    loader = _loader(dataset, config, shuffle=True)  # one loader: each epoch draws a new order
     while step < config.max_steps:
-        for batch in _loader(dataset, config, shuffle=True):
+        for batch in loader:
             pixels = _augment(batch["pixel_values"], config.crop_size, generator)
             posterior = vae.encode(pixels).latent_dist
             recon = vae.decode(posterior.sample(generator=generator)).sample
@@ -267,6 +289,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--learning-rate", type=float, default=2e-3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--init-from", default=None, help="continue from this VAE folder's weights")
+    parser.add_argument("--balance-by", choices=("platform", "item"), default=None)
     parser.add_argument("--mlflow-tracking-uri", default=None)
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     args = vars(parser.parse_args(argv))
