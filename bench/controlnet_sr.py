@@ -1,32 +1,38 @@
-"""Benchmark: a tiny super-resolution ControlNet3D against bicubic upsampling on held-out REAL tiles.
+"""Benchmark: a tiny super-resolution ControlNet3D against bicubic upsampling on held-out REAL tiles, through
+`dsat_core.evaluation.evaluate_controlnet` (the path `dsat evaluate` / the evaluate flow run), at 4 training
+budgets and 2 sampling starts (pure noise, strength 1.0, and image-to-image from bicubic, ``--strength``).
 
-    python bench/controlnet_sr.py --workdir /tmp/dsat-bench-sr            # ~10 min on 2 CPU cores
-    python bench/controlnet_sr.py --workdir /tmp/x --vae-seconds 5 --base-seconds 5 --controlnet-seconds 10
+    python bench/controlnet_sr.py --workdir /tmp/dsat-bench-sr     # defaults: ~15 min on 2 quiet cores
+    python bench/controlnet_sr.py --workdir /tmp/x --vae-seconds 30 --base-seconds 40 --controlnet-seconds 120
 
-What it does, all on CPU within a documented wall-clock budget:
+CPU budget (defaults): VAE 90 s + base 120 s + ControlNet 300 s of training, plus 4 evaluations of ~75
+held-out tiles × (``--steps`` + round(steps × strength)) DDIM steps; ≤ 20 min on 2 quiet CPU cores.
 
-1. Data: the real reader (`dsat_core.data.reader.read_item`) tiles three real scenes from
-   ../shared/data/real into a store with two products read from the same scenes — ``rgb`` (red, green, blue)
-   and ``multispectral`` (blue, green, red, nir), 64 px tiles, native grid, percentile scaling:
-   Sentinel-2 L2A T29RKH (Mauritania, 100 m, 289 tiles) and the Landsat 8 scenes Rondonia and Madre de Dios
-   (30 m, 13 tiles).
-2. Splits: TRAIN = T29RKH tiles north of a latitude line; TEST-S2 = T29RKH tiles south of it (one tile
-   row left out between them); TEST-LANDSAT = both Landsat scenes (another sensor, place and GSD; never
-   trained on).
-3. Models (there are no pretrained weights offline): a tiny `AutoencoderKL` (4 latents, ×2 downsampling)
-   trained as an autoencoder for ``--vae-seconds``; a tiny `SatUNet` trained with `train_diffusionsat` for
-   ``--base-seconds``; then the SR `ControlNet3D` trained with `train_controlnet` (base frozen) for
-   ``--controlnet-seconds``. Both trainers are run in chunks of steps with ``resume_from_checkpoint="latest"``
-   until their budget is spent (a constant learning rate, so chunking does not change the schedule).
+1. Data: the real reader (`dsat_core.data.reader.read_item`) tiles the multispectral scenes into a store with
+   two products read from the same scenes — ``rgb`` (red, green, blue) and ``multispectral`` (blue, green,
+   red, nir), 64 px tiles, native grid, percentile scaling: from ../shared/data/real the Sentinel-2 L2A T29RKH
+   (Mauritania, 100 m, 289 tiles) and the Landsat 8 scenes Rondonia and Madre de Dios (30 m), and from
+   catalogs/samples/extra the Landsat 8 L1TP 016037 scene (900 m). The other shipped scenes are left out:
+   catalogs/samples' Landsat 8 scenes and T29RKH crop are the same pixels as ../shared/data/real's (tiles
+   would be duplicated across the split), and the Landsat 7 / S2 L1C scenes have no multispectral product.
+2. Split: the project's split by tile identity (``split="train"`` / ``"holdout"``, ``--holdout-fraction``
+   0.25 so that ≥ 64 tiles are held out): all three models train on the train split, the evaluation runs on
+   the held-out split (≥ 2 sensors: Sentinel-2 and Landsat 8).
+3. Models: the shipped offline VAE (`dsat_core/models/default_vae`; ``--vae train``: a tiny `AutoencoderKL`,
+   4 latents, ×2, trained as an autoencoder for ``--vae-seconds``); a tiny `SatUNet` trained with
+   `train_diffusionsat` for ``--base-seconds``; then the SR `ControlNet3D` trained with `train_controlnet`
+   (base frozen) for ``--controlnet-seconds``, evaluated after 1/8, 1/4, 1/2 and all of it (the 4
+   budgets). Both trainers are run in chunks of steps with ``resume_from_checkpoint="latest"`` (a constant
+   learning rate, so chunking does not change the schedule).
 4. Task: tiles resized 64 → 32 px (what the models see; 4× cheaper steps than 64 px), then degraded
-   multispectral input (DegradationRecipe factor 4, Gaussian σ = 1 px, bands blue, green, red, nir; 32 → 8 px,
-   upsampled back bicubically) → 32 px RGB.
-5. Evaluation (same tiles, same run): PSNR / SSIM (`dsat_core.evaluation.paired_metrics`, range [-1, 1]) of
-   - bicubic: `bicubic_upsample` of the red, green, blue bands of the same 8 px degraded input;
-   - controlnet: `SatControlNetPipeline`, DDIM ``--steps`` steps, guidance 1.0, fixed seed;
-   - base (controlnet scale 0): the frozen base model alone (shows whether the ControlNet uses its input);
-   - vae ceiling: decode(encode(target)), the best any model in this latent space could do.
-   Prints per split where the ControlNet wins over bicubic and where it does not; writes results.json.
+   multispectral input (DegradationRecipe factor 4, Gaussian σ = 1 px, bands blue, green, red, nir; 32 → 8 px)
+   → 32 px RGB.
+5. Evaluation (`evaluate_controlnet`, same tiles, same run): PSNR / SSIM / LR-consistency (PSNR between the
+   output degraded by the recipe and the input) of the ControlNet and of the task baseline (bicubic of the
+   same degraded input), DDIM ``--steps`` steps, guidance 1.0; at strength 1.0 (from noise) and at
+   ``--strength`` (SDEdit: bicubic noised to that fraction of the schedule, round(steps × strength) steps).
+   Also the VAE ceiling decode(encode(target)) on the same tiles (the best any model in this latent space
+   can do). Prints the table per budget and strength with n beside each metric; writes results.json.
 """
 
 from __future__ import annotations
@@ -37,7 +43,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -46,14 +51,16 @@ sys.path.insert(0, str(REPO))
 
 from dsat_core.data.catalog import BandSpec, CatalogConfig, ProductSpec, ScalingSpec  # noqa: E402
 from dsat_core.data.store import DatasetStore  # noqa: E402
-from dsat_core.data.tasks import DegradationRecipe, SuperResolutionDataset, collate_task_batch  # noqa: E402
+from dsat_core.data.tasks import DegradationRecipe, SuperResolutionDataset  # noqa: E402
 from dsat_core.evaluation import paired_metrics  # noqa: E402
-from dsat_core.imaging import bicubic_upsample  # noqa: E402
-from dsat_core.metadata import SatMetadata  # noqa: E402
+from dsat_core.models.vae import DEFAULT_VAE_DIR  # noqa: E402
 
 REAL = REPO.parent / "shared" / "data" / "real"
 S2_ITEM = "sentinel2-l2a-T29RKH-20200219"
 LANDSAT_ITEMS = ["landsat8-oli-sr-rondonia-20190727", "landsat8-oli-sr-madre-de-dios-20180906"]
+EXTRA = REPO / "catalogs" / "samples" / "extra"
+EXTRA_ITEMS = ["landsat8-oli-l1tp-016037-20170813"]  # another Landsat 8 place, not in ../shared/data/real
+BUDGET_FRACTIONS = (0.125, 0.25, 0.5, 1.0)  # of --controlnet-seconds: the 4 budgets evaluated
 BANDS = ("blue", "green", "red", "nir")
 RECIPE = DegradationRecipe(factor=4, blur_sigma=1.0, bands=BANDS)
 TILE = 64  # tiles in the store
@@ -76,7 +83,7 @@ def catalog() -> CatalogConfig:
         target_gsd=None,
         tile_size=TILE,
         allowed_schemes=["file"],
-        allowed_roots=[str(REAL)],
+        allowed_roots=[str(REAL), str(EXTRA)],
         products={
             "rgb": ProductSpec(
                 bands=[BandSpec(name=b) for b in ("red", "green", "blue")],
@@ -97,10 +104,11 @@ def build_store(path: Path) -> str:
     if (path / "zarr.json").is_file():
         return str(path)
     items = {i["id"]: i for i in load_static_catalog(REAL / "catalog" / "catalog.json")}
+    items.update({i["id"]: i for i in load_static_catalog(EXTRA / "catalog" / "catalog.json")})
     config = catalog()
     store = DatasetStore.open(str(path), create=True, catalog=config)
     staged = []
-    for item_id in (S2_ITEM, *LANDSAT_ITEMS):
+    for item_id in (S2_ITEM, *LANDSAT_ITEMS, *EXTRA_ITEMS):
         scene = read_item(items[item_id], config)
         log(
             f"read {item_id}: { {k: len(v) for k, v in scene.products.items()} } tiles, "
@@ -111,33 +119,9 @@ def build_store(path: Path) -> str:
     return str(path)
 
 
-def splits(store_uri: str) -> dict[str, dict]:
-    """Dataset filters of TRAIN / TEST-S2 / TEST-LANDSAT (see the module docstring).
-
-    T29RKH is split by tile row: the southern quarter of the rows is TEST-S2, the row above it is left out,
-    the rest is TRAIN. The rows are turned into latitude bounds (tile centres) for the datasets' bbox filter.
-    """
-    store = DatasetStore.open(store_uri, read_only=True)
-    group = store.product_group("rgb")
-    n = store.n_tiles("rgb")
-    items = np.array([str(i) for i in group["item_id"][:n].tolist()])
-    row_off = np.asarray(group["window"][:n])[:, 0]
-    lat = np.asarray(group["lat"][:n])
-    s2 = items == S2_ITEM
-    rows = np.unique(row_off[s2])
-    test_rows = rows[-max(1, len(rows) // 4) :]
-    train_rows = rows[: -(len(test_rows) + 1)]
-    test_max = float(lat[s2 & np.isin(row_off, test_rows)].max())
-    train_min = float(lat[s2 & np.isin(row_off, train_rows)].min())
-    if not test_max < train_min:
-        raise RuntimeError(
-            f"T29RKH rows do not separate by latitude: test up to {test_max}, train from {train_min}"
-        )
-    return {
-        "train": {"item_ids": [S2_ITEM], "bbox": (-180.0, train_min - 1e-9, 180.0, 90.0)},
-        "test_s2": {"item_ids": [S2_ITEM], "bbox": (-180.0, -90.0, 180.0, test_max + 1e-9)},
-        "test_landsat": {"item_ids": LANDSAT_ITEMS},
-    }
+def splits(holdout_fraction: float) -> dict[str, dict]:
+    """Dataset filters of the train and held-out splits: the project's split by tile identity."""
+    return {name: {"split": name, "holdout_fraction": holdout_fraction} for name in ("train", "holdout")}
 
 
 # ---------------------------------------------------------------------------------------------- models
@@ -173,10 +157,12 @@ def train_vae(store_uri: str, split: dict, out: Path, seconds: float, seed: int 
     return info
 
 
-def run_chunked(train_fn, make_config, seconds: float, chunk: int) -> dict:
-    """Call a trainer in chunks of `chunk` steps (resuming) until `seconds` of wall time are spent."""
-    start, step, result = time.perf_counter(), 0, None
-    while step == 0 or time.perf_counter() - start < seconds:
+def run_chunked(train_fn, make_config, seconds: float, chunk: int, done: dict | None = None) -> dict:
+    """Call a trainer in chunks of `chunk` steps (resuming) until `seconds` of wall time are spent in all,
+    counting the time of an earlier call (``done``, its return) on the same output folder."""
+    spent, step = (done["seconds"], done["steps"]) if done else (0.0, 0)
+    start, result = time.perf_counter() - spent, None
+    while result is None or time.perf_counter() - start < seconds:
         result = train_fn(make_config(step + chunk))
         step = result.global_step
     return {
@@ -191,7 +177,7 @@ def common_training(store_uri: str, split: dict, output_dir: Path, max_steps: in
     return dict(
         store_uri=store_uri,
         output_dir=str(output_dir),
-        bbox=split["bbox"],
+        **split,
         resolution=RESOLUTION,
         model_size="tiny",
         text_encoder="hash",
@@ -220,109 +206,109 @@ def train_base(store_uri: str, split: dict, vae_dir: Path, out: Path, seconds: f
     return run_chunked(train, make, seconds, chunk=40)
 
 
-def train_sr_controlnet(store_uri: str, split: dict, base_dir: str, out: Path, seconds: float) -> dict:
+def train_sr_controlnet(
+    store_uri: str, split: dict, base_dir: str, out: Path, seconds: float, done: dict | None = None
+) -> dict:
     from dsat_core.training.train_controlnet import TrainControlNetConfig, train
 
     def make(max_steps: int) -> TrainControlNetConfig:
         return TrainControlNetConfig(
             task="sr",
             base_model=base_dir,
-            item_ids=split["item_ids"],
             cond_product="multispectral",
             degradation=RECIPE.to_dict(),
             conditioning_embedding_channels=(16, 32, 96, 256),
             **common_training(store_uri, split, out, max_steps),
         )
 
-    return run_chunked(train, make, seconds, chunk=40)
+    return run_chunked(train, make, seconds, chunk=40, done=done)
 
 
 # ---------------------------------------------------------------------------------------------- evaluation
-@torch.no_grad()
-def evaluate(store_uri: str, split: dict, pipeline_dir: str, steps: int) -> dict:
-    from dsat_core.models import decode_latents, encode_latents
-    from dsat_core.pipelines import SatControlNetPipeline
+METRICS = ("psnr", "ssim", "lr_psnr")
 
-    pipe = SatControlNetPipeline.from_pretrained(pipeline_dir)
-    pipe.set_progress_bar_config(disable=True)
-    ds = SuperResolutionDataset(store_uri, recipe=RECIPE, resolution=RESOLUTION, **split)
-    rgb_idx = [list(RECIPE.bands).index(b) for b in ("red", "green", "blue")]
-    preds: dict[str, list[torch.Tensor]] = {
-        "bicubic": [],
-        "controlnet": [],
-        "base_scale0": [],
-        "vae_ceiling": [],
+
+def evaluate(store_uri: str, split: dict, pipeline_dir: str, steps: int, strength: float) -> dict:
+    """`evaluate_controlnet` on every held-out SR sample: the model and bicubic, side by side, with n."""
+    from dsat_core.evaluation.runner import evaluate_controlnet
+
+    n = len(SuperResolutionDataset(store_uri, recipe=RECIPE, resolution=RESOLUTION, **split))
+    start = time.perf_counter()
+    result = evaluate_controlnet(
+        pipeline_dir,
+        store_uri,
+        "sr",
+        n=n,
+        steps=steps,
+        strength=strength,
+        resolution=RESOLUTION,
+        holdout_fraction=split["holdout_fraction"],
+        batch_size=16,
+    )
+    return {
+        "metrics": result.metrics,
+        "sample_sizes": result.params.get("sample_sizes", {}),
+        "sensors": result.params.get("sensors", []),
+        "strength": strength,
+        "seconds": round(time.perf_counter() - start, 1),
+        "per_tile": [
+            {k: r[k] for k in ("tile_index", "item_id", "platform", "psnr_model", "psnr_baseline")}
+            for r in result.records
+        ],
     }
-    targets, names = [], []
-    for start in range(0, len(ds), 16):
-        samples = [ds[i] for i in range(start, min(start + 16, len(ds)))]
-        batch = collate_task_batch(samples)
-        target = batch["pixel_values"]
-        targets.append(target)
-        names += [f"{s['item_id']}#{s['index']}" for s in samples]
-        # bicubic from the same 8 px degraded input (its red, green, blue bands)
-        lows = []
-        for pos in range(start, start + len(samples)):
-            _, cond_pos = ds.pairs[pos]
-            lows.append(RECIPE.lowres(ds.cond_tiles[cond_pos]["pixel_values"], ds.cond_tiles.bands)[rgb_idx])
-        preds["bicubic"].append(bicubic_upsample(torch.stack(lows), RESOLUTION).clamp(-1, 1))
-        meta = [
-            SatMetadata.decode(v.double().numpy(), m.numpy())
-            for v, m in zip(batch["metadata"], batch["metadata_mask"], strict=True)
-        ]
-        for name, scale in (("controlnet", 1.0), ("base_scale0", 0.0)):
-            out = pipe(
-                batch["cond"],
-                batch["cond_metadata"],
-                meta,
-                list(batch["caption"]),
-                cond_metadata_mask=batch["cond_metadata_mask"],
-                num_inference_steps=steps,
-                guidance_scale=1.0,
-                controlnet_conditioning_scale=scale,
-                generator=torch.Generator().manual_seed(0),
-                output_type="pt",
-            ).images
-            preds[name].append(out * 2 - 1)
-        preds["vae_ceiling"].append(decode_latents(pipe.vae, encode_latents(pipe.vae, target)).clamp(-1, 1))
-    target = torch.cat(targets)
-    result: dict = {"n_tiles": len(target), "tiles": names, "methods": {}}
-    for name, chunks in preds.items():
-        metrics = paired_metrics(torch.cat(chunks), target, data_range=(-1.0, 1.0))
-        result["methods"][name] = {
-            "psnr": metrics.mean["psnr"],
-            "ssim": metrics.mean["ssim"],
-            "per_tile_psnr": metrics.per_image["psnr"].round(3).tolist(),
-            "per_tile_ssim": metrics.per_image["ssim"].round(4).tolist(),
-        }
-    return result
+
+
+@torch.no_grad()
+def vae_ceiling(store_uri: str, split: dict, vae_dir: Path) -> dict:
+    """decode(encode(target)) of the tiny VAE on the held-out targets: the best any model here can do."""
+    from diffusers import AutoencoderKL
+
+    from dsat_core.models import decode_latents, encode_latents
+
+    vae = AutoencoderKL.from_pretrained(str(vae_dir)).eval()
+    ds = SuperResolutionDataset(store_uri, recipe=RECIPE, resolution=RESOLUTION, **split)
+    target = torch.stack([ds.target[p]["pixel_values"] for p, _ in ds.pairs])
+    recon = decode_latents(vae, encode_latents(vae, target)).clamp(-1, 1)
+    metrics = paired_metrics(recon, target, data_range=(-1.0, 1.0))
+    return {"psnr": metrics.mean["psnr"], "ssim": metrics.mean["ssim"], "n": len(target)}
+
+
+def _cell(metrics: dict, key: str) -> str:
+    """``value (n=… tiles, k sensors)`` of one figure (`metric_sample_size`)."""
+    from dsat_core.evaluation.metrics import metric_sample_size
+
+    value = metrics.get(key)
+    return "—" if value is None else f"{value:7.3f} ({metric_sample_size(key, metrics)})"
 
 
 def report(results: dict) -> None:
-    print("\n=== SR ControlNet vs bicubic (PSNR dB / SSIM, higher is better; range [-1, 1]) ===")
-    for split, res in results["splits"].items():
-        print(f"\n{split}: {res['n_tiles']} tiles")
-        for name, m in res["methods"].items():
-            print(f"  {name:<12} PSNR {m['psnr']:6.2f}  SSIM {m['ssim']:.4f}")
-        cn, bc = res["methods"]["controlnet"], res["methods"]["bicubic"]
-        wins_p = [
-            t for t, a, b in zip(res["tiles"], cn["per_tile_psnr"], bc["per_tile_psnr"], strict=True) if a > b
-        ]
-        wins_s = [
-            t for t, a, b in zip(res["tiles"], cn["per_tile_ssim"], bc["per_tile_ssim"], strict=True) if a > b
-        ]
+    ceiling = results["vae_ceiling"]
+    print("\n=== SR ControlNet vs bicubic on held-out tiles (evaluate_controlnet; higher is better) ===")
+    print(
+        f"VAE ceiling decode(encode(target)): PSNR {ceiling['psnr']:.2f} SSIM {ceiling['ssim']:.4f} "
+        f"(n={ceiling['n']})"
+    )
+    for row in results["budgets"]:
         print(
-            f"  controlnet beats bicubic on PSNR in {len(wins_p)}/{res['n_tiles']} tiles, "
-            f"on SSIM in {len(wins_s)}/{res['n_tiles']}"
+            f"\nControlNet budget {row['controlnet']['seconds']:.0f} s ({row['controlnet']['steps']} steps)"
         )
-        if wins_p:
-            print(f"  PSNR wins: {', '.join(wins_p[:10])}{' ...' if len(wins_p) > 10 else ''}")
-        verdict = "WINS" if cn["psnr"] > bc["psnr"] else "LOSES"
-        ssim_verdict = "wins" if cn["ssim"] > bc["ssim"] else "loses"
-        print(
-            f"  → on average the ControlNet {verdict} against bicubic on PSNR "
-            f"({cn['psnr'] - bc['psnr']:+.2f} dB) and {ssim_verdict} on SSIM ({cn['ssim'] - bc['ssim']:+.4f})"
-        )
+        for ev in row["evaluations"]:
+            m = ev["metrics"]
+            print(f"  strength {ev['strength']:.2f}  sensors {ev['sensors']}  ({ev['seconds']:.0f} s)")
+            for metric in METRICS:
+                print(
+                    f"    {metric:<8} model {_cell(m, metric + '/model')}   "
+                    f"bicubic {_cell(m, metric + '/bicubic')}"
+                )
+    print("\ntrend (PSNR model − bicubic, dB):")
+    for strength in results["strengths"]:
+        gains = [
+            f"{ev['metrics']['psnr/gain']:+.2f}"
+            for row in results["budgets"]
+            for ev in row["evaluations"]
+            if ev["strength"] == strength
+        ]
+        print(f"  strength {strength:.2f}: {' → '.join(gains)}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -330,10 +316,18 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/dsat-bench-controlnet-sr"))
+    parser.add_argument(
+        "--vae",
+        choices=["default", "train"],
+        default="default",
+        help="default: the shipped VAE (dsat_core/models/default_vae); train: a tiny one, --vae-seconds",
+    )
     parser.add_argument("--vae-seconds", type=float, default=90.0)
     parser.add_argument("--base-seconds", type=float, default=120.0)
-    parser.add_argument("--controlnet-seconds", type=float, default=300.0)
+    parser.add_argument("--controlnet-seconds", type=float, default=300.0, help="the largest of 4 budgets")
     parser.add_argument("--steps", type=int, default=20, help="DDIM steps at evaluation")
+    parser.add_argument("--strength", type=float, default=0.3, help="the image-to-image start evaluated")
+    parser.add_argument("--holdout-fraction", type=float, default=0.25)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
     if not (REAL / "catalog" / "catalog.json").is_file():
@@ -344,33 +338,52 @@ def main(argv: list[str] | None = None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     store_uri = build_store(work / "store.zarr")
-    split = splits(store_uri)
-    sizes = {k: len(SuperResolutionDataset(store_uri, recipe=RECIPE, **v)) for k, v in split.items()}
+    split = splits(args.holdout_fraction)
+    sizes = {
+        k: len(SuperResolutionDataset(store_uri, recipe=RECIPE, resolution=RESOLUTION, **v))
+        for k, v in split.items()
+    }
     log(f"store ready; SR pairs per split: {sizes}")
-    vae_info = train_vae(store_uri, split["train"], work / "vae", args.vae_seconds)
+    if args.vae == "default":
+        vae_dir, vae_info = DEFAULT_VAE_DIR, {"shipped": str(DEFAULT_VAE_DIR)}
+    else:
+        vae_dir, vae_info = work / "vae", train_vae(store_uri, split["train"], work / "vae", args.vae_seconds)
     log(f"VAE: {vae_info}")
-    base_info = train_base(store_uri, split["train"], work / "vae", work / "base", args.base_seconds)
+    base_info = train_base(store_uri, split["train"], vae_dir, work / "base", args.base_seconds)
     log(f"base SatUNet: {base_info}")
-    cn_info = train_sr_controlnet(
-        store_uri, split["train"], base_info["pipeline_dir"], work / "controlnet", args.controlnet_seconds
-    )
-    log(f"SR ControlNet: {cn_info}")
-    results = {
+    strengths = [1.0, args.strength]
+    results: dict = {
         "recipe": RECIPE.to_dict(),
         "budget_seconds": {
             "vae": args.vae_seconds,
             "base": args.base_seconds,
-            "controlnet": args.controlnet_seconds,
+            "controlnet": [round(f * args.controlnet_seconds, 1) for f in BUDGET_FRACTIONS],
         },
         "threads": args.threads,
-        "training": {"vae": vae_info, "base": base_info, "controlnet": cn_info},
+        "training": {"vae": vae_info, "base": base_info},
         "split_sizes": sizes,
         "eval_ddim_steps": args.steps,
-        "splits": {},
+        "strengths": strengths,
+        "vae_ceiling": vae_ceiling(store_uri, split["holdout"], vae_dir),
+        "budgets": [],
     }
-    for name in ("test_s2", "test_landsat"):
-        results["splits"][name] = evaluate(store_uri, split[name], cn_info["pipeline_dir"], args.steps)
-        log(f"evaluated {name}")
+    cn_info = None
+    for fraction in BUDGET_FRACTIONS:
+        cn_info = train_sr_controlnet(
+            store_uri,
+            split["train"],
+            base_info["pipeline_dir"],
+            work / "controlnet",
+            fraction * args.controlnet_seconds,
+            done=cn_info,
+        )
+        log(f"SR ControlNet: {cn_info}")
+        evaluations = [
+            evaluate(store_uri, split["holdout"], cn_info["pipeline_dir"], args.steps, s) for s in strengths
+        ]
+        results["budgets"].append({"controlnet": cn_info, "evaluations": evaluations})
+        log(f"evaluated budget {cn_info['seconds']} s")
+        (work / "results.json").write_text(json.dumps(results, indent=1))
     results["total_seconds"] = round(time.perf_counter() - t0, 1)
     (work / "results.json").write_text(json.dumps(results, indent=1))
     report(results)

@@ -69,6 +69,12 @@ class EvaluateParams(BaseModel):
         description="ControlNet tasks: options replacing those training recorded, e.g. {degradation: {...}}",
     )
     resolution: int | None = Field(None, description="ControlNet tasks: resize tiles (default: as stored)")
+    strength: float = Field(
+        1.0,
+        gt=0.0,
+        le=1.0,
+        description="ControlNet tasks: < 1 starts from the task baseline noised to that fraction (img2img)",
+    )
     sensitivity: bool = Field(True, description="metadata sensitivity + robustness report")
     sensitivity_samples: int = Field(8, ge=2, description="samples in the shuffled-metadata robustness check")
     stac: bool = Field(True, description="write the model's images as a STAC catalog")
@@ -95,6 +101,8 @@ class EvaluateParams(BaseModel):
             raise ValueError("give exactly one of pipeline_dir or model_uri")
         if self.kind == "generation" and self.task_options:
             raise ValueError("task_options are options of a ControlNet task, not of generation")
+        if self.kind == "generation" and self.strength < 1.0:
+            raise ValueError("strength (start from the task baseline) is for ControlNet tasks only")
         return self
 
     def tracking_uri(self) -> str:
@@ -191,6 +199,7 @@ def run_evaluation(params: EvaluateParams, pipe: Any, pipeline_dir: str) -> Gene
         steps=params.steps,
         guidance_scale=params.guidance(),
         resolution=params.resolution,
+        strength=params.strength,
         lpips=params.lpips_weights,
         **common,
     )

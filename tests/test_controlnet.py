@@ -1,4 +1,5 @@
-"""ControlNet3D + SatControlNetPipeline: shapes, no-op at init, frozen base, gates, save/load, inpainting."""
+"""ControlNet3D + SatControlNetPipeline: shapes, no-op at init, frozen base, gates, save/load, inpainting,
+image-to-image start (init_image + strength)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from diffusers import DDIMScheduler
+from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
 
 from dsat_core.metadata import SatMetadata
 from dsat_core.models import HashTextEncoder, SatUNet, make_tiny_vae, scheduler_config, unet_config
@@ -18,6 +19,7 @@ from dsat_core.models.controlnet3d import (
     freeze,
     residual_layout,
 )
+from dsat_core.models.vae import decode_latents, encode_latents
 from dsat_core.pipelines import DiffusionSatPipeline, SatControlNetPipeline, inpainting_condition
 
 LATENT = 8  # latent side; the tiny VAE downsamples by 2 → 16 px frames
@@ -329,3 +331,90 @@ def test_conditioning_scale_zero_is_the_base_model(base_pipe: DiffusionSatPipeli
     on = pipe(cond, None, TARGET, **run).images
     ref = base_pipe(metadata=TARGET, guidance_scale=1.0, height=16, width=16, **run).images
     assert torch.equal(off, ref) and not torch.equal(on, ref)  # exact: same instances, residuals x 0
+
+
+# ------------------------------------------------------------------------------------------ image-to-image
+def _init_image(seed: int) -> torch.Tensor:
+    """A smooth (2, 3, 16, 16) image in [-1, 1] (the kind of input an SR baseline is)."""
+    g = torch.Generator().manual_seed(seed)
+    low = torch.rand(2, 3, 4, 4, generator=g) * 1.6 - 0.8
+    return torch.nn.functional.interpolate(low, size=(16, 16), mode="bilinear", align_corners=False)
+
+
+def _img2img(pipe: SatControlNetPipeline, steps: int = 10, **kwargs) -> torch.Tensor:
+    cond = torch.rand(2, 3, 1, 16, 16, generator=torch.Generator().manual_seed(4)) * 2 - 1
+    latents = torch.randn(2, 4, LATENT, LATENT, generator=torch.Generator().manual_seed(6))
+    return pipe(
+        cond, None, TARGET, num_inference_steps=steps, latents=latents, output_type="pt", **kwargs
+    ).images
+
+
+def test_strength_one_is_the_pure_noise_start(base_pipe: DiffusionSatPipeline) -> None:
+    pipe = _pipe(base_pipe, 3)
+    _randomise(pipe.controlnet)
+    plain = _img2img(pipe, steps=4)
+    full = _img2img(pipe, steps=4, init_image=_init_image(0), strength=1.0)
+    torch.testing.assert_close(full, plain, rtol=0, atol=IMAGE_TOL)
+
+
+def _calibrated_pipe(base_pipe: DiffusionSatPipeline, init: torch.Tensor) -> SatControlNetPipeline:
+    """A pipeline whose tiny VAE's scaling factor gives unit-std latents (as a trained VAE's is set), so
+    that the noise of a timestep means what it means for a real model."""
+    vae = make_tiny_vae(2, seed=3).eval()
+    with torch.no_grad():
+        std = vae.encode(init).latent_dist.mean.std().item()
+    vae.register_to_config(scaling_factor=1.0 / std)
+    pipe = SatControlNetPipeline(
+        unet=base_pipe.unet,
+        controlnet=_controlnet(base_pipe.unet, 3),
+        vae=vae,
+        text_encoder=base_pipe.text_encoder,
+        scheduler=DDIMScheduler.from_config(scheduler_config()),
+    )
+    pipe.set_progress_bar_config(disable=True)
+    _randomise(pipe.controlnet)
+    return pipe
+
+
+def test_small_strength_stays_near_the_init_image(base_pipe: DiffusionSatPipeline) -> None:
+    """Tolerance: 0.02 in [0, 1]; the pure-noise output and another init image are ≥ 5x further away."""
+    init = _init_image(0)
+    pipe = _calibrated_pipe(base_pipe, init)
+    with torch.no_grad():
+        recon = (decode_latents(pipe.vae, encode_latents(pipe.vae, init)) / 2 + 0.5).clamp(0, 1)
+    near = _img2img(pipe, steps=20, init_image=init, strength=0.05)  # one step, from t = 1
+    far = _img2img(pipe, steps=20)
+    other = _img2img(pipe, steps=20, init_image=_init_image(1), strength=0.05)
+    err = (near - recon).abs().mean().item()
+    assert err < 0.02
+    assert (far - recon).abs().mean().item() > 5 * err
+    assert (other - recon).abs().mean().item() > 5 * err
+
+
+@pytest.mark.parametrize("scheduler", [DDIMScheduler, DPMSolverMultistepScheduler])
+@pytest.mark.parametrize(("steps", "strength"), [(10, 0.3), (10, 0.74), (7, 0.5), (5, 0.01)])
+def test_only_the_last_strength_fraction_of_steps_runs(
+    base_pipe: DiffusionSatPipeline, scheduler: type, steps: int, strength: float
+) -> None:
+    pipe = _pipe(base_pipe, 3)
+    pipe.scheduler = scheduler.from_config(pipe.scheduler.config)
+    timesteps: list[int] = []
+    hook = pipe.unet.register_forward_pre_hook(lambda _m, args: timesteps.append(int(args[1])))
+    try:
+        out = _img2img(pipe, steps=steps, init_image=_init_image(0), strength=strength)
+    finally:
+        hook.remove()
+    assert out.shape == (2, 3, 16, 16) and torch.isfinite(out).all()
+    expected = max(round(steps * strength), 1)
+    pipe.scheduler.set_timesteps(steps)
+    assert timesteps == pipe.scheduler.timesteps[steps - expected :].tolist()
+
+
+def test_bad_img2img_inputs_raise_clear_errors(base_pipe: DiffusionSatPipeline) -> None:
+    pipe = _pipe(base_pipe, 3)
+    with pytest.raises(ValueError, match="strength must be in"):
+        _img2img(pipe, steps=2, init_image=_init_image(0), strength=0.0)
+    with pytest.raises(ValueError, match="needs an init_image"):
+        _img2img(pipe, steps=2, strength=0.5)
+    with pytest.raises(ValueError, match="init_image must be"):
+        _img2img(pipe, steps=2, init_image=_init_image(0)[:, :, :8], strength=0.5)

@@ -371,3 +371,16 @@ def test_a_controlnet_with_band_names_takes_another_band_set(
     task = SuperResolutionTask()
     with pytest.raises(ValueError, match="none of the conditioning bands"):
         task.band_alignment(task.dataset(DataSpec(eval_store)), ["swir16", "swir22"])
+
+
+def test_sr_from_the_bicubic_start_is_recorded_and_changes_the_samples(
+    eval_store: str, tiny_pipelines: dict[str, Path]
+) -> None:
+    common = dict(n=2, steps=STEPS, seed=3, holdout_fraction=EVAL_HOLDOUT)
+    noise = evaluate_controlnet(tiny_pipelines["sr"], eval_store, "sr", **common)
+    started = evaluate_controlnet(tiny_pipelines["sr"], eval_store, "sr", strength=0.5, **common)
+    assert noise.params["strength"] == 1.0 and started.params["strength"] == 0.5
+    np.testing.assert_array_equal(started.baselines, noise.baselines)  # same tiles, same baseline
+    assert np.abs(started.images.astype(int) - noise.images.astype(int)).mean() > 1.0
+    with pytest.raises(ValueError, match="strength must be in"):
+        evaluate_controlnet(tiny_pipelines["sr"], eval_store, "sr", strength=0.0, **common)

@@ -5,6 +5,11 @@ Also does masked inpainting (``mask=``, 1 = fill): at every step the known regio
 by the known image's latents noised to the next timestep (RePaint-style blending), and after decoding the
 unmasked pixels are pasted back from the input image, so they come out exactly as given (up to the
 output's uint8 rounding for PIL / numpy-uint8 output).
+
+Image-to-image start (``init_image=`` + ``strength=``, SDEdit, as diffusers'
+StableDiffusionControlNetImg2ImgPipeline): with strength < 1 the latents start from the init image's latents
+noised to the timestep at ``strength`` of the schedule, and only the last round(steps × strength) steps run.
+For super-resolution the init image is the task baseline (bicubic of the low-res input).
 """
 
 from __future__ import annotations
@@ -210,6 +215,36 @@ class SatControlNetPipeline(DiffusionSatPipeline):
         keep = 1.0 - F.max_pool2d(pixel_mask, self.vae_scale_factor).to(dtype)
         return _KnownRegion(image, pixel_mask, encode_latents(self.vae, image).to(dtype), keep)
 
+    def _start(
+        self, noise: torch.Tensor, init_image: torch.Tensor | None, strength: float, steps: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Initial latents and the timesteps to run: pure noise over the whole schedule (``init_image`` None
+        or ``strength`` 1), else ``init_image``'s latents noised to the first of the last round(steps ×
+        strength) timesteps (diffusers' img2img ``get_timesteps``, rounded, at least one step)."""
+        timesteps = self.scheduler.timesteps
+        if init_image is None or strength >= 1.0:
+            return noise * self.scheduler.init_noise_sigma, timesteps
+        run = min(max(round(steps * strength), 1), steps)
+        begin = (steps - run) * self.scheduler.order
+        if hasattr(self.scheduler, "set_begin_index"):
+            self.scheduler.set_begin_index(begin)
+        timesteps = timesteps[begin:]
+        init = encode_latents(self.vae, init_image.float()).to(noise)
+        first = timesteps[:1].repeat(noise.shape[0])
+        return self.scheduler.add_noise(init, noise, first), timesteps
+
+    @staticmethod
+    def _check_init(init_image: torch.Tensor | None, strength: float, shape: tuple[int, ...]) -> None:
+        """``strength`` in (0, 1]; ``init_image`` (B, 3, H, W) of the output's batch and size."""
+        if not 0.0 < strength <= 1.0:
+            raise ValueError(f"strength must be in (0, 1], got {strength}")
+        if init_image is None and strength < 1.0:
+            raise ValueError(f"strength {strength} < 1 needs an init_image to start from")
+        if init_image is not None and (init_image.ndim != 4 or tuple(init_image.shape) != shape):
+            raise ValueError(
+                f"init_image must be {shape} (batch, RGB, output size), got {tuple(init_image.shape)}"
+            )
+
     # ------------------------------------------------------------------ sampling
     @torch.no_grad()
     def __call__(  # type: ignore[override]  # the conditioning comes first, as in diffusers' ControlNets
@@ -223,6 +258,8 @@ class SatControlNetPipeline(DiffusionSatPipeline):
         cond_bands: Sequence[str] | None = None,
         image: torch.Tensor | None = None,
         mask: torch.Tensor | np.ndarray | None = None,
+        init_image: torch.Tensor | None = None,
+        strength: float = 1.0,
         controlnet_conditioning_scale: float = 1.0,
         num_inference_steps: int = 20,
         guidance_scale: float = 1.0,
@@ -246,6 +283,11 @@ class SatControlNetPipeline(DiffusionSatPipeline):
             image, mask: inpainting: the known image (B, 3, H, W) in [-1, 1] and the hole (1 = fill, any of
                 (H, W), (B, H, W), (B, 1, H, W)). Unmasked pixels of the output equal ``image``. Needs a
                 ControlNet whose conditioning factor is the VAE factor.
+            init_image, strength: image-to-image start (SDEdit): ``init_image`` (B, 3, H, W) in [-1, 1] at
+                the output size (for SR: the bicubic baseline) is encoded, noised to the timestep at
+                ``strength`` of the schedule, and only the last round(num_inference_steps × strength)
+                steps run (at least one). ``strength`` 1 (default) or no ``init_image``: from pure noise.
+                ``latents``, if given, is the noise added.
             controlnet_conditioning_scale: multiplies the ControlNet residuals (0 = the base model alone).
             guidance_scale: classifier-free guidance over the caption (≤ 1: off, as for the paper's metrics);
                 with ``uncond_metadata="zero"`` the unconditional branch also has all target and frame
@@ -333,9 +375,9 @@ class SatControlNetPipeline(DiffusionSatPipeline):
                 raise ValueError(f"image {tuple(image.shape)} does not match cond {tuple(cond.shape)}")
             known = self._known_region(image, _pixel_mask(mask, batch, (height, width)), device, dtype)
 
+        self._check_init(init_image, strength, (batch, 3, height, width))
         self.scheduler.set_timesteps(num_inference_steps, device=device)
-        timesteps = self.scheduler.timesteps
-        latents = latents * self.scheduler.init_noise_sigma
+        latents, timesteps = self._start(latents, init_image, strength, num_inference_steps)
         step_kwargs = self._extra_step_kwargs(generator)
         for i, t in enumerate(self.progress_bar(timesteps)):
             model_input = self.scheduler.scale_model_input(rep(latents), t)
