@@ -11,6 +11,7 @@ real scene (the shipped Landsat 8 Rondônia clip, served by a local rustac STAC 
 
     python bench/apply.py                       # tiny SR ControlNet built here (32 px tiles, factor 2)
     python bench/apply.py --model runs/controlnet-sr/pipeline --steps 20
+    python bench/apply.py --model demo-output/controlnet-sr/pipeline --seams-only   # the demo's trained model
 
 Prints each measurement and its ratio.
 """
@@ -168,6 +169,7 @@ def main() -> None:
     parser.add_argument("--model", help="an SR pipeline folder (default: a tiny one built here)")
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--seams-only", action="store_true", help="only the seam ratios (no speed, memory)")
     parser.add_argument("--memory-child", type=float, help=argparse.SUPPRESS)
     parser.add_argument("--api", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
@@ -193,13 +195,16 @@ def main() -> None:
             image, plan = plan_of(report)
             results[name] = {"seam": seam_ratio(image, plan), "seconds": seconds, "tiles": report.tiles_run,
                              "overlap_px": plan.overlap}  # fmt: skip
-        plain_s, plain_tiles = plain_loop(model, server.url, args, work)
-        mem = {factor: memory(model, server.url, args, work, factor) for factor in (1.0, 4.0)}
+        if not args.seams_only:
+            plain_s, plain_tiles = plain_loop(model, server.url, args, work)
+            mem = {factor: memory(model, server.url, args, work, factor) for factor in (1.0, 4.0)}
     finally:
         server.stop()
     o, n = results["overlap"], results["no_overlap"]
-    print(f"seam ratio (border / inside |gradient|): overlap {o['overlap_px']} px {o['seam']:.3f} "
-          f"(target <= 1.15), no overlap {n['seam']:.3f}")  # fmt: skip
+    print(f"seam ratio (border / inside |gradient|), model {args.model or 'tiny (random)'}: overlap "
+          f"{o['overlap_px']} px {o['seam']:.3f} (target <= 1.15), no overlap {n['seam']:.3f}")  # fmt: skip
+    if args.seams_only:
+        return
     ours, plain = n["tiles"] / n["seconds"], plain_tiles / plain_s
     print(f"throughput, no overlap, {n['tiles']} tiles: driver {ours:.2f} tiles/s, plain loop {plain:.2f} "
           f"tiles/s -> {ours / plain:.2f}x (target >= 0.8); "

@@ -1,8 +1,9 @@
 """The main job end to end on the sample scenes shipped in `catalogs/samples` (CPU, minutes).
 
 A STAC API (rustac) on 127.0.0.1 over the samples → `refresh-dataset` → the small offline VAE →
-`train-diffusionsat` (tiny) → `train-controlnet` (sr) → `evaluate` (generation and sr), all as Prefect flows
-under one parent flow `main-job`, logged to MLflow (sqlite in the output folder) under one parent run.
+`train-diffusionsat` (tiny) → `train-controlnet` (sr) → `evaluate` (generation and sr) → `apply-model` (the
+SR ControlNet over a small AOI of a shipped scene: a COG + STAC item), all as Prefect flows under one parent
+flow `main-job`, logged to MLflow (sqlite in the output folder) under one parent run.
 Rerunning is safe: the store adds nothing new and training resumes from its last checkpoint.
 """
 
@@ -15,6 +16,7 @@ from typing import Any
 from prefect import flow, get_run_logger, task
 from pydantic import BaseModel, Field
 
+from dsat_core.apply.job import ApplySpec
 from dsat_core.data.catalog import CATALOG_DIR
 from dsat_core.data.stac_server import serve_static_catalog
 from dsat_core.evaluation.report import headline_figures
@@ -22,6 +24,7 @@ from dsat_core.models.vae import DEFAULT_VAE_DIR
 from dsat_core.training.config import TrainConfig
 from dsat_core.training.train_controlnet import TrainControlNetConfig
 from dsat_core.training.train_vae import VAETrainConfig, VAETrainResult, train_vae
+from flows.apply_model import apply_model
 from flows.evaluate import EvaluateParams, EvaluateResult, evaluate
 from flows.refresh_dataset import RefreshParams, RefreshResult, refresh_dataset
 from flows.train_controlnet import TrainControlNetParams, train_controlnet
@@ -29,6 +32,8 @@ from flows.train_diffusionsat import TrainDiffusionSatParams, train_diffusionsat
 from flows.training import LaunchParams, TrainingRunResult
 
 SAMPLES_CATALOG = CATALOG_DIR / "samples" / "catalog" / "catalog.json"
+#: the applied SR mosaic's AOI: about 24 x 24 px (30 m) of the Landsat 8 Rondônia scene
+APPLY_AOI = (-63.95, -8.76, -63.9435, -8.7535)
 
 
 class DemoParams(BaseModel):
@@ -42,6 +47,13 @@ class DemoParams(BaseModel):
     controlnet_steps: int = 150
     eval_samples: int = 16
     eval_steps: int = 20
+    sr_strength: float = Field(
+        0.3,
+        gt=0.0,
+        le=1.0,
+        description="SR sampling starts from the bicubic input noised to this fraction of the schedule "
+        "(image-to-image; 1.0: from pure noise)",
+    )
     seed: int = 0
 
 
@@ -51,6 +63,7 @@ class DemoResult(BaseModel):
     diffusionsat: TrainingRunResult
     controlnet_sr: TrainingRunResult
     evaluation: dict[str, EvaluateResult]
+    applied_sr: dict = Field(description="the SR mosaic of APPLY_AOI: cog, item, catalog, report")
     mlflow_tracking_uri: str
 
 
@@ -67,7 +80,7 @@ def train_vae_task(config: VAETrainConfig) -> VAETrainResult:
     return train_vae(config)
 
 
-EXPERIMENTS = ("main-job", "diffusionsat", "diffusionsat-controlnet", "evaluate")
+EXPERIMENTS = ("main-job", "diffusionsat", "diffusionsat-controlnet", "evaluate", "apply")
 
 
 def _parent_run(tracking_uri: str, artifacts: Path) -> str:
@@ -156,7 +169,7 @@ def main_job(params: DemoParams = DemoParams()) -> DemoResult:
     # evaluated, promoted to `champion`; the SR ControlNet straight from its folder.
     sources: dict[str, dict[str, Any]] = {
         "generation": {"model_uri": "models:/diffusionsat-demo@candidate", "promote_to": "champion"},
-        "sr": {"pipeline_dir": controlnet.pipeline_dir},
+        "sr": {"pipeline_dir": controlnet.pipeline_dir, "strength": params.sr_strength},
     }
     evaluation = {
         kind: evaluate(
@@ -174,14 +187,32 @@ def main_job(params: DemoParams = DemoParams()) -> DemoResult:
         )
         for kind, source in sources.items()
     }
+    if controlnet.pipeline_dir is None:
+        raise RuntimeError("train-controlnet left no pipeline folder to apply")
+    applied = apply_sr(controlnet.pipeline_dir, out / "applied-sr", params, tracking_uri)
     return DemoResult(
         store=store,
         vae=vae,
         diffusionsat=diffusionsat,
         controlnet_sr=controlnet,
         evaluation=evaluation,
+        applied_sr=applied,
         mlflow_tracking_uri=tracking_uri,
     )
+
+
+def apply_sr(model_dir: str, out: Path, params: DemoParams, tracking_uri: str) -> dict[str, Any]:
+    """The `apply-model` flow: the trained SR ControlNet over `APPLY_AOI` of the multispectral samples."""
+    with serve_static_catalog(SAMPLES_CATALOG, "local-samples") as stac_api:
+        spec = ApplySpec(kind="sr", catalog="local-samples", bbox=APPLY_AOI, model=model_dir, out=str(out),
+                         stac_api=stac_api, steps=params.eval_steps, seed=params.seed, batch_size=16,
+                         mlflow_tracking_uri=tracking_uri)  # fmt: skip
+        report = apply_model(spec)
+    if not report["outputs"]:
+        raise RuntimeError(f"apply-model wrote no mosaic: {report['skipped']}")
+    item = Path(report["outputs"][0])
+    return {"cog": str(item.with_suffix(".tif")), "item": str(item), "catalog": report["catalog"],
+            "report": report}  # fmt: skip
 
 
 def run_demo(output: Path, steps: int | None = None) -> DemoResult:
@@ -200,6 +231,8 @@ def run_demo(output: Path, steps: int | None = None) -> DemoResult:
         print(f"evaluate {kind}: " + ", ".join(headline_figures(kind, headline)))  # each with its n
     for kind, ev in result.evaluation.items():
         print(f"{kind} outputs: {ev.output_dir} (samples/grid.png, maps/, sensitivity/, stac/)")
+    applied = result.applied_sr
+    print(f"applied SR:   {applied['cog']} (COG)\n              {applied['item']} (STAC item)")
     db = result.mlflow_tracking_uri
     print(
         f"MLflow UI:    mlflow ui --backend-store-uri {db} --host 127.0.0.1 --port 5000  → http://127.0.0.1:5000"

@@ -16,7 +16,7 @@ import torch
 
 from dsat_core.apply.job import ApplySpec, run_apply
 from dsat_core.data.catalog import load_catalog
-from dsat_core.data.tasks import SuperResolutionTask, write_task_card
+from dsat_core.data.tasks import SuperResolutionTask, TemporalTask, write_task_card
 from dsat_core.evaluation.stac_output import validate_catalog
 
 SCENE = "landsat8-oli-sr-rondonia-20190727"
@@ -171,7 +171,7 @@ def test_aoi_over_max_pixels_is_refused_before_writing(
     assert not list(tmp_path.glob("sr-*")) and not (tmp_path / "catalog.json").exists()
 
 
-def test_model_bands_the_catalog_lacks(
+def test_unnamed_model_with_another_channel_count_is_refused(
     tiny_pipelines: dict[str, Path], samples_api: str, tmp_path: Path
 ) -> None:
     """The fixture's SR ControlNet takes 4 unnamed channels; the catalog's multispectral product has 6."""
@@ -180,27 +180,38 @@ def test_model_bands_the_catalog_lacks(
     assert not list(tmp_path.glob("sr-*"))
 
 
-def test_named_model_band_the_catalog_lacks(samples_api: str, tmp_path: Path) -> None:
-    """A ControlNet trained on Sentinel-2 bands (red edge) cannot be fed the Landsat product."""
+def _named_sr_model(folder: Path, bands: list[str]) -> Path:
     from dsat_core.models.controlnet3d import ControlNet3D
     from dsat_core.pipelines import SatControlNetPipeline, make_tiny_pipeline
 
     pipe = make_tiny_pipeline(sample_size=8, vae_downsample=2, seed=0)
-    bands = ["red", "green", "blue", "rededge1"]
-    controlnet = ControlNet3D.from_unet(pipe.unet, 4, (8, 16), vae_scale_factor=2, conditioning_bands=bands)
-    SatControlNetPipeline.from_diffusionsat(pipe, controlnet).save_pretrained(str(tmp_path / "m"))
-    write_task_card(SuperResolutionTask(degradation={"factor": 2, "blur_sigma": 0.0}), tmp_path / "m")
-    with pytest.raises(ValueError, match=r"needs bands \['rededge1'\]"):
-        run_apply(_spec("sr", tmp_path / "m", tmp_path / "out", samples_api))
-    assert not (tmp_path / "out").exists() or not list((tmp_path / "out").glob("sr-*"))
+    controlnet = ControlNet3D.from_unet(
+        pipe.unet, len(bands), (8, 16), vae_scale_factor=2, conditioning_bands=bands
+    )
+    SatControlNetPipeline.from_diffusionsat(pipe, controlnet).save_pretrained(str(folder))
+    write_task_card(SuperResolutionTask(degradation={"factor": 2, "blur_sigma": 0.0}), folder)
+    return folder
 
 
-def test_temporal_is_refused_clearly(
-    tiny_pipelines: dict[str, Path], samples_api: str, tmp_path: Path
+def test_named_model_band_the_catalog_lacks_is_marked_missing_with_a_warning(
+    samples_api: str, tmp_path: Path
 ) -> None:
-    with pytest.raises(ValueError, match="temporal ControlNet to a place"):
-        run_apply(_spec("temporal", tiny_pipelines["temporal"], tmp_path / "out", samples_api))
-    assert not list((tmp_path / "out").glob("temporal-*"))
+    """A ControlNet trained on Sentinel-2 bands (red edge) fed the Landsat product: red edge missing."""
+    model = _named_sr_model(tmp_path / "m", ["red", "green", "blue", "rededge1"])
+    report = run_apply(_spec("sr", model, tmp_path / "out", samples_api, overlap=2))
+    assert report.complete and len(report.outputs) == 1
+    assert any("lacks the model's bands ['rededge1']" in w for w in report.warnings)
+    item = json.loads(Path(report.outputs[0]).read_text())
+    assert item["properties"]["dsat:apply"]["band_warnings"] == report.warnings
+    image, valid, _ = _read(Path(report.outputs[0]).with_suffix(".tif"))
+    assert valid.all() and image.std() > 1.0
+
+
+def test_model_none_of_whose_bands_the_catalog_has_is_refused(samples_api: str, tmp_path: Path) -> None:
+    model = _named_sr_model(tmp_path / "m", ["rededge1", "rededge2"])
+    with pytest.raises(ValueError, match=r"none of the model's bands \['rededge1', 'rededge2'\]"):
+        run_apply(_spec("sr", model, tmp_path / "out", samples_api))
+    assert not (tmp_path / "out").exists() or not list((tmp_path / "out").glob("sr-*"))
 
 
 def test_items_outside_the_allowed_roots_are_skipped_with_their_reason(
@@ -360,3 +371,118 @@ def test_killed_run_resumes_from_its_finished_tiles(
     resumed, _, _ = _read(Path(report.outputs[0]).with_suffix(".tif"))
     reference, _, _ = _read(Path(sr_run["report"].outputs[0]).with_suffix(".tif"))
     assert np.abs(resumed.astype(int) - reference.astype(int)).max() <= 1
+
+
+# ---------------------------------------------------------------------------------------------- temporal
+EXTRA = Path(__file__).resolve().parents[1] / "catalogs" / "samples" / "extra"
+PAIR = ("sentinel2-l1c-T33UUU-20160529-b03", "sentinel2-l1c-T33UUU-20160608-b03")  # same 10 m pixel grid
+PAIR_AOI = (12.680, 52.853, 12.686, 52.857)  # about 41 x 45 px of Havelland farmland
+
+
+@pytest.fixture(scope="module")
+def pair_catalog(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A catalog of the shipped extra samples (served from their static catalog): the B03 band as 'green'."""
+    import yaml
+
+    from dsat_core.data.catalog import CatalogConfig
+
+    folder = tmp_path_factory.mktemp("pair-catalog")
+    config = CatalogConfig(
+        name="t33uuu-pair", static_catalog=str(EXTRA / "catalog" / "catalog.json"),
+        collections=["local-samples-extra"], target_crs="native", target_gsd=None, tile_size=8,
+        allowed_schemes=["file"], allowed_roots=[str(EXTRA)],
+        products={"green": {"bands": [{"name": "green", "common_name": "green"}],
+                            "scaling": {"mode": "fixed", "range": [0, 3000], "dtype": "uint8"}}},
+    )  # fmt: skip
+    path = folder / "t33uuu-pair.yaml"
+    path.write_text(yaml.safe_dump(config.model_dump(mode="json")))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def temporal_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny temporal ControlNet (16 px tiles, 1 channel: green) reading 2 other-date frames."""
+    from dsat_core.models.controlnet3d import ControlNet3D
+    from dsat_core.pipelines import SatControlNetPipeline, make_tiny_pipeline
+
+    folder = tmp_path_factory.mktemp("apply-models") / "temporal"
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        pipe = make_tiny_pipeline(sample_size=8, vae_downsample=2, seed=0)
+        controlnet = ControlNet3D.from_unet(pipe.unet, 1, (8, 16), vae_scale_factor=2)
+        with torch.no_grad():
+            for name, p in controlnet.named_parameters():
+                if "controlnet_" in name or "cond_embedding.conv_out" in name:
+                    p.normal_(0, 0.02)
+        SatControlNetPipeline.from_diffusionsat(pipe, controlnet).save_pretrained(
+            str(folder), safe_serialization=True
+        )
+    write_task_card(TemporalTask(product="green", sequence_length=2), folder)
+    return folder
+
+
+def _pair_mask(path: Path) -> Path:
+    """A 'cloud' block inside the AOI, on the pair's pixel grid (used for both dates)."""
+    with rasterio.open(EXTRA / "sentinel2_l1c_T33UUU_20160529_b03_10m_crop640.tif") as src:
+        mask = np.zeros((src.height, src.width), np.uint8)
+        [x], [y] = rasterio.warp.transform("EPSG:4326", src.crs, [12.683], [52.855])
+        row, col = src.index(x, y)
+        mask[row - 8 : row + 8, col - 10 : col + 10] = 1
+        profile = {"driver": "GTiff", "width": src.width, "height": src.height, "count": 1, "dtype": "uint8",
+                   "crs": src.crs, "transform": src.transform}  # fmt: skip
+    with rasterio.open(path, "w", **profile) as dst:
+        dst.write(mask[None])
+    return path
+
+
+def test_temporal_fills_each_date_from_the_other_and_keeps_clear_pixels_bit_exact(
+    temporal_model: Path, pair_catalog: str, tmp_path: Path
+) -> None:
+    from dsat_core.data.reader import read_item
+    from dsat_core.data.stac import load_static_catalog
+
+    mask_path = _pair_mask(tmp_path / "clouds.tif")
+    spec = _spec("temporal", temporal_model, tmp_path / "out", "", catalog=pair_catalog, bbox=PAIR_AOI,
+                 stac_api=None, fill_mask=str(mask_path))  # fmt: skip
+    report = run_apply(spec)
+    assert report.complete and not report.skipped and len(report.outputs) == 2
+    items = {i["id"]: i for i in load_static_catalog(EXTRA / "catalog" / "catalog.json")}
+    config = load_catalog(pair_catalog)
+    config = config.model_copy(update={"quality": config.quality.model_copy(
+        update={"max_nodata_fraction": 1.0, "min_std": 0.0})})  # fmt: skip
+    for output in report.outputs:
+        item = json.loads(Path(output).read_text())
+        apply = item["properties"]["dsat:apply"]
+        target = apply["inputs"][0]["id"]
+        [other] = [i for i in PAIR if i != target]
+        assert [c["id"] for c in apply["conditioning"]] == [other, other]  # 2 frames, one other date
+        assert apply["conditioning"][0]["masked_fraction"] == pytest.approx(0.0)
+        assert apply["conditioning"][0]["hrefs"][0].endswith(f"{other.split('-')[3]}_b03_10m_crop640.tif")
+        folder = Path(output).parent
+        image, valid, profile = _read(folder / item["assets"]["image"]["href"])
+        used = _read(folder / item["assets"]["fill_mask"]["href"])[0][0]
+        assert valid.all() and set(np.unique(used)) == {0, 1} and 200 < int(used.sum()) < used.size // 2
+        assert profile["crs"].to_epsg() == 32633 and profile["transform"].a == pytest.approx(10.0)
+        tiles = read_item(items[target], config, aoi_bbox=PAIR_AOI).products["green"]
+        assert len(tiles.window) > 20
+        for k, (row, col, h, w) in enumerate(tiles.window):
+            clear = used[row : row + h, col : col + w] == 0
+            for band in range(3):  # one band → grey RGB
+                np.testing.assert_array_equal(
+                    image[band, row : row + h, col : col + w][clear], tiles.images[k][0][clear]
+                )
+        assert image[:, used == 1].std() > 0.5
+    assert validate_catalog(report.catalog) == 3
+
+
+def test_temporal_date_without_another_date_is_skipped_with_its_reason(
+    temporal_model: Path, pair_catalog: str, tmp_path: Path
+) -> None:
+    spec = _spec("temporal", temporal_model, tmp_path / "out", "", catalog=pair_catalog, bbox=PAIR_AOI,
+                 stac_api=None, fill_mask=str(_pair_mask(tmp_path / "clouds.tif")),
+                 datetime="2016-05-28/2016-05-30")  # fmt: skip
+    report = run_apply(spec)
+    assert not report.outputs and report.skipped == [
+        {"item_id": PAIR[0], "reason": "no other date of this place in the search to fill from (temporal)"}
+    ]
+    assert not list((tmp_path / "out").glob("temporal-*"))

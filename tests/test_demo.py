@@ -6,7 +6,7 @@ import mlflow
 import pytest
 
 from dsat_core.data.store import DatasetStore
-from flows.demo import DemoParams, main_job
+from flows.demo import APPLY_AOI, DemoParams, main_job
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("prefect_api")]
 
@@ -40,11 +40,37 @@ def test_main_job_end_to_end_and_rerun(tmp_path, monkeypatch):
     assert champion.tags["dsat.store_content_hash"] == first.store.content_hash
 
     assert _latest_artifact("diffusionsat-progress") == 100.0  # the progress bar in the Prefect UI
+    _check_applied_sr(first.applied_sr)
 
     second = main_job(params)  # a rerun does no damage: nothing new to ingest, training already done
     assert second.store.items_added == [] and second.store.content_hash == first.store.content_hash
     assert second.diffusionsat.global_step == 4 and second.diffusionsat.mlflow_run_id == train_run.info.run_id
     assert DatasetStore.open(first.store.store_uri).n_tiles("rgb") == store.n_tiles("rgb")
+
+
+def _check_applied_sr(applied: dict) -> None:
+    """The SR mosaic of a shipped scene: on the scene's CRS, 4 x the input pixels along each side."""
+    import json
+    from pathlib import Path
+
+    import rasterio
+    import rasterio.warp
+
+    from dsat_core.data.catalog import CATALOG_DIR
+    from dsat_core.evaluation.stac_output import validate_catalog
+
+    item = json.loads(Path(applied["item"]).read_text())
+    factor = item["properties"]["dsat:apply"]["task"]["degradation"]["factor"]
+    scene = CATALOG_DIR / "samples" / "landsat8_oli_sr_rondonia_20190727_6band_30m.tif"
+    with rasterio.open(scene) as src, rasterio.open(applied["cog"]) as out:
+        assert out.crs == src.crs and out.transform.a == pytest.approx(src.transform.a / factor)
+        left, bottom, right, top = rasterio.warp.transform_bounds("EPSG:4326", src.crs, *APPLY_AOI)
+        cols, rows = (right - left) / src.transform.a, (top - bottom) / -src.transform.e
+        assert cols <= out.width / factor <= cols + 2 and rows <= out.height / factor <= rows + 2
+        assert out.count == 3 and out.overviews(1)
+        assert out.read_masks(1).all() and out.read().std() > 0.0
+    assert item["properties"]["gsd"] == pytest.approx(30.0 / factor)
+    assert validate_catalog(applied["catalog"]) >= 2
 
 
 def _latest_artifact(key: str):

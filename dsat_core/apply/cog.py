@@ -12,7 +12,7 @@ blended.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -98,15 +98,33 @@ def write_mosaic_cog(
     return Path(path)
 
 
-def write_mask_cog(path: str | Path, mask: np.ndarray, crs: CRS, transform: Affine) -> Path:
-    """The fill mask actually used (uint8 (H, W), 1 = filled) as a single-band COG sidecar."""
+def write_mask_cog(
+    path: str | Path,
+    shape: tuple[int, int],
+    strip: Callable[[int, int], np.ndarray],
+    crs: CRS,
+    transform: Affine,
+    staging: str | Path,
+) -> Path:
+    """The fill mask actually used as a single-band uint8 COG sidecar (1 = filled, 0 = kept, 255 = nodata),
+    written strip by strip: ``strip(y0, y1)`` gives output rows [y0, y1) as uint8 (y1 - y0, W)."""
+    height, width = shape
+    staging = Path(staging)
+    staging.mkdir(parents=True, exist_ok=True)
+    tmp = staging / (Path(path).stem + ".strips.tif")
     profile = {
-        "driver": "COG", "width": mask.shape[1], "height": mask.shape[0], "count": 1,
-        "dtype": "uint8", "crs": crs, "transform": transform, "compress": "deflate", "nodata": 255,
+        "driver": "GTiff", "width": width, "height": height, "count": 1, "dtype": "uint8", "crs": crs,
+        "transform": transform, "tiled": True, "blockxsize": BLOCK, "blockysize": BLOCK,
+        "compress": "deflate", "nodata": 255,
     }  # fmt: skip
-    with rasterio.open(path, "w", **profile) as dst:
-        dst.write(mask.astype(np.uint8)[None])
+    with rasterio.open(tmp, "w", **profile) as dst:
+        for y0 in range(0, height, BLOCK):
+            y1 = min(y0 + BLOCK, height)
+            dst.write(strip(y0, y1).astype(np.uint8)[None], window=Window(0, y0, width, y1 - y0))
         dst.set_band_description(1, "fill_mask")
+    rasterio.shutil.copy(tmp, str(path), driver="COG", compress="DEFLATE", blocksize=BLOCK,
+                         overview_resampling="NEAREST")  # fmt: skip
+    tmp.unlink()
     return Path(path)
 
 

@@ -17,9 +17,11 @@ call it):
 4. The report names every output and every item skipped with its reason; the run (params, items, previews)
    is logged to MLflow when a tracking URI is set.
 
-Bad input: no items, a model whose bands the catalog lacks, an AOI over ``max_pixels`` → `ValueError`
-before anything is written; an item outside the allowed roots / schemes, without overlap, or fully clouded
-→ skipped with its reason in the report.
+Bad input: no items, a model none of whose bands the catalog supplies (or, without band names, another
+channel count), an AOI over ``max_pixels`` → `ValueError` before anything is written; model bands the
+catalog lacks are marked missing (the band rule of evaluation) with a warning in the report and the items;
+an item outside the allowed roots / schemes, without overlap, fully clouded or (temporal) without another
+date → skipped with its reason in the report.
 """
 
 from __future__ import annotations
@@ -30,8 +32,10 @@ import os
 import shutil
 import tempfile
 from collections.abc import Callable, Sequence
-from contextlib import AbstractContextManager, nullcontext, suppress
-from dataclasses import dataclass
+from contextlib import AbstractContextManager, ExitStack, nullcontext, suppress
+from dataclasses import dataclass, field
+from datetime import datetime
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +51,7 @@ from dsat_core.apply.source import ItemUnusable, PlaceSource, open_place
 from dsat_core.apply.stac_item import ITEM_LINKS, build_item, write_catalog
 from dsat_core.apply.tiling import Tile, TilePlan, tile_seed
 from dsat_core.data.catalog import CatalogConfig, load_catalog
+from dsat_core.data.reader import scene_dates
 from dsat_core.data.stac import search_items
 from dsat_core.imaging.rgb import rgb_band_indices
 
@@ -94,6 +99,7 @@ class ApplyReport:
     complete: bool
     catalog: str | None = None
     mlflow_run_id: str | None = None
+    warnings: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -124,6 +130,7 @@ class _Run:
     model: ModelInfo
     out_local: Path
     work: Path
+    band_warnings: list[str] = field(default_factory=list)
 
     @property
     def tile_in(self) -> int:
@@ -203,27 +210,33 @@ class _Scene:
     plan: TilePlan
     scratch: ScratchTiles
     fill: Callable[[Window], np.ndarray] | None
+    others: list[_OtherDate] = field(default_factory=list)
 
     def inputs(self, tile: Tile) -> dict[str, Any]:
+        """The tile's frame, validity and pixels to fill, and its conditioning frames (C, T, h, w) with their
+        metadata: the frame itself, or the other dates' frames (temporal)."""
         window = Window(tile.x, tile.y, self.plan.tile, self.plan.tile)
         frame, valid = self.place.read(window)
         fill = self.fill(window) & valid if self.fill is not None else None
-        return {"window": window, "frame": frame, "valid": valid, "fill": fill}
+        sources = [o.place for o in self.others] or [self.place]
+        cond = np.stack([frame] if not self.others else [s.read(window)[0] for s in sources], axis=1)
+        meta = [s.metadata(window) for s in sources]
+        return {"window": window, "frame": frame, "valid": valid, "fill": fill, "cond": cond, "meta": meta}
 
 
 def _run_batch(run: _Run, scene: _Scene, batch: list[Tile]) -> None:
     """Run the model on one batch of tiles and write each to the scratch."""
     factor, place = run.runner.output_factor, scene.place
     reads = [scene.inputs(t) for t in batch]
-    frames = torch.from_numpy(np.stack([r["frame"] for r in reads]))[:, :, None]
+    frames = torch.from_numpy(np.stack([r["cond"] for r in reads]))
     fill = None
     if run.runner.fills_mask:
         fill = torch.from_numpy(
             np.stack([_upsample(r["fill"], factor) for r in reads])[:, None].astype(np.float32)
         )
-    frame_meta = [place.metadata(r["window"]) for r in reads]
+    frame_meta = [r["meta"] for r in reads]
     out_gsd = place.grid.gsd_m / factor
-    target_meta = [m.replace(gsd=out_gsd) for m in frame_meta]
+    target_meta = [place.metadata(r["window"]).replace(gsd=out_gsd) for r in reads]
     seeds = [tile_seed(run.spec.seed, t.y, t.x) for t in batch]
     images = run.runner(frames, place.bands, fill, target_meta, frame_meta, seeds)
     for k, (tile, read) in enumerate(zip(batch, reads, strict=True)):
@@ -289,29 +302,108 @@ def _fill_fraction(place: PlaceSource, fill: Callable[[Window], np.ndarray]) -> 
     return filled / total if total else 1.0
 
 
-def _mask_array(scene: _Scene, factor: int) -> np.ndarray:
-    """uint8 (H, W) on the output grid: 1 = filled by the model, 0 = kept, 255 = no input data."""
+def _mask_strip(scene: _Scene, factor: int, y0: int, y1: int) -> np.ndarray:
+    """uint8 output rows [y0, y1): 1 = filled by the model, 0 = kept, 255 = no input data."""
     grid = scene.place.grid
-    window = Window(0, 0, grid.width, grid.height)
+    r0, r1 = y0 // factor, -(-y1 // factor)
+    window = Window(0, r0, grid.width, r1 - r0)
     _, valid = scene.place.read(window)
     fill = scene.fill(window) if scene.fill is not None else np.zeros_like(valid)
-    out = np.where(valid, fill.astype(np.uint8), 255).astype(np.uint8)
-    return _upsample(out, factor)
+    out = _upsample(np.where(valid, fill.astype(np.uint8), 255).astype(np.uint8), factor)
+    return out[y0 - r0 * factor : y1 - r0 * factor]
+
+
+# ---------------------------------------------------------------------------------------------- other dates
+@dataclass
+class _OtherDate:
+    """A conditioning date of the temporal task: its source on the target's grid and masked fraction."""
+
+    place: PlaceSource
+    masked: float
+    when: datetime
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"id": self.place.item_id, "hrefs": self.place.hrefs, "datetime": self.place.scene_datetime,
+                "masked_fraction": self.masked}  # fmt: skip
+
+
+def _masked_fraction(place: PlaceSource) -> float:
+    """Fraction of the grid without clear data (nodata, or cloud where the catalog has a mask)."""
+    grid, masked = place.grid, 0
+    for y0 in range(0, grid.height, 256):
+        window = Window(0, y0, grid.width, min(256, grid.height - y0))
+        _, valid = place.read(window)
+        if place.has_cloud_mask:
+            valid &= ~place.cloud(window)
+        masked += int((~valid).sum())
+    return masked / max(1, grid.width * grid.height)
+
+
+def _candidate_dates(run: _Run, place: PlaceSource, items: list[dict]) -> list[dict]:
+    """The search's items of another date than ``place``'s, in the task's direction."""
+    target, _ = scene_dates(place.properties)
+    direction = getattr(run.runner.task, "direction", "both")
+    out = []
+    for item in items:
+        when, _ = scene_dates(item.get("properties") or {})
+        if item.get("id") == place.item_id or when is None or target is None or when.date() == target.date():
+            continue
+        if (direction == "forward" and when >= target) or (direction == "backward" and when <= target):
+            continue
+        out.append(item)
+    return out
+
+
+def _other_dates(run: _Run, place: PlaceSource, items: list[dict], stack: ExitStack) -> list[_OtherDate]:
+    """The temporal task's ``sequence_length`` frames: the clearest other dates of the place (least masked
+    fraction over the AOI, then nearest in time), repeated when fewer, in chronological order (as in
+    training); each opened on ``place``'s grid and kept open in ``stack``. `ItemUnusable` when none."""
+    length = int(getattr(run.runner.task, "sequence_length", 1))
+    target, _ = scene_dates(place.properties)
+    ranked: list[tuple[float, float, _OtherDate, ExitStack]] = []
+    for item in _candidate_dates(run, place, items):
+        sub = ExitStack()
+        try:
+            other = sub.enter_context(open_place(
+                item, run.config, place.product, run.spec.bbox, storage_options=run.spec.storage_options,
+                cloud_mask=run.config.cloud_mask is not None, grid=place.grid,
+            ))  # fmt: skip
+        except ItemUnusable:
+            sub.close()
+            continue
+        masked, when = _masked_fraction(other), scene_dates(other.properties)[0]
+        if when is None or target is None:
+            sub.close()
+            continue
+        ranked.append((masked, abs((when - target).total_seconds()), _OtherDate(other, masked, when), sub))
+    ranked.sort(key=lambda r: (r[0], r[1]))
+    usable = [r for r in ranked if r[0] < 1.0][:length]
+    for r in ranked:
+        if r in usable:
+            stack.push(r[3].__exit__)
+        else:
+            r[3].close()
+    if not usable:
+        raise ItemUnusable(place.item_id, "no other date of this place in the search to fill from (temporal)")
+    frames = [usable[k % len(usable)][2] for k in range(length)]
+    return sorted(frames, key=lambda o: o.when)
 
 
 # ---------------------------------------------------------------------------------------------- outputs
-def _fingerprint(run: _Run, place: PlaceSource, plan: TilePlan) -> dict[str, Any]:
+def _fingerprint(run: _Run, place: PlaceSource, plan: TilePlan, others: list[_OtherDate]) -> dict[str, Any]:
     card = run.runner.task.to_card() if run.runner.task is not None else None
     return {
         "kind": run.spec.kind, "model": run.model.uri, "version": run.model.version, "task": card,
         "item": place.item_id, "hrefs": place.hrefs, "grid": list(place.grid.transform)[:6],
         "shape": [place.grid.height, place.grid.width], "tiling": plan.to_dict(), "seed": run.spec.seed,
         "steps": run.spec.steps, "guidance": run.runner.guidance_scale, "prompt": run.spec.prompt,
-        "fill_mask": run.spec.fill_mask,
+        "fill_mask": run.spec.fill_mask, "conditioning": [o.to_dict() for o in others],
     }  # fmt: skip
 
 
-def _provenance(run: _Run, place: PlaceSource, plan: TilePlan, fill_fraction: float | None) -> dict:
+def _provenance(
+    run: _Run, place: PlaceSource, plan: TilePlan, fill_fraction: float | None, others: list[_OtherDate]
+) -> dict:
     out: dict[str, Any] = {
         "kind": run.spec.kind,
         "model": run.model.to_dict(),
@@ -329,6 +421,10 @@ def _provenance(run: _Run, place: PlaceSource, plan: TilePlan, fill_fraction: fl
             for b, lo, hi in zip(place.bands, place.scale_min, place.scale_max, strict=True)
         },
     }
+    if run.band_warnings:
+        out["band_warnings"] = run.band_warnings
+    if others:
+        out["conditioning"] = [o.to_dict() for o in others]  # the other dates the temporal task read
     if fill_fraction is not None:
         out["fill"] = {
             "source": run.spec.fill_mask or "catalog cloud mask",
@@ -359,7 +455,7 @@ def _write_outputs(run: _Run, scene: _Scene, out_id: str, fill_fraction: float |
     transform = place.grid.transform @ place.grid.transform.scale(1.0 / factor)
     crs = place.grid.crs
     bands = ["red", "green", "blue"]
-    provenance = _provenance(run, place, plan, fill_fraction)
+    provenance = _provenance(run, place, plan, fill_fraction, scene.others)
     tags = {"dsat_apply": json.dumps(provenance, default=str)[:30000], "dsat_nodata": "internal mask"}
     cog = write_mosaic_cog(staging / f"{out_id}.tif", plan, scene.scratch, crs, transform, bands, tags,
                            run.work / "strips")  # fmt: skip
@@ -367,7 +463,10 @@ def _write_outputs(run: _Run, scene: _Scene, out_id: str, fill_fraction: float |
         "image": (f"./{cog.name}", "image/tiff; application=geotiff; profile=cloud-optimized", ["data"])
     }
     if scene.fill is not None:
-        write_mask_cog(staging / f"{out_id}-mask.tif", _mask_array(scene, factor), crs, transform)
+        strip = partial(_mask_strip, scene, factor)
+        write_mask_cog(
+            staging / f"{out_id}-mask.tif", plan.out_shape, strip, crs, transform, run.work / "strips"
+        )
         assets["fill_mask"] = (f"./{out_id}-mask.tif", "image/tiff; application=geotiff", ["data-mask"])
     _preview(cog, staging / f"{out_id}-preview.png")
     assets["preview"] = (f"./{out_id}-preview.png", "image/png", ["overview"])
@@ -392,15 +491,20 @@ def _write_outputs(run: _Run, scene: _Scene, out_id: str, fill_fraction: float |
 
 
 # ---------------------------------------------------------------------------------------------- driver
-def _apply_item(run: _Run, item: dict, budget: list[int], counts: dict[str, int]) -> Path | None:
+def _apply_item(
+    run: _Run, item: dict, items: list[dict], budget: list[int], counts: dict[str, int]
+) -> Path | None:
     """One item: its tiles (resumed), then its outputs once every tile is done; None when not finished."""
     out_id = f"{run.spec.kind}-{item.get('id')}"
     final = run.out_local / out_id / f"{out_id}.json"
     if final.is_file():  # idempotent: a finished output is not made again
         return final
     product = run.runner.input_product
-    with open_place(item, run.config, product, run.spec.bbox, storage_options=run.spec.storage_options,
-                    cloud_mask=run.runner.fills_mask and run.spec.fill_mask is None) as place:  # fmt: skip
+    with ExitStack() as stack:
+        place = stack.enter_context(open_place(
+            item, run.config, product, run.spec.bbox, storage_options=run.spec.storage_options,
+            cloud_mask=run.runner.fills_mask and run.spec.fill_mask is None,
+        ))  # fmt: skip
         run.runner.check_bands(place.bands)
         factor = run.runner.output_factor
         out_pixels = place.grid.width * place.grid.height * factor * factor
@@ -416,9 +520,10 @@ def _apply_item(run: _Run, item: dict, budget: list[int], counts: dict[str, int]
             fraction = _fill_fraction(place, fill)
             if fraction >= 1.0:
                 raise ItemUnusable(place.item_id, "fully clouded: no clear pixel to fill from")
+        others = _other_dates(run, place, items, stack) if run.spec.kind == "temporal" else []
         plan = TilePlan(place.grid.height, place.grid.width, run.tile_in, run.overlap, factor)
-        scratch = _scratch(run, out_id, plan, _fingerprint(run, place, plan))
-        scene = _Scene(place, plan, scratch, fill)
+        scratch = _scratch(run, out_id, plan, _fingerprint(run, place, plan, others))
+        scene = _Scene(place, plan, scratch, fill, others)
         ran, reused, complete = _run_tiles(run, scene, budget)
         counts["run"] += ran
         counts["reused"] += reused
@@ -443,7 +548,7 @@ def _check_first(run: _Run, items: list[dict]) -> None:
         try:
             with open_place(item, run.config, run.runner.input_product, run.spec.bbox,
                             storage_options=run.spec.storage_options) as place:  # fmt: skip
-                run.runner.check_bands(place.bands)
+                run.band_warnings = run.runner.check_bands(place.bands)
                 return
         except ItemUnusable:
             continue
@@ -460,6 +565,8 @@ def run_apply(spec: ApplySpec, log: Callable[[str], None] = lambda _: None) -> A
     _init_distributed()
     run, items = _setup(spec)
     _check_first(run, items)
+    for warning in run.band_warnings:
+        log(f"warning: {warning}")
     budget = [spec.max_tiles if spec.max_tiles is not None else 1 << 62]
     counts = {"run": 0, "reused": 0}
     outputs: list[str] = []
@@ -467,7 +574,7 @@ def run_apply(spec: ApplySpec, log: Callable[[str], None] = lambda _: None) -> A
     complete = True
     for item in items:
         try:
-            path = _apply_item(run, item, budget, counts)
+            path = _apply_item(run, item, items, budget, counts)
         except ItemUnusable as err:
             skipped.append({"item_id": err.item_id, "reason": err.reason})
             log(f"skipped {err.item_id}: {err.reason}")
@@ -478,7 +585,8 @@ def run_apply(spec: ApplySpec, log: Callable[[str], None] = lambda _: None) -> A
             outputs.append(str(path))
             log(f"wrote {path}")
     counts = _all_ranks(counts)
-    report = ApplyReport(outputs, skipped, counts["run"], counts["reused"], complete)
+    report = ApplyReport(outputs, skipped, counts["run"], counts["reused"], complete,
+                         warnings=list(run.band_warnings))  # fmt: skip
     if _rank()[0] != 0:
         return report
     if outputs:

@@ -86,8 +86,9 @@ class TileRunner:
         noise = [torch.randn(shape, generator=torch.Generator().manual_seed(int(s))) for s in seeds]
         return torch.stack(noise).to(self.pipe.device, self.pipe.unet.dtype)
 
-    def check_bands(self, bands: Sequence[str]) -> None:
-        """Fails when the model needs bands the input product lacks."""
+    def check_bands(self, bands: Sequence[str]) -> list[str]:
+        """Warnings about the input product's bands; `ValueError` when the model cannot take them."""
+        return []
 
     def __call__(
         self,
@@ -95,10 +96,11 @@ class TileRunner:
         bands: Sequence[str],
         fill: torch.Tensor | None,
         metadata: list[SatMetadata],
-        frame_metadata: list[SatMetadata],
+        frame_metadata: list[list[SatMetadata]],
         seeds: Sequence[int],
     ) -> np.ndarray:
-        """float32 (B, 3, s, s) images in [0, 1] for a batch of tiles."""
+        """float32 (B, 3, s, s) images in [0, 1] for a batch of tiles; ``frames`` (B, C, T, h, w) and
+        ``frame_metadata`` (B lists of T) are the conditioning frames of each tile."""
         raise NotImplementedError
 
 
@@ -145,26 +147,40 @@ class ControlNetRunner(TileRunner):
     def fills_mask(self) -> bool:
         return self.control_task.fills_place_mask
 
-    def check_bands(self, bands: Sequence[str]) -> None:
+    def check_bands(self, bands: Sequence[str]) -> list[str]:
+        """The band rule of evaluation (`ControlNetTask.band_alignment`, the pipeline's ``cond_bands``): a
+        ControlNet with band names takes the product's bands by name, its bands the product lacks marked
+        missing (a warning) and the others dropped; none of its bands is an error. Without band names the
+        channel count must match."""
         named = self.control_pipe.controlnet.config.get("conditioning_bands")
         probe = torch.zeros(1, len(bands), 1, 1, 1)
         fill = torch.zeros(1, 1, self.output_factor, self.output_factor) if self.fills_mask else None
         cond_bands = self.control_task.place_conditioning(probe, bands, fill)["cond_bands"]
-        if named is not None:
-            alignment = align_bands([b for b in named if b != "mask"], cond_bands)
-            missing = list(alignment.missing)
-            if missing:
+        product = self.input_product
+        if named is None:
+            want = int(self.control_pipe.controlnet.config.conditioning_channels)
+            if len(cond_bands) != want:
                 raise ValueError(
-                    f"the model needs bands {missing} that the catalog's {self.input_product!r} product "
-                    f"does not supply (it has {list(bands)})"
+                    f"the model takes {want} conditioning channels (no band names); the catalog's "
+                    f"{product!r} product gives {len(cond_bands)} ({cond_bands})"
                 )
-            return
-        want = int(self.control_pipe.controlnet.config.conditioning_channels)
-        if len(cond_bands) != want:
+            return []
+        model_bands = [b for b in named if b != "mask"]
+        alignment = align_bands(model_bands, [b for b in cond_bands if b != "mask"])
+        if all(source is None for source in alignment.source):
             raise ValueError(
-                f"the model takes {want} conditioning channels; the catalog's {self.input_product!r} "
-                f"product gives {len(cond_bands)} ({cond_bands})"
+                f"none of the model's bands {model_bands} is in the catalog's {product!r} product "
+                f"(it has {list(bands)})"
             )
+        out = []
+        if alignment.missing:
+            out.append(
+                f"the catalog's {product!r} product lacks the model's bands {list(alignment.missing)}: "
+                f"marked missing (the ControlNet's learned missing-band value)"
+            )
+        if alignment.unknown:
+            out.append(f"bands {list(alignment.unknown)} unknown to the model: dropped")
+        return out
 
     def __call__(self, frames, bands, fill, metadata, frame_metadata, seeds) -> np.ndarray:  # noqa: ANN001
         inputs = self.control_task.place_conditioning(frames.to(self.pipe.device), bands, fill)
@@ -172,7 +188,7 @@ class ControlNetRunner(TileRunner):
             inputs.pop("cond_bands")
         return _channels_first(
             self.control_pipe(
-                cond_metadata=[[m] for m in frame_metadata],
+                cond_metadata=[list(m) for m in frame_metadata],
                 metadata=metadata,
                 prompt=self.prompt,
                 num_inference_steps=self.steps,

@@ -95,11 +95,13 @@ def open_place(
     *,
     storage_options: dict | None = None,
     cloud_mask: bool = False,
+    grid: TargetGrid | None = None,
 ) -> Iterator[PlaceSource]:
     """``product`` of ``item`` on its AOI grid (`PlaceSource`); `ItemUnusable` names why it cannot be.
 
     ``config`` is the catalog with the grid the model wants (``target_gsd`` = the input GSD); its tile size
-    is only the smallest area accepted. ``cloud_mask``: also open the catalog's cloud-mask band.
+    is only the smallest area accepted. ``cloud_mask``: also open the catalog's cloud-mask band. ``grid``:
+    read on this grid (another date's, for the temporal task) instead of the item's own AOI grid.
     """
     if product not in config.products:
         raise ValueError(
@@ -110,7 +112,7 @@ def open_place(
     item_id = str(item.get("id", "<no id>")) if isinstance(item, Mapping) else "<no id>"
     with ExitStack() as stack:
         try:
-            place = _open(item, single, product, aoi_bbox, storage_options, cloud_mask, stack)
+            place = _open(item, single, product, aoi_bbox, storage_options, cloud_mask, stack, grid)
         except (_reader._SceneRejected, GridError, RasterioError, OSError) as err:
             raise ItemUnusable(item_id, getattr(err, "reason", None) or str(err)) from err
         except UnsafeHrefError as err:
@@ -126,6 +128,7 @@ def _open(
     storage_options: dict | None,
     cloud_mask: bool,
     stack: ExitStack,
+    grid: TargetGrid | None = None,
 ) -> PlaceSource:
     """The reader's steps up to the scene grid and scaling (see `dsat_core.data.reader._read`)."""
     item_id, assets, properties = _reader._item_parts(item)
@@ -138,7 +141,8 @@ def _open(
     to_open = {**needed, **({cloud_ref: [1]} if cloud_ref and cloud_ref not in needed else {})}
     asset_of = {href: assets[asset_keys[href]] for href in to_open}
     opened = _reader._open_sources(to_open, asset_of, properties, config, storage_options, stack)
-    grid = _reader._scene_grid(list(opened.values()), item, properties, config, aoi_bbox)
+    if grid is None:
+        grid = _reader._scene_grid(list(opened.values()), item, properties, config, aoi_bbox)
     sources = {
         href: _reader._on_grid(opened[href], grid, idx, Resampling.bilinear, stack)
         for href, idx in needed.items()

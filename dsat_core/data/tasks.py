@@ -970,13 +970,15 @@ class TemporalTask(ControlNetTask[TemporalDataset]):
             k = dated[nearest_date_index([day for _, day in dated], target)][0]
         return to_rgb(sample["cond"][:, k], dataset.cond_bands)
 
+    #: applied to a place, it fills a date's clouded pixels from ``sequence_length`` other dates
+    fills_place_mask: ClassVar[bool] = True
+
     def place_conditioning(
         self, frames: torch.Tensor, bands: Sequence[str], fill: torch.Tensor | None = None
     ) -> dict[str, Any]:
-        raise ValueError(
-            "applying a temporal ControlNet to a place (frames from the clearest other dates) is not "
-            "supported yet; use inpaint for cloud fill from the same scene"
-        )
+        """``frames``: (B, C, T, h, w) the other dates' frames of the place, in chronological order (as in
+        training); the pixels to fill are kept apart by the apply job (the model predicts the whole tile)."""
+        return {"cond": frames.float(), "cond_bands": list(bands)}
 
 
 @dataclass(frozen=True)
