@@ -31,7 +31,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, ExitStack, nullcontext, suppress
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -291,11 +291,17 @@ def _mask_reader(run: _Run, place: PlaceSource) -> Callable[[Window], np.ndarray
     return read
 
 
+def _row_strips(place: PlaceSource, rows: int = 256) -> Iterator[Window]:
+    """Full-width windows of ``rows`` input rows covering the place's grid (reads with flat memory)."""
+    grid = place.grid
+    for y0 in range(0, grid.height, rows):
+        yield Window(0, y0, grid.width, min(rows, grid.height - y0))
+
+
 def _fill_fraction(place: PlaceSource, fill: Callable[[Window], np.ndarray]) -> float:
     """Fraction of the valid input pixels to fill, read strip by strip."""
-    grid, total, filled = place.grid, 0, 0
-    for y0 in range(0, grid.height, 256):
-        window = Window(0, y0, grid.width, min(256, grid.height - y0))
+    total, filled = 0, 0
+    for window in _row_strips(place):
         _, valid = place.read(window)
         total += int(valid.sum())
         filled += int((fill(window) & valid).sum())
@@ -329,14 +335,13 @@ class _OtherDate:
 
 def _masked_fraction(place: PlaceSource) -> float:
     """Fraction of the grid without clear data (nodata, or cloud where the catalog has a mask)."""
-    grid, masked = place.grid, 0
-    for y0 in range(0, grid.height, 256):
-        window = Window(0, y0, grid.width, min(256, grid.height - y0))
+    masked = 0
+    for window in _row_strips(place):
         _, valid = place.read(window)
         if place.has_cloud_mask:
             valid &= ~place.cloud(window)
         masked += int((~valid).sum())
-    return masked / max(1, grid.width * grid.height)
+    return masked / max(1, place.grid.width * place.grid.height)
 
 
 def _candidate_dates(run: _Run, place: PlaceSource, items: list[dict]) -> list[dict]:
