@@ -49,26 +49,21 @@ import torch.nn.functional as F
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from real_scenes import EXTRA, REAL, build_store, log  # noqa: E402
+
 from dsat_core.data.catalog import BandSpec, CatalogConfig, ProductSpec, ScalingSpec  # noqa: E402
-from dsat_core.data.store import DatasetStore  # noqa: E402
 from dsat_core.data.tasks import DegradationRecipe, SuperResolutionDataset  # noqa: E402
 from dsat_core.evaluation import paired_metrics  # noqa: E402
 from dsat_core.models.vae import DEFAULT_VAE_DIR  # noqa: E402
 
-REAL = REPO.parent / "shared" / "data" / "real"
 S2_ITEM = "sentinel2-l2a-T29RKH-20200219"
 LANDSAT_ITEMS = ["landsat8-oli-sr-rondonia-20190727", "landsat8-oli-sr-madre-de-dios-20180906"]
-EXTRA = REPO / "catalogs" / "samples" / "extra"
 EXTRA_ITEMS = ["landsat8-oli-l1tp-016037-20170813"]  # another Landsat 8 place, not in ../shared/data/real
 BUDGET_FRACTIONS = (0.125, 0.25, 0.5, 1.0)  # of --controlnet-seconds: the 4 budgets evaluated
 BANDS = ("blue", "green", "red", "nir")
 RECIPE = DegradationRecipe(factor=4, blur_sigma=1.0, bands=BANDS)
 TILE = 64  # tiles in the store
 RESOLUTION = 32  # what the models see: tiles resized 64 → 32 px (4× fewer latents, much cheaper steps)
-
-
-def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
 # ---------------------------------------------------------------------------------------------- data
@@ -95,28 +90,6 @@ def catalog() -> CatalogConfig:
             ),
         },
     )
-
-
-def build_store(path: Path) -> str:
-    from dsat_core.data.reader import read_item
-    from dsat_core.data.stac import load_static_catalog
-
-    if (path / "zarr.json").is_file():
-        return str(path)
-    items = {i["id"]: i for i in load_static_catalog(REAL / "catalog" / "catalog.json")}
-    items.update({i["id"]: i for i in load_static_catalog(EXTRA / "catalog" / "catalog.json")})
-    config = catalog()
-    store = DatasetStore.open(str(path), create=True, catalog=config)
-    staged = []
-    for item_id in (S2_ITEM, *LANDSAT_ITEMS, *EXTRA_ITEMS):
-        scene = read_item(items[item_id], config)
-        log(
-            f"read {item_id}: { {k: len(v) for k, v in scene.products.items()} } tiles, "
-            f"{len(scene.rejected)} rejected"
-        )
-        staged.append(store.stage(scene))
-    store.commit(staged)
-    return str(path)
 
 
 def splits(holdout_fraction: float) -> dict[str, dict]:
@@ -337,7 +310,7 @@ def main(argv: list[str] | None = None) -> int:
     work = args.workdir
     work.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    store_uri = build_store(work / "store.zarr")
+    store_uri = build_store(work / "store.zarr", catalog(), (S2_ITEM, *LANDSAT_ITEMS, *EXTRA_ITEMS))
     split = splits(args.holdout_fraction)
     sizes = {
         k: len(SuperResolutionDataset(store_uri, recipe=RECIPE, resolution=RESOLUTION, **v))

@@ -31,12 +31,11 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from real_scenes import EXTRA, REAL, build_store, log  # noqa: E402
+
 from dsat_core.data.catalog import BandSpec, CatalogConfig, ProductSpec, ScalingSpec  # noqa: E402
-from dsat_core.data.store import DatasetStore  # noqa: E402
 from dsat_core.models.vae import DEFAULT_VAE_DIR  # noqa: E402
 
-REAL = REPO.parent / "shared" / "data" / "real"
-EXTRA = REPO / "catalogs" / "samples" / "extra"
 REAL_ITEMS = [
     "sentinel2-l2a-T29RKH-20200219",
     "landsat8-oli-sr-rondonia-20190727",
@@ -45,10 +44,6 @@ REAL_ITEMS = [
 ]
 EXTRA_ITEMS = ["landsat7-etm-everest-20001030-rgb", "landsat8-oli-l1tp-016037-20170813"]
 TILE = 32
-
-
-def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
 def catalog() -> CatalogConfig:
@@ -70,29 +65,6 @@ def catalog() -> CatalogConfig:
             )
         },
     )
-
-
-def build_store(path: Path) -> str:
-    """The rgb store of the scenes above (kept between runs)."""
-    from dsat_core.data.reader import read_item
-    from dsat_core.data.stac import load_static_catalog
-
-    if (path / "zarr.json").is_file():
-        return str(path)
-    items = {i["id"]: i for i in load_static_catalog(REAL / "catalog" / "catalog.json")}
-    items.update({i["id"]: i for i in load_static_catalog(EXTRA / "catalog" / "catalog.json")})
-    config = catalog()
-    store = DatasetStore.open(str(path), create=True, catalog=config)
-    staged = []
-    for item_id in REAL_ITEMS + EXTRA_ITEMS:
-        if item_id not in items:
-            log(f"{item_id}: not in the catalogs, skipped")
-            continue
-        scene = read_item(items[item_id], config)
-        log(f"read {item_id}: {len(scene.products.get('rgb', []))} tiles, {len(scene.rejected)} rejected")
-        staged.append(store.stage(scene))
-    store.commit(staged)
-    return str(path)
 
 
 def train_base(store_uri: str, out: Path, seconds: float, holdout_fraction: float) -> dict:
@@ -168,7 +140,9 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     args.workdir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    store_uri = build_store(args.workdir / "store.zarr")
+    store_uri = build_store(
+        args.workdir / "store.zarr", catalog(), REAL_ITEMS + EXTRA_ITEMS, skip_missing=True
+    )
     held_out = len(TileDataset(store_uri, "rgb", split="holdout", holdout_fraction=args.holdout_fraction))
     log(f"store ready: {held_out} held-out rgb tiles")
     if held_out < args.n_samples:
