@@ -31,8 +31,10 @@ held-out tiles × (``--steps`` + round(steps × strength)) DDIM steps; ≤ 20 mi
    output degraded by the recipe and the input) of the ControlNet and of the task baseline (bicubic of the
    same degraded input), DDIM ``--steps`` steps, guidance 1.0; at strength 1.0 (from noise) and at
    ``--strength`` (SDEdit: bicubic noised to that fraction of the schedule, round(steps × strength) steps).
-   Also the VAE ceiling decode(encode(target)) on the same tiles (the best any model in this latent space
-   can do). Prints the table per budget and strength with n beside each metric; writes results.json.
+   The SR task back-projects each output onto its degraded input (`lr_projection_steps`, the task card's
+   default); the last budget is also evaluated without it, at ``--strength``. Also the VAE ceiling
+   decode(encode(target)) on the same tiles (the best any model in this latent space can do). Prints the
+   table per budget and strength with n beside each metric; writes results.json.
 """
 
 from __future__ import annotations
@@ -201,16 +203,24 @@ def train_sr_controlnet(
 METRICS = ("psnr", "ssim", "lr_psnr")
 
 
-def evaluate(store_uri: str, split: dict, pipeline_dir: str, steps: int, strength: float) -> dict:
-    """`evaluate_controlnet` on every held-out SR sample: the model and bicubic, side by side, with n."""
+def evaluate(
+    store_uri: str, split: dict, pipeline_dir: str, steps: int, strength: float, projection: bool = True
+) -> dict:
+    """`evaluate_controlnet` on every held-out SR sample: the model and bicubic, side by side, with n;
+    ``projection=False``: the model's outputs as sampled (the task's back-projection onto the input off)."""
+    from dsat_core.data.tasks import read_task_card
     from dsat_core.evaluation.runner import evaluate_controlnet
 
     n = len(SuperResolutionDataset(store_uri, recipe=RECIPE, resolution=RESOLUTION, **split))
+    task = read_task_card(pipeline_dir)
+    assert task is not None, f"{pipeline_dir} has no task card"
+    if not projection:
+        task = task.with_options(lr_projection_steps=0)
     start = time.perf_counter()
     result = evaluate_controlnet(
         pipeline_dir,
         store_uri,
-        "sr",
+        task,
         n=n,
         steps=steps,
         strength=strength,
@@ -223,6 +233,7 @@ def evaluate(store_uri: str, split: dict, pipeline_dir: str, steps: int, strengt
         "sample_sizes": result.params.get("sample_sizes", {}),
         "sensors": result.params.get("sensors", []),
         "strength": strength,
+        "projection": projection,
         "seconds": round(time.perf_counter() - start, 1),
         "per_tile": [
             {k: r[k] for k in ("tile_index", "item_id", "platform", "psnr_model", "psnr_baseline")}
@@ -267,7 +278,9 @@ def report(results: dict) -> None:
         )
         for ev in row["evaluations"]:
             m = ev["metrics"]
-            print(f"  strength {ev['strength']:.2f}  sensors {ev['sensors']}  ({ev['seconds']:.0f} s)")
+            projection = "" if ev.get("projection", True) else "  WITHOUT back-projection"
+            print(f"  strength {ev['strength']:.2f}{projection}  sensors {ev['sensors']}", end="")
+            print(f"  ({ev['seconds']:.0f} s)")
             for metric in METRICS:
                 print(
                     f"    {metric:<8} model {_cell(m, metric + '/model')}   "
@@ -279,7 +292,7 @@ def report(results: dict) -> None:
             f"{ev['metrics']['psnr/gain']:+.2f}"
             for row in results["budgets"]
             for ev in row["evaluations"]
-            if ev["strength"] == strength
+            if ev["strength"] == strength and ev.get("projection", True)
         ]
         print(f"  strength {strength:.2f}: {' → '.join(gains)}")
 
@@ -299,7 +312,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--base-seconds", type=float, default=120.0)
     parser.add_argument("--controlnet-seconds", type=float, default=300.0, help="the largest of 4 budgets")
     parser.add_argument("--steps", type=int, default=20, help="DDIM steps at evaluation")
-    parser.add_argument("--strength", type=float, default=0.3, help="the image-to-image start evaluated")
+    parser.add_argument("--strength", type=float, default=0.1, help="the image-to-image start evaluated")
     parser.add_argument("--holdout-fraction", type=float, default=0.25)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
@@ -354,6 +367,11 @@ def main(argv: list[str] | None = None) -> int:
         evaluations = [
             evaluate(store_uri, split["holdout"], cn_info["pipeline_dir"], args.steps, s) for s in strengths
         ]
+        if fraction == BUDGET_FRACTIONS[-1]:  # which part holds SR back: the same model, no back-projection
+            folder = cn_info["pipeline_dir"]
+            evaluations.append(
+                evaluate(store_uri, split["holdout"], folder, args.steps, args.strength, projection=False)
+            )
         results["budgets"].append({"controlnet": cn_info, "evaluations": evaluations})
         log(f"evaluated budget {cn_info['seconds']} s")
         (work / "results.json").write_text(json.dumps(results, indent=1))

@@ -48,7 +48,7 @@ class DemoParams(BaseModel):
     eval_samples: int = 16
     eval_steps: int = 20
     sr_strength: float = Field(
-        0.3,
+        0.1,
         gt=0.0,
         le=1.0,
         description="SR sampling starts from the bicubic input noised to this fraction of the schedule "

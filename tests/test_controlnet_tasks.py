@@ -123,6 +123,46 @@ def test_degradation_removes_detail_and_keeps_smooth_content() -> None:
         recipe_bad.band_indices(["red", "green"])
 
 
+def test_back_projection_makes_outputs_agree_with_their_input_and_keeps_detail() -> None:
+    recipe = DegradationRecipe(factor=4, blur_sigma=1.0)
+    gen = torch.Generator().manual_seed(0)
+    truth = gaussian_blur(torch.rand(2, 3, 32, 32, generator=gen) * 1.6 - 0.8, 1.5)
+    low = recipe.degrade(truth)
+    output = (truth * 0.6 + 0.3).clamp(-1, 1)  # right detail, wrong contrast and brightness (low frequencies)
+    projected = recipe.back_project(output, low, steps=8)
+
+    def lr_error(x: torch.Tensor) -> float:
+        return float((recipe.degrade(x) - low).abs().mean())
+
+    assert projected.shape == output.shape and projected.dtype == output.dtype
+    assert lr_error(projected) < 0.1 * lr_error(output)  # agrees with the input it was made from
+    assert float((projected - truth).abs().mean()) < 0.5 * float((output - truth).abs().mean())
+    torch.testing.assert_close(recipe.back_project(output, low, steps=0), output)
+    consistent = recipe.back_project(truth, low, steps=8)  # an output that already agrees stays as it is
+    torch.testing.assert_close(consistent, truth, atol=1e-6, rtol=0)
+
+
+def test_sr_task_consistency_on_samples_and_on_place_frames(paired_store: str) -> None:
+    task = SuperResolutionTask(degradation={"factor": 2, "blur_sigma": 0.0}, lr_projection_steps=6)
+    sr = task.dataset(DataSpec(paired_store))
+    low = to_rgb(sr.lowres(3), sr.cond_bands)
+    output = torch.zeros(3, 32, 32)
+    made = task.consistent(sr, 3, output)
+    down = DegradationRecipe(factor=2, blur_sigma=0.0).degrade(made[None])[0]
+    assert float((down - low).abs().mean()) < 0.1 * float(low.abs().mean())
+    torch.testing.assert_close(task.with_options(lr_projection_steps=0).consistent(sr, 3, output), output)
+
+    bands = list(sr.cond_bands)
+    frames = sr.lowres(3)[None, :, None].repeat(2, 1, 1, 1, 1)  # (B, C, T, h, w) read from a place
+    baseline = task.place_baseline(frames, bands)
+    expected = bicubic_upsample(low[None].double(), 32)[0]
+    torch.testing.assert_close(baseline[0].double(), expected, atol=1e-5, rtol=0)
+    placed = task.place_consistent(torch.zeros(2, 3, 32, 32), frames, bands)
+    torch.testing.assert_close(placed[0], made, atol=1e-5, rtol=0)  # the same rule on both paths
+    with pytest.raises(ValueError, match="lr_projection_steps"):
+        SuperResolutionTask(lr_projection_steps=-1)
+
+
 def test_sr_needs_both_products(paired_store: str, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="not in the product"):
         SuperResolutionDataset(paired_store, recipe={"bands": ["swir22"]})

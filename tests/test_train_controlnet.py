@@ -107,6 +107,7 @@ def test_base_model_stays_frozen_and_pipeline_is_registered(stores: dict[str, st
         "product": "rgb",
         "cond_product": "multispectral",
         "degradation": degradation,
+        "lr_projection_steps": 8,
     }
     assert read_task_card(saved) == cfg.control_task() == SuperResolutionTask(degradation=cfg.degradation)
 

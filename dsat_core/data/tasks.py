@@ -221,7 +221,10 @@ class DegradationRecipe:
         """(C, H, W) → selected bands, blurred and area-downsampled to (C', H / factor, W / factor)."""
         if band_names is not None:
             image = image[self.band_indices(band_names)]
-        x = image[None].float()
+        return self.degrade(image[None].float())[0]
+
+    def degrade(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, C, H, W) → blurred and area-downsampled (N, C, H / factor, W / factor), in ``x``'s dtype."""
         if self.blur_sigma > 0:
             x = gaussian_blur(x, self.blur_sigma)
         height, width = x.shape[-2:]
@@ -229,7 +232,18 @@ class DegradationRecipe:
             raise ValueError(
                 f"tile {height}x{width} is not divisible by the degradation factor {self.factor}"
             )
-        return F.avg_pool2d(x, self.factor)[0]
+        return F.avg_pool2d(x, self.factor)
+
+    def back_project(self, images: torch.Tensor, lowres: torch.Tensor, steps: int) -> torch.Tensor:
+        """``images`` (N, C, H, W) in [-1, 1] made to agree with their ``lowres`` input (N, C, h, w):
+        ``steps`` rounds of iterative back-projection (Irani & Peleg 1991), each adding the bicubic
+        upsampling of ``lowres - degrade(x)``. What the image's own low frequencies got wrong is replaced by
+        the input's (the "hard constraint" of whole-scene SR models such as sen2sr); its detail is kept."""
+        x = images.double()
+        low = lowres.to(device=x.device, dtype=x.dtype)
+        for _ in range(steps):
+            x = (x + bicubic_upsample(low - self.degrade(x), x.shape[-2:])).clamp(-1.0, 1.0)
+        return x.to(images.dtype)
 
     def apply(self, image: torch.Tensor, band_names: Sequence[str] | None = None) -> torch.Tensor:
         """The conditioning frame: `lowres`, upsampled back to the input size and clamped to [-1, 1]."""
@@ -753,6 +767,8 @@ class DataSpec:
 
 
 DatasetT = TypeVar("DatasetT", bound=TaskDataset)
+#: default rounds of `DegradationRecipe.back_project` of an SR task's outputs (see `SuperResolutionTask`)
+LR_PROJECTION_STEPS = 8
 
 
 @dataclass(frozen=True)
@@ -812,6 +828,11 @@ class ControlNetTask(ABC, Generic[DatasetT]):
         """(N, 1, H, W) pixels the task fills, scored apart (1 = fill); None when that is the whole image."""
         return None
 
+    def consistent(self, dataset: DatasetT, i: int, image: torch.Tensor) -> torch.Tensor:
+        """Sample ``i``'s output (3, H, W) in [-1, 1] made to agree with what the task observed of its target
+        (SR: the low-resolution input); unchanged by default."""
+        return image
+
     def lowres_views(
         self, dataset: DatasetT, i: int, image: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -845,6 +866,17 @@ class ControlNetTask(ABC, Generic[DatasetT]):
         """
         return {"cond": frames, "cond_bands": list(bands)}
 
+    def place_baseline(self, frames: torch.Tensor, bands: Sequence[str]) -> torch.Tensor | None:
+        """(B, 3, H, W) in [-1, 1] on the output grid: the task's classical prediction for frames read from a
+        place (the start of image-to-image sampling, ``strength`` < 1); None for a task without one."""
+        return None
+
+    def place_consistent(
+        self, images: torch.Tensor, frames: torch.Tensor, bands: Sequence[str]
+    ) -> torch.Tensor:
+        """`consistent` for outputs (B, 3, H, W) in [-1, 1] of frames read from a place (default: as is)."""
+        return images
+
     # -------------------------------------------------------------- card
     def to_card(self) -> dict[str, Any]:
         """``{"task": name, <every field>}``, JSON-ready; `from_card` gives the task back."""
@@ -877,16 +909,22 @@ class ControlNetTask(ABC, Generic[DatasetT]):
 class SuperResolutionTask(ControlNetTask[SuperResolutionDataset]):
     """``sr``: a degraded (or fixed-recipe) ``cond_product`` frame → the ``product`` RGB tile; baseline:
     bicubic upsampling of the degraded frame's RGB bands. ``degradation``: `split_sr_recipe` keys, kept as
-    the whole recipe (`sr_recipe_record`)."""
+    the whole recipe (`sr_recipe_record`). Outputs are back-projected onto the degraded input
+    (``lr_projection_steps`` rounds, `DegradationRecipe.back_project`): taken down by the recipe, an output
+    gives its input back, as whole-scene SR models (sen2sr's hard constraint) guarantee."""
 
     name: ClassVar[str] = "sr"
     baseline_name: ClassVar[str] = "bicubic"
 
     cond_product: str = "multispectral"
     degradation: Mapping[str, Any] = field(default_factory=dict)
+    #: rounds of back-projection onto the low-resolution input applied to each output (0: none)
+    lr_projection_steps: int = LR_PROJECTION_STEPS
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "degradation", sr_recipe_record(self.degradation))
+        if self.lr_projection_steps < 0:
+            raise ValueError(f"lr_projection_steps must be >= 0, got {self.lr_projection_steps}")
 
     def dataset(self, spec: DataSpec) -> SuperResolutionDataset:
         return SuperResolutionDataset(
@@ -906,6 +944,30 @@ class SuperResolutionTask(ControlNetTask[SuperResolutionDataset]):
             return None
         low = to_rgb(dataset.lowres(i), dataset.cond_bands).double()
         return dataset.degradation.lowres(image.double()).to(low.dtype), low
+
+    def consistent(self, dataset: SuperResolutionDataset, i: int, image: torch.Tensor) -> torch.Tensor:
+        """`DegradationRecipe.back_project` onto the RGB bands of the degraded input, `lr_projection_steps`
+        rounds; unchanged with a fixed input recipe (its input is not the target degraded)."""
+        if not self.lr_projection_steps or dataset.input_recipe is not None:
+            return image
+        low = to_rgb(dataset.lowres(i), dataset.cond_bands)
+        return dataset.degradation.back_project(image[None], low[None], self.lr_projection_steps)[0]
+
+    def place_baseline(self, frames: torch.Tensor, bands: Sequence[str]) -> torch.Tensor:
+        """Bicubic upsampling of the last frame's RGB bands by the factor (the evaluation's baseline)."""
+        height, width = frames.shape[-2:]
+        low = to_rgb(frames[:, :, -1].double(), bands)
+        return bicubic_upsample(low, (height * self.output_factor, width * self.output_factor)).float()
+
+    def place_consistent(
+        self, images: torch.Tensor, frames: torch.Tensor, bands: Sequence[str]
+    ) -> torch.Tensor:
+        """`consistent` onto the last frame's RGB bands (the place's low-resolution input)."""
+        if not self.lr_projection_steps:
+            return images
+        recipe = DegradationRecipe(**self.degradation)
+        low = to_rgb(frames[:, :, -1], bands)
+        return recipe.back_project(images, low, self.lr_projection_steps)
 
     @property
     def input_product(self) -> str:

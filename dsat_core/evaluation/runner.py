@@ -632,6 +632,11 @@ def _lr_pairs(
     return lr_model, lr_base
 
 
+def _consistent(task: ControlNetTask, dataset: TaskDataset, i: int, image: torch.Tensor) -> torch.Tensor:
+    """`ControlNetTask.consistent` of one output (3, H, W) in [0, 1], on the same scale."""
+    return ((task.consistent(dataset, i, image.double() * 2.0 - 1.0) + 1.0) / 2.0).to(image.dtype)
+
+
 def _paired_batch(
     pipe: Any,
     task: ControlNetTask,
@@ -642,7 +647,8 @@ def _paired_batch(
     strength: float,
     **sampling: Any,
 ) -> _PairedBatch:
-    """The task baseline, then the model on the same samples; with ``strength`` < 1 the model starts from
+    """The task baseline, then the model on the same samples (made `ControlNetTask.consistent` with what the
+    task observed); with ``strength`` < 1 the model starts from
     the baseline noised to that fraction of the schedule (``init_image``, as image-to-image pipelines do)."""
     samples = [dataset[i] for i in indices]
     batch = collate_task_batch(samples)
@@ -650,9 +656,10 @@ def _paired_batch(
     conditioning = task.conditioning(batch, cond_bands)
     base = torch.stack([task.baseline(dataset, i, s) for i, s in zip(indices, samples, strict=True)])
     start: dict[str, Any] = {} if strength >= 1.0 else {"init_image": base.float(), "strength": strength}
-    pred = sample_images(
+    raw = sample_images(
         pipe, captions, metas, [seeds[i] for i in indices], conditioning=conditioning, **start, **sampling
     )
+    pred = torch.stack([_consistent(task, dataset, i, image) for i, image in zip(indices, raw, strict=True)])
     lr_model, lr_base = _lr_pairs(task, dataset, indices, pred, base)
     return _PairedBatch(
         start=indices.start,
