@@ -188,8 +188,8 @@ def _cmd_apply(args: argparse.Namespace) -> int:
     from dsat_core.apply.job import ApplySpec, run_apply
 
     fields = ("catalog", "bbox", "datetime", "model", "out", "stac_api", "max_items", "input_gsd", "overlap",
-              "batch_size", "steps", "guidance_scale", "seed", "prompt", "product", "fill_mask", "device",
-              "max_pixels", "max_tiles", "work_dir", "nproc_per_node")  # fmt: skip
+              "batch_size", "steps", "guidance_scale", "strength", "seed", "prompt", "product", "fill_mask",
+              "device", "max_pixels", "max_tiles", "work_dir", "nproc_per_node")  # fmt: skip
     values = {name: getattr(args, name) for name in fields if getattr(args, name) is not None}
     if args.mlflow_tracking_uri:
         values["mlflow_tracking_uri"] = args.mlflow_tracking_uri
@@ -218,6 +218,9 @@ def _add_apply_parser(sub: argparse._SubParsersAction) -> None:
     apply.add_argument("--batch-size", type=int)
     apply.add_argument("--steps", type=int)
     apply.add_argument("--guidance-scale", type=float)
+    apply.add_argument(
+        "--strength", type=float, help="start from the task's baseline (SR: bicubic); 1 = noise"
+    )
     apply.add_argument("--seed", type=int)
     apply.add_argument("--prompt")
     apply.add_argument("--product", help="generate: the product whose grid and dates it follows")

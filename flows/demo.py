@@ -202,11 +202,12 @@ def main_job(params: DemoParams = DemoParams()) -> DemoResult:
 
 
 def apply_sr(model_dir: str, out: Path, params: DemoParams, tracking_uri: str) -> dict[str, Any]:
-    """The `apply-model` flow: the trained SR ControlNet over `APPLY_AOI` of the multispectral samples."""
+    """The `apply-model` flow: the trained SR ControlNet over `APPLY_AOI` of the multispectral samples, at the
+    strength its evaluation used."""
     with serve_static_catalog(SAMPLES_CATALOG, "local-samples") as stac_api:
         spec = ApplySpec(kind="sr", catalog="local-samples", bbox=APPLY_AOI, model=model_dir, out=str(out),
-                         stac_api=stac_api, steps=params.eval_steps, seed=params.seed, batch_size=16,
-                         mlflow_tracking_uri=tracking_uri)  # fmt: skip
+                         stac_api=stac_api, steps=params.eval_steps, strength=params.sr_strength,
+                         seed=params.seed, batch_size=16, mlflow_tracking_uri=tracking_uri)  # fmt: skip
         report = apply_model(spec)
     if not report["outputs"]:
         raise RuntimeError(f"apply-model wrote no mosaic: {report['skipped']}")

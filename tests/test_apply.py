@@ -156,6 +156,124 @@ def test_other_seed_changes_the_mosaic(
     assert np.abs(a.astype(int) - b.astype(int)).mean() > 0.5
 
 
+# ---------------------------------------------------------------------------------------------- strength
+def _to_uint8(x: torch.Tensor | np.ndarray) -> np.ndarray:
+    return np.clip(np.rint((np.asarray(x, dtype=np.float64) + 1.0) / 2.0 * 255.0), 0, 255)
+
+
+def _input_frame(api: str) -> tuple[torch.Tensor, list[str]]:
+    """The AOI's multispectral frame (1, C, 1, h, w) in [-1, 1] on the grid the job reads, and its bands."""
+    from dsat_core.apply.source import open_place
+    from dsat_core.data.stac import search_items
+
+    config = load_catalog("local-samples").with_overrides(stac_api=api, tile_size=16, overlap=0)
+    [item] = [i for i in search_items(config, bbox=AOI) if i["id"] == SCENE]
+    with open_place(item, config, "multispectral", AOI) as place:
+        frame, _ = place.read(rasterio.windows.Window(0, 0, place.grid.width, place.grid.height))
+        return torch.from_numpy(frame)[None, :, None], list(place.bands)
+
+
+@pytest.fixture(scope="module")
+def flat_sr_model(sr_model: Path, samples_api: str, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """`sr_model` without back-projection of its outputs (``lr_projection_steps`` 0), its tiny VAE's scaling
+    factor set for unit-std latents of the AOI's bicubic (as a trained VAE's is), so that a timestep's noise
+    means what it means for a real model."""
+    import shutil
+
+    from diffusers import AutoencoderKL
+
+    folder = tmp_path_factory.mktemp("apply-models") / "sr-flat"
+    shutil.copytree(sr_model, folder)
+    degradation = {"factor": 2, "blur_sigma": 0.0}
+    write_task_card(SuperResolutionTask(degradation=degradation, lr_projection_steps=0), folder)
+    frame, bands = _input_frame(samples_api)
+    start = SuperResolutionTask(degradation=degradation).place_baseline(frame, bands)
+    vae = AutoencoderKL.from_pretrained(str(folder / "vae")).eval()
+    with torch.no_grad():
+        std = float(vae.encode(start[..., :40, :40]).latent_dist.mean.std())
+    config = json.loads((folder / "vae" / "config.json").read_text())
+    (folder / "vae" / "config.json").write_text(json.dumps({**config, "scaling_factor": 1.0 / std}))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def flat_runs(flat_sr_model: Path, samples_api: str, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """`flat_sr_model` over the AOI from noise (strength 1) and from the bicubic (strength 0.3)."""
+    out = tmp_path_factory.mktemp("apply-sr-flat")
+    return {
+        s: run_apply(_spec("sr", flat_sr_model, out / str(s), samples_api, strength=s)) for s in (1.0, 0.3)
+    }
+
+
+def test_sr_strength_starts_from_the_bicubic_and_is_recorded(
+    flat_runs: dict, flat_sr_model: Path, samples_api: str
+) -> None:
+    """At strength 0.3 (1 of 2 steps, from the last timestep) the output is the model's rendering of the
+    bicubic start: the tiny VAE is random, so the reference is its round trip of the first tile's bicubic
+    (the mosaic's top-left 24 px are that tile's alone); the mosaic from noise is >= 4x further away."""
+    from diffusers import AutoencoderKL
+
+    from dsat_core.models.vae import decode_latents, encode_latents
+
+    frame, bands = _input_frame(samples_api)
+    task = SuperResolutionTask(degradation={"factor": 2, "blur_sigma": 0.0})
+    start = task.place_baseline(frame[..., :16, :16], bands)
+    vae = AutoencoderKL.from_pretrained(str(flat_sr_model / "vae")).eval()
+    reference = _to_uint8(decode_latents(vae, encode_latents(vae, start))[0])[:, :24, :24]
+    mosaics = {s: _read(Path(r.outputs[0]).with_suffix(".tif"))[0][:, :24, :24] for s, r in flat_runs.items()}
+    near = np.abs(mosaics[0.3] - reference).mean()
+    far = np.abs(mosaics[1.0] - reference).mean()
+    assert near < 0.25 * far, (near, far)
+    for strength, report in flat_runs.items():
+        item = json.loads(Path(report.outputs[0]).read_text())
+        assert item["properties"]["dsat:apply"]["strength"] == pytest.approx(strength)
+
+
+def test_sr_outputs_are_made_consistent_with_the_low_res_input(
+    sr_run: dict, flat_runs: dict, samples_api: str
+) -> None:
+    """The task's back-projection (``lr_projection_steps`` 8 in `sr_model`'s card, 0 in `flat_sr_model`'s):
+    2 x 2 means of the output match the input's RGB bands, within 3 / 255 (vs tens without it)."""
+    from dsat_core.imaging.rgb import to_rgb
+
+    frame, bands = _input_frame(samples_api)
+    low = _to_uint8(to_rgb(frame[:, :, 0], bands)[0])
+
+    def lr_error(report) -> float:  # noqa: ANN001
+        image = _read(Path(report.outputs[0]).with_suffix(".tif"))[0].astype(np.float64)
+        pooled = image.reshape(3, low.shape[1], 2, low.shape[2], 2).mean(axis=(2, 4))
+        return float(np.abs(pooled - low).mean())
+
+    projected, flat = lr_error(sr_run["report"]), lr_error(flat_runs[1.0])
+    assert projected < 3.0 and flat > 10 * projected, (projected, flat)
+
+
+def test_a_rerun_with_another_strength_does_not_reuse_the_tiles(
+    sr_model: Path, samples_api: str, tmp_path: Path
+) -> None:
+    from dsat_core.apply.scratch import ScratchMismatch
+
+    first = run_apply(_spec("sr", sr_model, tmp_path, samples_api, max_tiles=3))
+    assert not first.complete and first.tiles_run == 3
+    with pytest.raises(ScratchMismatch, match="'strength': 0.5"):
+        run_apply(_spec("sr", sr_model, tmp_path, samples_api, strength=0.5))
+    assert not list(tmp_path.glob("sr-*"))
+
+
+def test_strength_below_one_without_a_baseline_is_refused_before_writing(
+    tiny_pipelines: dict[str, Path], samples_api: str, tmp_path: Path
+) -> None:
+    generate = _spec("generate", tiny_pipelines["generation"], tmp_path / "gen", samples_api, strength=0.5)
+    with pytest.raises(ValueError, match="generation has none"):
+        run_apply(generate)
+    assert not list((tmp_path / "gen").glob("generate*"))
+    spec = _spec("inpaint", tiny_pipelines["inpaint"], tmp_path / "out", samples_api, strength=0.5,
+                 fill_mask=str(_mask_raster(tmp_path / "clouds.tif")))  # fmt: skip
+    with pytest.raises(ValueError, match="the 'inpaint' task has none to start from"):
+        run_apply(spec)
+    assert not (tmp_path / "out" / ".work" / "scratch").exists() and not list((tmp_path / "out").glob("in*"))
+
+
 # ---------------------------------------------------------------------------------------------- bad input
 def test_no_items_is_a_clear_error(sr_model: Path, samples_api: str, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="no items in catalog 'local-samples'"):

@@ -29,7 +29,7 @@ def test_apply_model_sr_deployment_writes_the_mosaic(
     tmp_path: Path,
 ) -> None:
     params = {"kind": "sr", "catalog": "local-samples", "bbox": list(AOI), "model": str(sr_model),
-              "out": str(tmp_path / "applied"), "steps": 2, "overlap": 4}  # fmt: skip
+              "out": str(tmp_path / "applied"), "steps": 2, "overlap": 4, "strength": 0.3}  # fmt: skip
     flow_run_id = _run_deployment(deployed, "apply-model/sr", params)
     _run_worker_once(deployed, "dsat-process", tmp_path / "worker.log", timeout=600)
     state = _state(deployed["PREFECT_API_URL"], flow_run_id)
@@ -37,6 +37,7 @@ def test_apply_model_sr_deployment_writes_the_mosaic(
     item_path = tmp_path / "applied" / f"sr-{SCENE}" / f"sr-{SCENE}.json"
     item = json.loads(item_path.read_text())
     assert item["properties"]["dsat:apply"]["inputs"][0]["id"] == SCENE
+    assert item["properties"]["dsat:apply"]["strength"] == pytest.approx(0.3)
     with rasterio.open(item_path.with_suffix(".tif")) as src:
         assert src.crs.to_epsg() == 32620 and src.transform.a == pytest.approx(15.0) and src.overviews(1)
     assert validate_catalog(tmp_path / "applied" / "catalog.json") == 2

@@ -7,9 +7,9 @@ call it):
    and loaded once; its task card says which product conditions it and the output factor.
 2. Per item: the product opened on the AOI grid at the input GSD (`open_place`, the dataset reader); a
    `TilePlan` of overlapping tiles of the model's size; tiles run in batches (noise from each tile's
-   position), each finished tile written to a scratch Zarr (`ScratchTiles`); a restarted run skips the
-   finished ones. Several processes (torchrun: ``RANK`` / ``WORLD_SIZE``) take every WORLD_SIZE-th tile;
-   rank 0 writes the mosaic once all are done.
+   position; ``strength`` < 1: from the task's baseline, as evaluation), each finished tile written to a
+   scratch Zarr (`ScratchTiles`); a restarted run skips the finished ones. Several processes (torchrun:
+   ``RANK`` / ``WORLD_SIZE``) take every WORLD_SIZE-th tile; rank 0 writes the mosaic once all are done.
 3. Once every tile is done: the blended mosaic as a COG (`write_mosaic_cog`) at the output GSD in the grid's
    CRS, the fill mask as a sidecar COG (fill tasks), a preview PNG and the STAC item with provenance, built
    in a staging folder and moved into the output in one rename (S3: uploaded, item JSON last). Then
@@ -18,10 +18,10 @@ call it):
    is logged to MLflow when a tracking URI is set.
 
 Bad input: no items, a model none of whose bands the catalog supplies (or, without band names, another
-channel count), an AOI over ``max_pixels`` → `ValueError` before anything is written; model bands the
-catalog lacks are marked missing (the band rule of evaluation) with a warning in the report and the items;
-an item outside the allowed roots / schemes, without overlap, fully clouded or (temporal) without another
-date → skipped with its reason in the report.
+channel count), an AOI over ``max_pixels``, ``strength`` < 1 for generation or a task without a baseline
+→ `ValueError` before anything is written; model bands the catalog lacks are marked missing (the band rule
+of evaluation) with a warning in the report and the items; an item outside the allowed roots / schemes,
+without overlap, fully clouded or (temporal) without another date → skipped with its reason in the report.
 """
 
 from __future__ import annotations
@@ -74,6 +74,10 @@ class ApplySpec(BaseModel):
     batch_size: int = Field(8, ge=1)
     steps: int = Field(20, ge=1)
     guidance_scale: float | None = None
+    strength: float = Field(
+        1.0, gt=0, le=1,
+        description="image-to-image start from the task's baseline, as evaluation's strength; 1 = from noise",
+    )  # fmt: skip
     seed: int = 0
     prompt: str = "a satellite image"
     product: str = Field("rgb", description="generate: the product whose grid and dates it follows")
@@ -167,7 +171,7 @@ def _setup(spec: ApplySpec) -> tuple[_Run, list[dict]]:
     model = resolve(spec.model, work / f"rank{rank}" if world > 1 else work, spec.mlflow_tracking_uri)
     runner = load_runner(
         spec.kind, model, product=spec.product, device=spec.device, steps=spec.steps,
-        guidance_scale=spec.guidance_scale, prompt=spec.prompt,
+        guidance_scale=spec.guidance_scale, prompt=spec.prompt, strength=spec.strength,
     )  # fmt: skip
     run = _Run(spec, load_catalog(spec.catalog), runner, model, out_local, work)
     run.config = _config(spec, run.tile_in)
@@ -359,39 +363,57 @@ def _candidate_dates(run: _Run, place: PlaceSource, items: list[dict]) -> list[d
     return out
 
 
+@dataclass(frozen=True)
+class _Candidate:
+    """Another date of the place, ranked for the temporal task: clearest first, then nearest in time."""
+
+    item: dict
+    masked: float
+    when: datetime
+    gap_s: float
+
+    @property
+    def rank(self) -> tuple[float, float]:
+        return self.masked, self.gap_s
+
+
+def _open_other(run: _Run, place: PlaceSource, item: dict) -> AbstractContextManager[PlaceSource]:
+    """``item``'s product on ``place``'s grid (with the catalog's cloud mask when it has one)."""
+    return open_place(
+        item, run.config, place.product, run.spec.bbox, storage_options=run.spec.storage_options,
+        cloud_mask=run.config.cloud_mask is not None, grid=place.grid,
+    )  # fmt: skip
+
+
+def _candidate(run: _Run, place: PlaceSource, item: dict) -> _Candidate | None:
+    """``item`` opened for its masked fraction over the AOI, then closed; None when unusable or undated."""
+    target = scene_dates(place.properties)[0]
+    with ExitStack() as stack:
+        try:
+            other = stack.enter_context(_open_other(run, place, item))
+        except ItemUnusable:
+            return None
+        masked, when = _masked_fraction(other), scene_dates(other.properties)[0]
+    if when is None or target is None:
+        return None
+    return _Candidate(item, masked, when, abs((when - target).total_seconds()))
+
+
 def _other_dates(run: _Run, place: PlaceSource, items: list[dict], stack: ExitStack) -> list[_OtherDate]:
     """The temporal task's ``sequence_length`` frames: the clearest other dates of the place (least masked
-    fraction over the AOI, then nearest in time), repeated when fewer, in chronological order (as in
-    training); each opened on ``place``'s grid and kept open in ``stack``. `ItemUnusable` when none."""
+    fraction over the AOI, then nearest in time; only those not fully masked), repeated when fewer, in
+    chronological order (as in training); each opened on ``place``'s grid in ``stack``. `ItemUnusable` when
+    none."""
     length = int(getattr(run.runner.task, "sequence_length", 1))
-    target, _ = scene_dates(place.properties)
-    ranked: list[tuple[float, float, _OtherDate, ExitStack]] = []
-    for item in _candidate_dates(run, place, items):
-        sub = ExitStack()
-        try:
-            other = sub.enter_context(open_place(
-                item, run.config, place.product, run.spec.bbox, storage_options=run.spec.storage_options,
-                cloud_mask=run.config.cloud_mask is not None, grid=place.grid,
-            ))  # fmt: skip
-        except ItemUnusable:
-            sub.close()
-            continue
-        masked, when = _masked_fraction(other), scene_dates(other.properties)[0]
-        if when is None or target is None:
-            sub.close()
-            continue
-        ranked.append((masked, abs((when - target).total_seconds()), _OtherDate(other, masked, when), sub))
-    ranked.sort(key=lambda r: (r[0], r[1]))
-    usable = [r for r in ranked if r[0] < 1.0][:length]
-    for r in ranked:
-        if r in usable:
-            stack.push(r[3].__exit__)
-        else:
-            r[3].close()
+    candidates = (_candidate(run, place, item) for item in _candidate_dates(run, place, items))
+    ranked = sorted((c for c in candidates if c is not None), key=lambda c: c.rank)
+    usable = [c for c in ranked if c.masked < 1.0][:length]
     if not usable:
         raise ItemUnusable(place.item_id, "no other date of this place in the search to fill from (temporal)")
-    frames = [usable[k % len(usable)][2] for k in range(length)]
-    return sorted(frames, key=lambda o: o.when)
+    chosen = [
+        _OtherDate(stack.enter_context(_open_other(run, place, c.item)), c.masked, c.when) for c in usable
+    ]
+    return sorted((chosen[k % len(chosen)] for k in range(length)), key=lambda o: o.when)
 
 
 # ---------------------------------------------------------------------------------------------- outputs
@@ -401,8 +423,9 @@ def _fingerprint(run: _Run, place: PlaceSource, plan: TilePlan, others: list[_Ot
         "kind": run.spec.kind, "model": run.model.uri, "version": run.model.version, "task": card,
         "item": place.item_id, "hrefs": place.hrefs, "grid": list(place.grid.transform)[:6],
         "shape": [place.grid.height, place.grid.width], "tiling": plan.to_dict(), "seed": run.spec.seed,
-        "steps": run.spec.steps, "guidance": run.runner.guidance_scale, "prompt": run.spec.prompt,
-        "fill_mask": run.spec.fill_mask, "conditioning": [o.to_dict() for o in others],
+        "steps": run.spec.steps, "guidance": run.runner.guidance_scale, "strength": run.spec.strength,
+        "prompt": run.spec.prompt, "fill_mask": run.spec.fill_mask,
+        "conditioning": [o.to_dict() for o in others],
     }  # fmt: skip
 
 
@@ -419,6 +442,7 @@ def _provenance(
         "seed": run.spec.seed,
         "steps": run.spec.steps,
         "guidance_scale": run.runner.guidance_scale,
+        "strength": run.spec.strength,
         "prompt": run.spec.prompt,
         "tiling": plan.to_dict(),
         "input_scaling": {
@@ -504,39 +528,64 @@ def _apply_item(
     final = run.out_local / out_id / f"{out_id}.json"
     if final.is_file():  # idempotent: a finished output is not made again
         return final
-    product = run.runner.input_product
     with ExitStack() as stack:
-        place = stack.enter_context(open_place(
-            item, run.config, product, run.spec.bbox, storage_options=run.spec.storage_options,
-            cloud_mask=run.runner.fills_mask and run.spec.fill_mask is None,
-        ))  # fmt: skip
-        run.runner.check_bands(place.bands)
-        factor = run.runner.output_factor
-        out_pixels = place.grid.width * place.grid.height * factor * factor
-        if out_pixels > run.spec.max_pixels:
-            raise ValueError(
-                f"{place.item_id}: the AOI's output is {place.grid.width * factor} x "
-                f"{place.grid.height * factor} = {out_pixels:.3g} pixels > max_pixels "
-                f"{run.spec.max_pixels:.3g}"
-            )
-        fill = _mask_reader(run, place)
-        fraction = None
-        if fill is not None:
-            fraction = _fill_fraction(place, fill)
-            if fraction >= 1.0:
-                raise ItemUnusable(place.item_id, "fully clouded: no clear pixel to fill from")
-        others = _other_dates(run, place, items, stack) if run.spec.kind == "temporal" else []
-        plan = TilePlan(place.grid.height, place.grid.width, run.tile_in, run.overlap, factor)
-        scratch = _scratch(run, out_id, plan, _fingerprint(run, place, plan, others))
-        scene = _Scene(place, plan, scratch, fill, others)
+        place = _open_checked(run, item, stack)
+        fill, fraction = _fill_of(run, place)
+        scene = _plan_scene(run, out_id, place, fill, items, stack)
         ran, reused, complete = _run_tiles(run, scene, budget)
         counts["run"] += ran
         counts["reused"] += reused
         if not complete or _rank()[0] != 0:
             return None
         path = _write_outputs(run, scene, out_id, fraction)
-        scratch.remove()
+        scene.scratch.remove()
         return path
+
+
+def _open_checked(run: _Run, item: dict, stack: ExitStack) -> PlaceSource:
+    """The item's input product on the AOI grid (kept open in ``stack``), its bands and size checked."""
+    place = stack.enter_context(open_place(
+        item, run.config, run.runner.input_product, run.spec.bbox, storage_options=run.spec.storage_options,
+        cloud_mask=run.runner.fills_mask and run.spec.fill_mask is None,
+    ))  # fmt: skip
+    run.runner.check_bands(place.bands)
+    run.runner.check_strength(place.bands)
+    factor = run.runner.output_factor
+    out_pixels = place.grid.width * place.grid.height * factor * factor
+    if out_pixels > run.spec.max_pixels:
+        raise ValueError(
+            f"{place.item_id}: the AOI's output is {place.grid.width * factor} x "
+            f"{place.grid.height * factor} = {out_pixels:.3g} pixels > max_pixels "
+            f"{run.spec.max_pixels:.3g}"
+        )
+    return place
+
+
+def _fill_of(run: _Run, place: PlaceSource) -> tuple[Callable[[Window], np.ndarray] | None, float | None]:
+    """(fill mask reader, fraction of the valid pixels to fill) of a fill task, (None, None) otherwise;
+    `ItemUnusable` when every pixel is to fill."""
+    fill = _mask_reader(run, place)
+    if fill is None:
+        return None, None
+    fraction = _fill_fraction(place, fill)
+    if fraction >= 1.0:
+        raise ItemUnusable(place.item_id, "fully clouded: no clear pixel to fill from")
+    return fill, fraction
+
+
+def _plan_scene(
+    run: _Run,
+    out_id: str,
+    place: PlaceSource,
+    fill: Callable[[Window], np.ndarray] | None,
+    items: list[dict],
+    stack: ExitStack,
+) -> _Scene:
+    """The item's other dates (temporal), tile plan and scratch (resumed when its fingerprint matches)."""
+    others = _other_dates(run, place, items, stack) if run.spec.kind == "temporal" else []
+    plan = TilePlan(place.grid.height, place.grid.width, run.tile_in, run.overlap, run.runner.output_factor)
+    scratch = _scratch(run, out_id, plan, _fingerprint(run, place, plan, others))
+    return _Scene(place, plan, scratch, fill, others)
 
 
 def _scratch(run: _Run, out_id: str, plan: TilePlan, fingerprint: dict[str, Any]) -> ScratchTiles:
@@ -554,6 +603,7 @@ def _check_first(run: _Run, items: list[dict]) -> None:
             with open_place(item, run.config, run.runner.input_product, run.spec.bbox,
                             storage_options=run.spec.storage_options) as place:  # fmt: skip
                 run.band_warnings = run.runner.check_bands(place.bands)
+                run.runner.check_strength(place.bands)
                 return
         except ItemUnusable:
             continue

@@ -65,6 +65,8 @@ class TileRunner:
     prompt: str = "a satellite image"
     task: ControlNetTask | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    #: image-to-image start from the task's baseline (`ControlNetTask.place_baseline`); 1 = from noise
+    strength: float = 1.0
 
     @property
     def output_factor(self) -> int:
@@ -89,6 +91,14 @@ class TileRunner:
     def check_bands(self, bands: Sequence[str]) -> list[str]:
         """Warnings about the input product's bands; `ValueError` when the model cannot take them."""
         return []
+
+    def check_strength(self, bands: Sequence[str]) -> None:
+        """`ValueError` when ``strength`` < 1 and the model has no baseline to start from (generation)."""
+        if self.strength < 1.0:
+            raise ValueError(
+                f"strength {self.strength} < 1 starts from a ControlNet task's baseline; generation has "
+                "none (use strength 1)"
+            )
 
     def __call__(
         self,
@@ -127,7 +137,9 @@ class GenerationRunner(TileRunner):
 
 
 class ControlNetRunner(TileRunner):
-    """A ControlNet task over the AOI's tiles (the task card says how the frames condition it)."""
+    """A ControlNet task over the AOI's tiles (the task card says how the frames condition it); ``strength``
+    < 1 starts from the task's baseline (SDEdit, as evaluation), and each output is made
+    `ControlNetTask.place_consistent` with the tile's frames (SR: back-projection onto the input)."""
 
     @property
     def control_task(self) -> ControlNetTask:
@@ -182,11 +194,36 @@ class ControlNetRunner(TileRunner):
             out.append(f"bands {list(alignment.unknown)} unknown to the model: dropped")
         return out
 
+    def check_strength(self, bands: Sequence[str]) -> None:
+        """`ValueError` when ``strength`` < 1 and the task has no baseline (`place_baseline` None)."""
+        self._start(torch.zeros(1, len(bands), 1, 2, 2), bands)
+
+    def _start(self, frames: torch.Tensor, bands: Sequence[str]) -> dict[str, Any]:
+        """The pipeline's image-to-image inputs: none at strength 1, else the baseline of ``frames``."""
+        if self.strength >= 1.0:
+            return {}
+        task = self.control_task
+        baseline = task.place_baseline(frames, bands)
+        if baseline is None:
+            raise ValueError(
+                f"strength {self.strength} < 1 starts from the task's baseline; the {task.name!r} task has "
+                "none to start from (use strength 1)"
+            )
+        return {"init_image": baseline.to(self.pipe.device, torch.float32), "strength": self.strength}
+
+    def _consistent(self, images: np.ndarray, frames: torch.Tensor, bands: Sequence[str]) -> np.ndarray:
+        """`ControlNetTask.place_consistent` of the pipeline's (B, 3, s, s) [0, 1] images, on that scale."""
+        signed = torch.from_numpy(images).to(frames.device, torch.float64) * 2.0 - 1.0
+        made = self.control_task.place_consistent(signed, frames, bands)
+        unit = ((made.double() + 1.0) / 2.0).clamp(0.0, 1.0)
+        return np.ascontiguousarray(unit.cpu().numpy(), dtype=np.float32)
+
     def __call__(self, frames, bands, fill, metadata, frame_metadata, seeds) -> np.ndarray:  # noqa: ANN001
-        inputs = self.control_task.place_conditioning(frames.to(self.pipe.device), bands, fill)
+        frames = frames.to(self.pipe.device)
+        inputs = self.control_task.place_conditioning(frames, bands, fill)
         if self.control_pipe.controlnet.config.get("conditioning_bands") is None:
             inputs.pop("cond_bands")
-        return _channels_first(
+        images = _channels_first(
             self.control_pipe(
                 cond_metadata=[list(m) for m in frame_metadata],
                 metadata=metadata,
@@ -195,9 +232,11 @@ class ControlNetRunner(TileRunner):
                 guidance_scale=self.guidance_scale,
                 latents=self.latents(seeds),
                 output_type="np",
+                **self._start(frames, bands),
                 **inputs,
             )
         )
+        return self._consistent(images, frames, bands)
 
 
 def load_runner(
@@ -209,6 +248,7 @@ def load_runner(
     steps: int = 20,
     guidance_scale: float | None = None,
     prompt: str = "a satellite image",
+    strength: float = 1.0,
 ) -> TileRunner:
     """The runner for ``kind`` ("generate" or a registered ControlNet task name) over ``model``.
 
@@ -228,7 +268,7 @@ def load_runner(
         cls, guidance, input_product = ControlNetRunner, guidance_scale or 1.0, task.input_product
     pipe = pipe.to(torch.device(device))
     pipe.set_progress_bar_config(disable=True)
-    return cls(pipe, input_product, steps, guidance, prompt, task)
+    return cls(pipe, input_product, steps, guidance, prompt, task, strength=strength)
 
 
 __all__ = [
