@@ -41,9 +41,10 @@ def blend_strip(plan: TilePlan, scratch: ScratchTiles, y0: int, y1: int) -> tupl
     valid = np.zeros((height, width), bool)
     keep = np.zeros((height, width), bool)
     known = np.zeros((3, height, width), np.uint8)
-    side, w = plan.out_tile, plan.weights
+    side = plan.out_tile
     for tile in plan.rows_touching(y0, y1):
         image, ok, kp, kn = scratch.read(tile.index)
+        w = plan.weights(tile)
         ty, tx = plan.out_origin(tile)
         a, b = max(ty, y0), min(ty + side, y1)
         rows, dst = slice(a - ty, b - ty), slice(a - y0, b - y0)

@@ -55,6 +55,11 @@ from dsat_core.data.reader import scene_dates
 from dsat_core.data.stac import search_items
 from dsat_core.imaging.rgb import rgb_band_indices
 
+# Input px of overlap a tile needs at least: a tile's bicubic start and its back-projection see 2 input px
+# past its edge (the bicubic kernel), so the blend needs about twice that to leave it out (bench/apply.py:
+# seams of small SR tiles, 8 input px, at 2 px of overlap vs 4).
+MIN_OVERLAP_PX = 4
+
 
 class ApplySpec(BaseModel):
     """What to apply where (the `dsat apply` options and the `apply-model` flow parameters)."""
@@ -70,7 +75,7 @@ class ApplySpec(BaseModel):
     stac_api: str | None = Field(None, description="override the catalog's STAC API URL")
     max_items: int | None = Field(None, gt=0)
     input_gsd: float | None = Field(None, gt=0, description="metres per input pixel (default: the catalog's)")
-    overlap: int | None = Field(None, ge=0, description="input px shared by neighbouring tiles (default ¼)")
+    overlap: int | None = Field(None, ge=0, description="input px shared by tiles (default ¼ tile, >= 4)")
     batch_size: int = Field(8, ge=1)
     steps: int = Field(20, ge=1)
     guidance_scale: float | None = None
@@ -145,7 +150,10 @@ class _Run:
 
     @property
     def overlap(self) -> int:
-        return self.tile_in // 4 if self.spec.overlap is None else self.spec.overlap
+        """``--overlap``, else ¼ of a tile and at least `MIN_OVERLAP_PX` (at most half a tile)."""
+        if self.spec.overlap is not None:
+            return self.spec.overlap
+        return max(self.tile_in // 4, min(MIN_OVERLAP_PX, self.tile_in // 2))
 
 
 def _config(spec: ApplySpec, tile_in: int) -> CatalogConfig:

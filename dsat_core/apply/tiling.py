@@ -5,10 +5,12 @@ Tiles are ``tile`` input pixels a side, placed with stride ``tile - overlap`` fr
 row / column is moved in so that it ends on the grid's edge (every pixel is covered, every tile is full
 size). The model turns a tile into ``tile * factor`` output pixels a side.
 
-Blending (pixel space): each tile's output is weighted by a separable cosine ramp over the overlap
-(``0.5 - 0.5·cos(π (i + ½) / r)`` for the first and last r = ``overlap · factor`` pixels, 1 inside), the
-weighted tiles are summed and divided by the summed weights. Without overlap the weights are all 1 and
-tiles meet edge to edge.
+Blending (pixel space): each tile's output is weighted by a separable ramp over the overlap on each side
+that has a neighbouring tile: 0 over the outer t = ``TRIM`` · r pixels (r = ``overlap · factor``), where a
+tile's output is worst (its convolutions, its bicubic start and its back-projection see no context past the
+edge), then a cosine ``0.5 - 0.5·cos(π (i - t + ½) / (r - t))`` up to 1; sides on the area's edge keep
+weight 1. The weighted tiles are summed and divided by the summed weights. Without overlap the weights are
+all 1 and tiles meet edge to edge.
 """
 
 from __future__ import annotations
@@ -19,7 +21,9 @@ from functools import cached_property
 
 import numpy as np
 
-BLEND = "cosine feathering in pixel space over the tile overlap"
+BLEND = "cosine feathering in pixel space over the tile overlap, its outer quarter trimmed"
+#: fraction of the overlap, from a tile's edge, whose output is discarded where a neighbour covers it
+TRIM = 0.25
 
 
 def starts(length: int, tile: int, stride: int) -> list[int]:
@@ -81,15 +85,28 @@ class TilePlan:
         return tile.y * self.factor, tile.x * self.factor
 
     @cached_property
-    def weights(self) -> np.ndarray:
-        """float32 (out_tile, out_tile) feather weights of every tile (all > 0)."""
-        ramp = np.ones(self.out_tile, dtype=np.float64)
+    def _edge(self) -> np.ndarray:
+        """The ramp over the r output pixels of the overlap, from a tile's edge inwards."""
         r = self.overlap * self.factor
-        if r:
-            edge = 0.5 - 0.5 * np.cos(math.pi * (np.arange(r) + 0.5) / r)
+        trim = int(TRIM * r)
+        ramp = np.zeros(r, dtype=np.float64)
+        ramp[trim:] = 0.5 - 0.5 * np.cos(math.pi * (np.arange(r - trim) + 0.5) / (r - trim))
+        return ramp
+
+    def _ramp(self, start: int, length: int) -> np.ndarray:
+        """One axis of a tile at input offset ``start`` on an axis of ``length`` px: ramps where it has a
+        neighbour (not on the area's edge)."""
+        ramp = np.ones(self.out_tile, dtype=np.float64)
+        edge, r = self._edge, len(self._edge)
+        if r and start > 0:
             ramp[:r] = edge
+        if r and start + self.tile < length:
             ramp[-r:] = np.minimum(ramp[-r:], edge[::-1])
-        return np.outer(ramp, ramp).astype(np.float32)
+        return ramp
+
+    def weights(self, tile: Tile) -> np.ndarray:
+        """float32 (out_tile, out_tile) feather weights of ``tile``: 0 only where a neighbour covers it."""
+        return np.outer(self._ramp(tile.y, self.height), self._ramp(tile.x, self.width)).astype(np.float32)
 
     def rows_touching(self, y0: int, y1: int) -> list[Tile]:
         """Tiles whose output rows meet [y0, y1)."""
