@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from dsat_core.training.mlflow_logging import experiment_id as get_experiment_id
+
 PARAM_VALUE_LIMIT = 6000  # MLflow's limit on a param value (characters)
 
 
@@ -132,13 +134,7 @@ class EvaluationRun:
             if experiment is None:  # nested runs show under their parent in the parent's experiment
                 experiment_id = parent.info.experiment_id
         if experiment_id is None:
-            name = experiment or "evaluate"
-            found = self.client.get_experiment_by_name(name)
-            experiment_id = (
-                found.experiment_id
-                if found is not None
-                else self.client.create_experiment(name, artifact_location=artifact_location)
-            )
+            experiment_id = get_experiment_id(self.client, experiment or "evaluate", artifact_location)
         self.experiment_id = experiment_id
         self.run_id = self.client.create_run(experiment_id, tags=all_tags, run_name=run_name).info.run_id
 

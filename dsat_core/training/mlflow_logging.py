@@ -24,6 +24,23 @@ PREDICT_DEFAULTS: dict[str, int | float] = {"num_inference_steps": 50, "guidance
 """The pyfunc model's params and their defaults (also in its signature)."""
 
 
+def experiment_id(client: Any, name: str, artifact_location: str | None = None) -> str:
+    """The id of experiment ``name``, created when missing. Runs that start at once (deployments on one
+    worker) race to create it: the loser's RESOURCE_ALREADY_EXISTS is the winner's experiment."""
+    from mlflow.exceptions import MlflowException
+
+    found = client.get_experiment_by_name(name)
+    if found is not None:
+        return str(found.experiment_id)
+    try:
+        return str(client.create_experiment(name, artifact_location=artifact_location))
+    except MlflowException as err:
+        found = client.get_experiment_by_name(name)
+        if err.error_code != "RESOURCE_ALREADY_EXISTS" or found is None:
+            raise
+        return str(found.experiment_id)
+
+
 class NullTracker:
     """Tracker of non-main processes (and of runs with MLflow switched off): does nothing."""
 
@@ -66,7 +83,7 @@ class MlflowTracker(NullTracker):
         mlflow.set_tracking_uri(tracking_uri)
         self.tracking_uri = tracking_uri
         if run_id is None:
-            mlflow.set_experiment(experiment)
+            mlflow.set_experiment(experiment_id=experiment_id(mlflow.MlflowClient(), experiment))
             # Nested under a pipeline run (the UI groups them) when a parent is given.
             tags = {"mlflow.parentRunId": parent_run_id} if parent_run_id else None
             run = mlflow.start_run(run_name=run_name, tags=tags)
