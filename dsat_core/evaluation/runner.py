@@ -648,8 +648,8 @@ def _paired_batch(
     **sampling: Any,
 ) -> _PairedBatch:
     """The task baseline, then the model on the same samples (made `ControlNetTask.consistent` with what the
-    task observed); with ``strength`` < 1 the model starts from
-    the baseline noised to that fraction of the schedule (``init_image``, as image-to-image pipelines do)."""
+    task observed); with ``strength`` < 1 the model starts from the baseline noised to that fraction of the
+    schedule (``init_image``, as image-to-image pipelines do)."""
     samples = [dataset[i] for i in indices]
     batch = collate_task_batch(samples)
     metas, captions = batch_metadata(batch), list(batch["caption"])
