@@ -51,9 +51,9 @@ import torch.nn.functional as F
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from real_scenes import EXTRA, REAL, build_store, log  # noqa: E402
+from real_scenes import REAL, build_store, log, real_catalog  # noqa: E402
 
-from dsat_core.data.catalog import BandSpec, CatalogConfig, ProductSpec, ScalingSpec  # noqa: E402
+from dsat_core.data.catalog import CatalogConfig  # noqa: E402
 from dsat_core.data.tasks import DegradationRecipe, SuperResolutionDataset  # noqa: E402
 from dsat_core.evaluation import paired_metrics  # noqa: E402
 from dsat_core.models.vae import DEFAULT_VAE_DIR  # noqa: E402
@@ -70,27 +70,8 @@ RESOLUTION = 32  # what the models see: tiles resized 64 → 32 px (4× fewer la
 
 # ---------------------------------------------------------------------------------------------- data
 def catalog() -> CatalogConfig:
-    scaling = {"mode": "percentile", "percentiles": (2.0, 98.0)}
-    return CatalogConfig(
-        name="bench-sr",
-        description="real S2 / Landsat scenes read as rgb + multispectral for the SR benchmark",
-        stac_api="http://127.0.0.1:1",
-        collections=["real"],
-        target_crs="native",
-        target_gsd=None,
-        tile_size=TILE,
-        allowed_schemes=["file"],
-        allowed_roots=[str(REAL), str(EXTRA)],
-        products={
-            "rgb": ProductSpec(
-                bands=[BandSpec(name=b) for b in ("red", "green", "blue")],
-                scaling=ScalingSpec(dtype="uint8", **scaling),
-                required=True,
-            ),
-            "multispectral": ProductSpec(
-                bands=[BandSpec(name=b) for b in BANDS], scaling=ScalingSpec(dtype="uint16", **scaling)
-            ),
-        },
+    return real_catalog(
+        "bench-sr", "real S2 / Landsat scenes read as rgb + multispectral for the SR benchmark", TILE, BANDS
     )
 
 

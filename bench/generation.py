@@ -31,9 +31,9 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from real_scenes import EXTRA, REAL, build_store, log  # noqa: E402
+from real_scenes import REAL, build_store, log, real_catalog  # noqa: E402
 
-from dsat_core.data.catalog import BandSpec, CatalogConfig, ProductSpec, ScalingSpec  # noqa: E402
+from dsat_core.data.catalog import CatalogConfig  # noqa: E402
 from dsat_core.models.vae import DEFAULT_VAE_DIR  # noqa: E402
 
 REAL_ITEMS = [
@@ -47,24 +47,8 @@ TILE = 32
 
 
 def catalog() -> CatalogConfig:
-    return CatalogConfig(
-        name="bench-generation",
-        description="real RGB scenes for the generation benchmark (32 px tiles)",
-        stac_api="http://127.0.0.1:1",
-        collections=["real"],
-        target_crs="native",
-        target_gsd=None,
-        tile_size=TILE,
-        allowed_schemes=["file"],
-        allowed_roots=[str(REAL), str(EXTRA)],
-        products={
-            "rgb": ProductSpec(
-                bands=[BandSpec(name=b) for b in ("red", "green", "blue")],
-                scaling=ScalingSpec(dtype="uint8", mode="percentile", percentiles=(2.0, 98.0)),
-                required=True,
-            )
-        },
-    )
+    description = "real RGB scenes for the generation benchmark (32 px tiles)"
+    return real_catalog("bench-generation", description, TILE)
 
 
 def train_base(store_uri: str, out: Path, seconds: float, holdout_fraction: float) -> dict:

@@ -6,12 +6,36 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from dsat_core.data.catalog import CatalogConfig
+from dsat_core.data.catalog import BandSpec, CatalogConfig, ProductSpec, ScalingSpec
 from dsat_core.data.store import DatasetStore
 
 REPO = Path(__file__).resolve().parents[1]
 REAL = REPO.parent / "shared" / "data" / "real"
 EXTRA = REPO / "catalogs" / "samples" / "extra"
+
+
+def real_catalog(
+    name: str, description: str, tile_size: int, extra_bands: Sequence[str] = ()
+) -> CatalogConfig:
+    """A catalog over both static catalogs' files, native grid, 2–98 % percentile scaling: ``rgb`` (uint8,
+    required) and, with ``extra_bands``, a ``multispectral`` product of those bands (uint16)."""
+    scaling = {"mode": "percentile", "percentiles": (2.0, 98.0)}
+    products = {
+        "rgb": ProductSpec(
+            bands=[BandSpec(name=b) for b in ("red", "green", "blue")],
+            scaling=ScalingSpec(dtype="uint8", **scaling),
+            required=True,
+        )
+    }
+    if extra_bands:
+        products["multispectral"] = ProductSpec(
+            bands=[BandSpec(name=b) for b in extra_bands], scaling=ScalingSpec(dtype="uint16", **scaling)
+        )
+    return CatalogConfig(
+        name=name, description=description, stac_api="http://127.0.0.1:1", collections=["real"],
+        target_crs="native", target_gsd=None, tile_size=tile_size, allowed_schemes=["file"],
+        allowed_roots=[str(REAL), str(EXTRA)], products=products,
+    )  # fmt: skip
 
 
 def log(msg: str) -> None:
