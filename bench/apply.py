@@ -47,22 +47,10 @@ def scaled_aoi(factor: float) -> tuple[float, float, float, float]:
 
 def build_model(folder: Path) -> Path:
     """The tiny SR ControlNet of tests/test_apply.py (random weights; a trained one via --model)."""
-    import torch
-
     from dsat_core.data.tasks import SuperResolutionTask, write_task_card
-    from dsat_core.models.controlnet3d import ControlNet3D
-    from dsat_core.pipelines import SatControlNetPipeline, make_tiny_pipeline
+    from dsat_core.pipelines import make_tiny_controlnet_pipeline
 
-    torch.manual_seed(0)
-    pipe = make_tiny_pipeline(sample_size=16, vae_downsample=2, seed=0)
-    controlnet = ControlNet3D.from_unet(pipe.unet, 6, (8, 16), vae_scale_factor=2, conditioning_bands=BANDS)
-    with torch.no_grad():
-        for name, p in controlnet.named_parameters():
-            if "controlnet_" in name or "cond_embedding.conv_out" in name:
-                p.normal_(0, 0.02)
-    SatControlNetPipeline.from_diffusionsat(pipe, controlnet).save_pretrained(
-        str(folder), safe_serialization=True
-    )
+    make_tiny_controlnet_pipeline(16, 6, BANDS).save_pretrained(str(folder), safe_serialization=True)
     write_task_card(SuperResolutionTask(degradation={"factor": 2, "blur_sigma": 0.0}), folder)
     return folder
 

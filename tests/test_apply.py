@@ -33,23 +33,10 @@ BANDS = ["blue", "green", "red", "nir", "swir16", "swir22"]
 @pytest.fixture(scope="module")
 def sr_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny SR ControlNet pipeline (32 px tiles, factor 2, the six multispectral bands by name) + card."""
-    from dsat_core.models.controlnet3d import ControlNet3D
-    from dsat_core.pipelines import SatControlNetPipeline, make_tiny_pipeline
+    from dsat_core.pipelines import make_tiny_controlnet_pipeline
 
     folder = tmp_path_factory.mktemp("apply-models") / "sr"
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        pipe = make_tiny_pipeline(sample_size=16, vae_downsample=2, seed=0)
-        controlnet = ControlNet3D.from_unet(
-            pipe.unet, 6, (8, 16), vae_scale_factor=2, conditioning_bands=BANDS
-        )
-        with torch.no_grad():
-            for name, p in controlnet.named_parameters():
-                if "controlnet_" in name or "cond_embedding.conv_out" in name:
-                    p.normal_(0, 0.02)
-        SatControlNetPipeline.from_diffusionsat(pipe, controlnet).save_pretrained(
-            str(folder), safe_serialization=True
-        )
+    make_tiny_controlnet_pipeline(16, 6, BANDS).save_pretrained(str(folder), safe_serialization=True)
     task = SuperResolutionTask(cond_product="multispectral", degradation={"factor": 2, "blur_sigma": 0.0})
     write_task_card(task, folder)
     return folder
@@ -520,21 +507,10 @@ def pair_catalog(tmp_path_factory: pytest.TempPathFactory) -> str:
 @pytest.fixture(scope="module")
 def temporal_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny temporal ControlNet (16 px tiles, 1 channel: green) reading 2 other-date frames."""
-    from dsat_core.models.controlnet3d import ControlNet3D
-    from dsat_core.pipelines import SatControlNetPipeline, make_tiny_pipeline
+    from dsat_core.pipelines import make_tiny_controlnet_pipeline
 
     folder = tmp_path_factory.mktemp("apply-models") / "temporal"
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        pipe = make_tiny_pipeline(sample_size=8, vae_downsample=2, seed=0)
-        controlnet = ControlNet3D.from_unet(pipe.unet, 1, (8, 16), vae_scale_factor=2)
-        with torch.no_grad():
-            for name, p in controlnet.named_parameters():
-                if "controlnet_" in name or "cond_embedding.conv_out" in name:
-                    p.normal_(0, 0.02)
-        SatControlNetPipeline.from_diffusionsat(pipe, controlnet).save_pretrained(
-            str(folder), safe_serialization=True
-        )
+    make_tiny_controlnet_pipeline(8, 1).save_pretrained(str(folder), safe_serialization=True)
     write_task_card(TemporalTask(product="green", sequence_length=2), folder)
     return folder
 

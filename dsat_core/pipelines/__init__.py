@@ -11,7 +11,11 @@ from typing import TYPE_CHECKING
 from dsat_core._lazy import lazy_exports
 
 if TYPE_CHECKING:
-    from dsat_core.pipelines.controlnet import SatControlNetPipeline, inpainting_condition
+    from dsat_core.pipelines.controlnet import (
+        SatControlNetPipeline,
+        inpainting_condition,
+        make_tiny_controlnet_pipeline,
+    )
     from dsat_core.pipelines.diffusionsat import (
         DiffusionSatPipeline,
         DiffusionSatPipelineOutput,
@@ -23,6 +27,7 @@ _MODULE_OF = {
     "DiffusionSatPipelineOutput": "diffusionsat",
     "SatControlNetPipeline": "controlnet",
     "inpainting_condition": "controlnet",
+    "make_tiny_controlnet_pipeline": "controlnet",
     "make_tiny_pipeline": "diffusionsat",
 }
 
@@ -31,6 +36,7 @@ __all__ = [
     "DiffusionSatPipelineOutput",
     "SatControlNetPipeline",
     "inpainting_condition",
+    "make_tiny_controlnet_pipeline",
     "make_tiny_pipeline",
 ]
 

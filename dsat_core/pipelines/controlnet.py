@@ -28,7 +28,7 @@ from ..models.controlnet3d import ControlNet3D
 from ..models.sat_unet import SatUNet
 from ..models.text_encoders import TextEncoder
 from ..models.vae import decode_latents, encode_latents
-from .diffusionsat import DiffusionSatPipeline, DiffusionSatPipelineOutput, UncondMetadata
+from .diffusionsat import DiffusionSatPipeline, DiffusionSatPipelineOutput, UncondMetadata, make_tiny_pipeline
 
 FrameMetadata = Sequence[SatMetadata] | Sequence[Sequence[SatMetadata]] | torch.Tensor | None
 
@@ -423,4 +423,24 @@ class SatControlNetPipeline(DiffusionSatPipeline):
         return DiffusionSatPipelineOutput(images=images, metadata=items)
 
 
-__all__ = ["SatControlNetPipeline", "inpainting_condition"]
+def make_tiny_controlnet_pipeline(
+    sample_size: int, channels: int, bands: Sequence[str] | None = None, seed: int = 0
+) -> SatControlNetPipeline:
+    """A tiny random `SatControlNetPipeline` for tests and benchmarks: `make_tiny_pipeline` (×2 VAE) with a
+    `ControlNet3D` of ``channels`` conditioning channels (named ``bands``; blocks (8, 16)) whose
+    zero-initialised output convolutions are drawn from N(0, 0.02), so that the conditioning changes the
+    output; the global RNG is left as it was."""
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        pipe = make_tiny_pipeline(sample_size=sample_size, vae_downsample=2, seed=seed)
+        controlnet = ControlNet3D.from_unet(
+            pipe.unet, channels, (8, 16), vae_scale_factor=2, conditioning_bands=bands
+        )
+        with torch.no_grad():
+            for name, p in controlnet.named_parameters():
+                if "controlnet_" in name or "cond_embedding.conv_out" in name:
+                    p.normal_(0, 0.02)
+    return SatControlNetPipeline.from_diffusionsat(pipe, controlnet)
+
+
+__all__ = ["SatControlNetPipeline", "inpainting_condition", "make_tiny_controlnet_pipeline"]
