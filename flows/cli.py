@@ -345,7 +345,12 @@ def build_parser() -> argparse.ArgumentParser:
         train.set_defaults(func=_cmd_train)
 
     sample = sub.add_parser("sample", help="generate images (PNG + GeoTIFF) for a prompt and metadata")
-    sample.add_argument("--model", required=True, help="a DiffusionSatPipeline folder")
+    sample.add_argument(
+        "--model",
+        default="default",
+        help="a DiffusionSatPipeline folder (default: the shipped 64 px base model, dsat_core/pipelines/"
+        "default_model, whose README.md is its model card)",
+    )
     sample.add_argument("--prompt", default="a satellite image")
     sample.add_argument("--lat", type=float)
     sample.add_argument("--lon", type=float)

@@ -1,9 +1,10 @@
 """The main job end to end on the sample scenes shipped in `catalogs/samples` (CPU, minutes).
 
-A STAC API (rustac) on 127.0.0.1 over the samples → `refresh-dataset` → the small offline VAE →
-`train-diffusionsat` (tiny) → `train-controlnet` (sr) → `evaluate` (generation and sr) → `apply-model` (the
-SR ControlNet over a small AOI of a shipped scene: a COG + STAC item), all as Prefect flows under one parent
-flow `main-job`, logged to MLflow (sqlite in the output folder) under one parent run.
+A STAC API (rustac) on 127.0.0.1 over every shipped sample scene (`catalogs/samples/catalog-all.json`) →
+`refresh-dataset` → `train-diffusionsat` (fine-tunes the shipped 64 px base model, which carries the
+offline VAE) → `train-controlnet` (sr) → `evaluate` (generation and sr) → `apply-model` (the SR ControlNet
+over a small AOI of a shipped scene: a COG + STAC item), all as Prefect flows under one parent flow
+`main-job`, logged to MLflow (sqlite in the output folder) under one parent run.
 Rerunning is safe: the store adds nothing new and training resumes from its last checkpoint.
 """
 
@@ -14,13 +15,15 @@ from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger, task
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, model_validator
 
 from dsat_core.apply.job import ApplySpec
 from dsat_core.data.catalog import CATALOG_DIR
 from dsat_core.data.stac_server import serve_static_catalog
 from dsat_core.evaluation.report import headline_figures
+from dsat_core.models.configs import UNetSize
 from dsat_core.models.vae import DEFAULT_VAE_DIR
+from dsat_core.pipelines.diffusionsat import DEFAULT_PIPELINE_DIR
 from dsat_core.training.config import TrainConfig
 from dsat_core.training.train_controlnet import TrainControlNetConfig
 from dsat_core.training.train_vae import VAETrainConfig, VAETrainResult, train_vae
@@ -32,18 +35,28 @@ from flows.train_diffusionsat import TrainDiffusionSatParams, train_diffusionsat
 from flows.training import LaunchParams, TrainingRunResult
 
 SAMPLES_CATALOG = CATALOG_DIR / "samples" / "catalog" / "catalog.json"
+#: every shipped sample scene (the main and the extra static catalog): water, forest, desert, snow, coast
+ALL_SAMPLES_CATALOG = CATALOG_DIR / "samples" / "catalog-all.json"
 #: the applied SR mosaic's AOI: about 24 x 24 px (30 m) of the Landsat 8 Rondônia scene
 APPLY_AOI = (-63.95, -8.76, -63.9435, -8.7535)
 
 
 class DemoParams(BaseModel):
     output_dir: str = "demo-output"
-    resolution: int = Field(32, description="training resolution (the 64 px sample tiles are resized)")
+    resolution: int = Field(64, description="training resolution (the sample tiles' 64 px)")
+    base_model: str | None = Field(
+        str(DEFAULT_PIPELINE_DIR),
+        description="the DiffusionSatPipeline folder train-diffusionsat fine-tunes (default: the shipped "
+        "base model, with the shipped VAE); None: a fresh `model_size` UNet on `vae`",
+    )
+    model_size: UNetSize = "compact"
     vae: str = Field(
-        "default", description='"default": the shipped offline VAE; "train": train one (vae_steps)'
+        "default",
+        description='without base_model: "default", the shipped offline VAE, or "train": train one '
+        "(vae_steps)",
     )
     vae_steps: int = 300
-    train_steps: int = 300
+    train_steps: int = 200
     controlnet_steps: int = 150
     eval_samples: int = 16
     eval_steps: int = 20
@@ -55,6 +68,12 @@ class DemoParams(BaseModel):
         "(image-to-image; 1.0: from pure noise)",
     )
     seed: int = 0
+
+    @model_validator(mode="after")
+    def _check(self) -> DemoParams:
+        if self.base_model is not None and self.vae == "train":
+            raise ValueError('vae="train" trains a VAE for a fresh UNet: give base_model=None with it')
+        return self
 
 
 class DemoResult(BaseModel):
@@ -107,13 +126,16 @@ def main_job(params: DemoParams = DemoParams()) -> DemoResult:
     parent = _parent_run(tracking_uri, out / "mlartifacts")
     store_uri = str(out / "store.zarr")
 
-    with serve_static_catalog(SAMPLES_CATALOG, "local-samples") as stac_api:
+    with serve_static_catalog(ALL_SAMPLES_CATALOG, "local-samples") as stac_api:
         logger.info("STAC API over the sample scenes at %s", stac_api)
         store = refresh_dataset(
             RefreshParams(catalog="local-samples", store_uri=store_uri, stac_api=stac_api)
         )
 
-    if params.vae == "train":
+    vae: dict[str, Any]
+    if params.base_model is not None:  # its own VAE: the shipped one for the shipped base model
+        vae = {"vae_dir": str(Path(params.base_model) / "vae"), "source": f"base model {params.base_model}"}
+    elif params.vae == "train":
         trained = train_vae_task(
             VAETrainConfig(store_uri, str(out / "vae"), max_steps=params.vae_steps, seed=params.seed)
         )
@@ -124,6 +146,7 @@ def main_job(params: DemoParams = DemoParams()) -> DemoResult:
         store_uri=store_uri,
         resolution=params.resolution,
         vae=vae["vae_dir"],
+        model_size=params.model_size,
         seed=params.seed,
         mlflow_tracking_uri=tracking_uri,
         mlflow_parent_run_id=parent,
@@ -138,6 +161,7 @@ def main_job(params: DemoParams = DemoParams()) -> DemoResult:
             train=TrainConfig(
                 **common,
                 output_dir=str(out / "diffusionsat"),
+                init_from=params.base_model,
                 max_steps=params.train_steps,
                 checkpointing_steps=100,
                 checkpoints_total_limit=2,

@@ -173,6 +173,23 @@ def test_sat_unet_forward_and_config() -> None:
     torch.testing.assert_close(out, unet(sample, t, states).sample, rtol=0, atol=0)
 
 
+def test_compact_unet_keeps_attention_off_the_full_resolution_level() -> None:
+    """The shipped base model's size: 32 x 32 latents (64 px tiles), attention only at 16 x 16 and 8 x 8."""
+    config = unet_config("compact")
+    assert config["sample_size"] == 32 and config["down_block_types"][0] == "DownBlock2D"
+    unet = SatUNet(**config)
+    assert 3e6 < sum(p.numel() for p in unet.parameters()) < 6e6  # ≈ 16 MB of fp32 safetensors
+    attention_sizes: list[int] = []
+    for block in unet.down_blocks:
+        if hasattr(block, "attentions"):
+            block.attentions[0].register_forward_hook(lambda m, i, o: attention_sizes.append(i[0].shape[-1]))
+    gen = torch.Generator().manual_seed(0)
+    sample = torch.randn(1, 4, 32, 32, generator=gen)
+    states = torch.randn(1, 6, config["cross_attention_dim"], generator=gen)
+    out = unet(sample, torch.tensor([500]), states).sample
+    assert out.shape == sample.shape and attention_sizes == [16, 8]
+
+
 def test_unet_output_depends_on_every_field() -> None:
     """One optimiser step from the zero init makes every field's gradient non-zero."""
     torch.manual_seed(0)

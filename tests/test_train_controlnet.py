@@ -139,6 +139,8 @@ def test_cli_config_and_overrides(
     assert saved["mask_kind"] == "boxes" and saved["task"] == "inpaint"
     with pytest.raises(ValueError, match="use_cached_latents"):
         tiny_config(stores["sr"], "sr", tmp_path, use_cached_latents=True)
+    with pytest.raises(ValueError, match="balance_by is not supported for ControlNet training yet"):
+        tiny_config(stores["sr"], "sr", tmp_path, balance_by="item")
 
 
 def test_torchrun_two_processes(stores: dict[str, str], tmp_path: Path) -> None:

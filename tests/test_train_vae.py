@@ -10,10 +10,10 @@ import torch
 from dsat_core.data.dataset import TileDataset
 from dsat_core.data.synthetic import make_synthetic_store
 from dsat_core.models.vae import decode_latents, encode_latents, load_vae, vae_scale_factor
+from dsat_core.training.sampler import balanced_weights
 from dsat_core.training.train_vae import (
     VAETrainConfig,
     _loader,
-    balanced_weights,
     reconstruction_loss,
     train_vae,
 )

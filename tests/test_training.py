@@ -244,6 +244,22 @@ def test_sampler_shards_ranks_and_resumes_mid_epoch() -> None:
         ResumableBatchSampler(3, 4)
 
 
+def test_balanced_sampler_draws_each_group_equally_often_and_resumes() -> None:
+    """`balance_by`: a scene with 2 of 20 tiles is drawn as often as one with 18; resume keeps the order."""
+    from dsat_core.training.sampler import ResumableBatchSampler, balanced_weights
+
+    groups = ["small"] * 2 + ["large"] * 18
+    weights = balanced_weights(groups)
+    it = iter(ResumableBatchSampler(20, 4, seed=1, weights=weights))
+    drawn = [i for _ in range(500) for i in next(it)]
+    share = sum(groups[i] == "small" for i in drawn) / len(drawn)
+    assert 0.45 < share < 0.55  # uniform sampling would give 0.10
+    resumed = next(iter(ResumableBatchSampler(20, 4, seed=1, weights=weights, start_batch=7)))
+    assert resumed == drawn[28:32]
+    with pytest.raises(ValueError, match="3 sampling weights for 20 items"):
+        ResumableBatchSampler(20, 4, weights=[1.0, 1.0, 1.0])
+
+
 def test_build_launch_command_variants() -> None:
     single = build_launch_command("m.train", "c.json", nproc_per_node=1)
     assert single[1:] == ["-m", "m.train", "--config", "c.json"]

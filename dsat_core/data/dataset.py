@@ -156,6 +156,11 @@ class TileDataset(Dataset):
         """The item id of every sample, in order (read at construction: no pixels)."""
         return [str(v) for v in np.asarray(self._item_ids).tolist()]
 
+    @property
+    def platforms(self) -> list[str]:
+        """The platform (sensor) of every sample, in order."""
+        return [str(v) for v in np.asarray(self._platforms).tolist()]
+
     def item_id(self, i: int) -> str:
         """The item id of sample ``i``."""
         return str(self._item_ids[i])

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-UNetSize = Literal["tiny", "small", "sd21-base"]
+UNetSize = Literal["tiny", "small", "compact", "sd21-base"]
 
 _UNET_SIZES: dict[str, dict[str, Any]] = {
     # CPU unit tests: 8x8 to 32x32 latents, runs a forward pass in milliseconds.
@@ -22,6 +22,18 @@ _UNET_SIZES: dict[str, dict[str, Any]] = {
         "block_out_channels": (64, 128, 128),
         "down_block_types": ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
         "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        "layers_per_block": 1,
+        "attention_head_dim": 8,
+        "cross_attention_dim": 64,
+        "norm_num_groups": 32,
+        "use_linear_projection": True,
+    },
+    # The shipped CPU base model: 64 px tiles (32 x 32 latents of the x2 VAE), three levels, attention only on
+    # the 16 x 16 and 8 x 8 ones (attention over 32 x 32 latents costs ~4x the rest of a CPU training step).
+    "compact": {
+        "block_out_channels": (32, 64, 128),
+        "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        "up_block_types": ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
         "layers_per_block": 1,
         "attention_head_dim": 8,
         "cross_attention_dim": 64,
@@ -46,7 +58,7 @@ _UNET_SIZES: dict[str, dict[str, Any]] = {
     },
 }
 
-_DEFAULT_SAMPLE_SIZE = {"tiny": 16, "small": 32, "sd21-base": 64}
+_DEFAULT_SAMPLE_SIZE = {"tiny": 16, "small": 32, "compact": 32, "sd21-base": 64}
 
 
 def unet_config(size: UNetSize = "tiny", sample_size: int | None = None, **overrides: Any) -> dict[str, Any]:

@@ -105,7 +105,7 @@ class SatControlNetPipeline(DiffusionSatPipeline):
         vae: Any,
         text_encoder: TextEncoder,
         scheduler: Any,
-        uncond_metadata: UncondMetadata = "keep",
+        uncond_metadata: str = "keep",  # an UncondMetadata: diffusers warns on every load of a Literal
     ):
         super().__init__(
             unet=unet,

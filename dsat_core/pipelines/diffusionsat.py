@@ -6,6 +6,7 @@ import inspect
 import os
 import typing
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
@@ -34,6 +35,9 @@ _SCHEDULERS: dict[str, tuple[type[SchedulerMixin], dict[str, Any]]] = {
     "dpm++": (DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++", "solver_order": 2}),
 }
 _SCHEDULER_ALIASES = {"dpmsolver++": "dpm++", "dpm": "dpm++", "dpm-solver++": "dpm++"}
+#: The offline default base model shipped with the package (64 px RGB; trained once on the shipped sample
+#: scenes, its README.md is the model card): `from_pretrained("default")` loads it.
+DEFAULT_PIPELINE_DIR = Path(__file__).with_name("default_model")
 UncondMetadata = Literal["keep", "zero"]
 UNCOND_METADATA_MODES: tuple[str, ...] = typing.get_args(UncondMetadata)
 
@@ -80,13 +84,20 @@ class DiffusionSatPipeline(DiffusionPipeline):
     model_cpu_offload_seq = "text_encoder->unet->vae"
     scheduler: SchedulerMixin  # registered in __init__ (`register_modules`), like the other components
 
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs: Any) -> Any:
+        """`DiffusionPipeline.from_pretrained`; ``"default"`` loads `DEFAULT_PIPELINE_DIR`."""
+        if str(pretrained_model_name_or_path) == "default":
+            pretrained_model_name_or_path = DEFAULT_PIPELINE_DIR
+        return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+
     def __init__(
         self,
         unet: SatUNet,
         vae: AutoencoderKL,
         text_encoder: TextEncoder,
         scheduler: Any,
-        uncond_metadata: UncondMetadata = "keep",
+        uncond_metadata: str = "keep",  # an UncondMetadata: diffusers warns on every load of a Literal
     ):
         super().__init__()
         check_uncond_metadata(uncond_metadata)

@@ -11,9 +11,13 @@ from typing import Any, Literal, Self
 
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, model_validator
 
+from dsat_core.models.configs import UNetSize
+
 # = `dsat_core.models.metadata_embedding.MissingMetadata` (repeated: this module must stay free of torch)
 MetadataDropoutMode = Literal["learned", "zero"]
 METADATA_DROPOUT_MODES: tuple[str, ...] = typing.get_args(MetadataDropoutMode)
+#: draw each item (scene) or each platform (sensor) equally often instead of each tile
+BalanceBy = Literal["item", "platform"]
 
 
 class TrainConfig(BaseModel):
@@ -35,10 +39,15 @@ class TrainConfig(BaseModel):
     holdout_fraction: float = Field(default=0.1, ge=0.0, lt=1.0)
     use_cached_latents: bool = False
     dataloader_num_workers: int = 0
+    balance_by: BalanceBy | None = Field(
+        default=None,
+        description="draw tiles so that each item (scene) or platform (sensor) comes equally often "
+        "(with replacement); None: each tile once per epoch",
+    )
 
     # model
     output_dir: str
-    model_size: Literal["tiny", "small", "sd21-base"] = "tiny"
+    model_size: UNetSize = "tiny"
     pretrained_sd: str | None = Field(
         default=None,
         description="local SD 2.1: a diffusers folder (unet/ + vae/ + text encoder) or a single-file "

@@ -23,7 +23,7 @@ import logging
 import math
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -190,8 +190,10 @@ class TrainingRun:
                 config.resume_from_checkpoint,
             )
 
-    def batches(self, dataset: Any, collate_fn: Callable | None = None) -> Iterator[dict[str, Any]]:
-        """Rank-sharded batches that continue where the resumed step left off."""
+    def batches(
+        self, dataset: Any, collate_fn: Callable | None = None, weights: Sequence[float] | None = None
+    ) -> Iterator[dict[str, Any]]:
+        """Rank-sharded batches that continue where the resumed step left off (drawn by `weights`)."""
         config = self.config
         sampler = ResumableBatchSampler(
             len(dataset),
@@ -200,6 +202,7 @@ class TrainingRun:
             rank=self.rank,
             world_size=self.world,
             start_batch=self.global_step * config.gradient_accumulation_steps,
+            weights=weights,
         )
         loader = DataLoader(
             dataset,

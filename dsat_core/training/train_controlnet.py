@@ -133,6 +133,8 @@ class TrainControlNetConfig(TrainConfig):
             raise ValueError(
                 "use_cached_latents is not supported for ControlNet training (targets are paired)"
             )
+        if self.balance_by:
+            raise ValueError("balance_by is not supported for ControlNet training yet (its tasks pair tiles)")
         if self.init_from and (self.base_model or self.init_controlnet):
             raise ValueError("give init_from (a pipeline folder) or base_model / init_controlnet, not both")
         if not 0.0 <= self.cond_metadata_dropout <= 1.0:

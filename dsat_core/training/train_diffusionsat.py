@@ -65,6 +65,7 @@ from dsat_core.training.loop import (
     weights_sha256,
 )
 from dsat_core.training.losses import diffusion_loss, make_noise_scheduler
+from dsat_core.training.sampler import balanced_weights, tile_groups
 
 logger = logging.getLogger("dsat_core.training")
 
@@ -275,7 +276,8 @@ def train(config: TrainConfig) -> TrainResult:
         logger=logger,
     )
     run.resume()
-    batches = run.batches(dataset)
+    weights = balanced_weights(tile_groups(tiles, config.balance_by)) if config.balance_by else None
+    batches = run.batches(dataset, weights=weights)
 
     # tracking (main process only)
     lineage = _lineage(config, tiles)

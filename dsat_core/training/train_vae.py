@@ -19,7 +19,6 @@ import json
 import logging
 import math
 import time
-from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,6 +30,8 @@ from torchmetrics.functional.image import structural_similarity_index_measure
 from dsat_core.data.dataset import TileDataset
 from dsat_core.data.store import DatasetStore
 from dsat_core.models.vae import encode_latents, load_vae, make_offline_vae
+from dsat_core.training.config import BalanceBy
+from dsat_core.training.sampler import balanced_weights, tile_groups
 
 logger = logging.getLogger("dsat_core.training")
 
@@ -55,7 +56,7 @@ class VAETrainConfig:
     grad_weight: float = 0.1
     holdout_fraction: float = 0.1
     seed: int = 0
-    balance_by: str | None = None  # "platform" or "item": sample each group equally often (with replacement)
+    balance_by: BalanceBy | None = None  # sample each item / platform equally often (with replacement)
     init_from: str | None = None  # continue from the weights of a VAE folder (a fresh optimizer and schedule)
     log_every: int = 50
     mlflow_tracking_uri: str | None = None
@@ -92,27 +93,12 @@ def _dataset(config: VAETrainConfig) -> TileDataset:
 def _loader(dataset: TileDataset, config: VAETrainConfig, shuffle: bool) -> DataLoader:
     generator = torch.Generator().manual_seed(config.seed)
     if shuffle and config.balance_by:
-        weights = balanced_weights(_groups(dataset, config.balance_by))
+        weights = balanced_weights(tile_groups(dataset, config.balance_by))
         sampler = WeightedRandomSampler(weights, len(dataset), replacement=True, generator=generator)
         return DataLoader(dataset, batch_size=config.batch_size, sampler=sampler, drop_last=False)
     return DataLoader(
         dataset, batch_size=config.batch_size, shuffle=shuffle, generator=generator, drop_last=False
     )
-
-
-def _groups(dataset: TileDataset, balance_by: str) -> list[str]:
-    """Each tile's group for balanced sampling: its item's platform (sensor) or its item."""
-    if balance_by == "platform":
-        return [str(p) for p in dataset._platforms]
-    if balance_by == "item":
-        return dataset.item_ids
-    raise ValueError(f"balance_by {balance_by!r}: expected 'platform' or 'item'")
-
-
-def balanced_weights(groups: list[str]) -> list[float]:
-    """Sampling weight 1 / (tiles in its group) per tile, so every group is drawn equally often."""
-    counts = Counter(groups)
-    return [1.0 / counts[g] for g in groups]
 
 
 def _augment(pixels: torch.Tensor, crop: int | None, generator: torch.Generator) -> torch.Tensor:
