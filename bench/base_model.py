@@ -241,8 +241,8 @@ its trained projection is saved here). It generates 64 px RGB tiles; {size / 1e6
 ## Training
 
 `dsat train --config train_config.json` (the project's training command, `bench/base_model.py --train`) on
-CPU: {record["global_step"]} steps ({_runs(workdir)}), final loss {record["final_loss"]:.4f}; the EMA weights
-are the saved ones.
+CPU, {record["global_step"]} steps, final loss {record["final_loss"]:.4f}; the EMA weights are the saved ones.
+Tile sampling: {_runs(workdir)}.
 
 - Config: `{json.dumps(shown)}`
 - Data: the `rgb` tiles (64 px, 2–98 % percentile scaling) of the shipped sample scenes,
