@@ -23,7 +23,7 @@ from dsat_core.data.stac_server import serve_static_catalog
 from dsat_core.evaluation.report import headline_figures
 from dsat_core.models.configs import UNetSize
 from dsat_core.models.vae import DEFAULT_VAE_DIR
-from dsat_core.pipelines.diffusionsat import DEFAULT_PIPELINE_DIR
+from dsat_core.pipelines.diffusionsat import pipeline_path
 from dsat_core.training.config import TrainConfig
 from dsat_core.training.train_controlnet import TrainControlNetConfig
 from dsat_core.training.train_vae import VAETrainConfig, VAETrainResult, train_vae
@@ -45,8 +45,8 @@ class DemoParams(BaseModel):
     output_dir: str = "demo-output"
     resolution: int = Field(64, description="training resolution (the sample tiles' 64 px)")
     base_model: str | None = Field(
-        str(DEFAULT_PIPELINE_DIR),
-        description="the DiffusionSatPipeline folder train-diffusionsat fine-tunes (default: the shipped "
+        "default",
+        description='the DiffusionSatPipeline folder train-diffusionsat fine-tunes ("default": the shipped '
         "base model, with the shipped VAE); None: a fresh `model_size` UNet on `vae`",
     )
     model_size: UNetSize = "compact"
@@ -58,7 +58,11 @@ class DemoParams(BaseModel):
     vae_steps: int = 300
     train_steps: int = 200
     controlnet_steps: int = 150
-    eval_samples: int = 16
+    eval_samples: int = Field(
+        32,
+        description="generated samples (spread over the held-out scenes; 32 cover each of the demo "
+        "store's 26 held-out tiles once) and the most held-out SR tiles",
+    )
     eval_steps: int = 20
     sr_strength: float = Field(
         0.1,
@@ -134,7 +138,10 @@ def main_job(params: DemoParams = DemoParams()) -> DemoResult:
 
     vae: dict[str, Any]
     if params.base_model is not None:  # its own VAE: the shipped one for the shipped base model
-        vae = {"vae_dir": str(Path(params.base_model) / "vae"), "source": f"base model {params.base_model}"}
+        vae = {
+            "vae_dir": str(pipeline_path(params.base_model) / "vae"),
+            "source": f"base model {params.base_model}",
+        }
     elif params.vae == "train":
         trained = train_vae_task(
             VAETrainConfig(store_uri, str(out / "vae"), max_steps=params.vae_steps, seed=params.seed)

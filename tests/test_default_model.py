@@ -43,6 +43,30 @@ def test_default_model_is_small_documented_and_generates_64_px():
     assert pipe.unet.config.missing_metadata == "learned"
 
 
+def test_training_init_from_default_fine_tunes_the_shipped_model_and_keeps_its_card():
+    from dsat_core.training.config import TrainConfig
+    from dsat_core.training.train_diffusionsat import build_components
+
+    parts = build_components(TrainConfig(store_uri="unused.zarr", output_dir="unused", init_from="default"))
+    shipped = DiffusionSatPipeline.from_pretrained("default")
+    assert parts.model_card == (DEFAULT_PIPELINE_DIR / "README.md").read_text()
+    for (name, mine), theirs in zip(
+        parts.unet.state_dict().items(), shipped.unet.state_dict().values(), strict=True
+    ):
+        torch.testing.assert_close(mine, theirs, msg=name)
+
+
+def test_controlnet_training_takes_the_shipped_model_as_its_frozen_base():
+    from dsat_core.training.train_controlnet import TrainControlNetConfig, build_base
+
+    parts = build_base(
+        TrainControlNetConfig(task="sr", store_uri="unused.zarr", output_dir="unused", base_model="default")
+    )
+    shipped = DiffusionSatPipeline.from_pretrained("default")
+    assert not any(p.requires_grad for p in parts.unet.parameters())
+    torch.testing.assert_close(parts.unet.conv_in.weight, shipped.unet.conv_in.weight)
+
+
 def readme_sample_commands() -> list[str]:
     """The lines of the bash block of the README's "shipped default models" section."""
     section = (REPO / "README.md").read_text().split("## The shipped default models", 1)[1]

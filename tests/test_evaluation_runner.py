@@ -18,6 +18,7 @@ from dsat_core.data.tasks import DegradationRecipe, resolve_task
 from dsat_core.evaluation import paired_metrics, validate_catalog
 from dsat_core.evaluation.report import (
     evaluation_sensitivity,
+    generation_rows,
     make_sample_fn,
     metadata_sensitivity,
     plot_sensitivity,
@@ -31,6 +32,7 @@ from dsat_core.evaluation.runner import (
     evaluate_generation,
     load_pipeline,
     nearest_distance,
+    spread_over_items,
 )
 from dsat_core.imaging import bicubic_upsample, to_rgb
 from dsat_core.pipelines import DiffusionSatPipeline, SatControlNetPipeline
@@ -75,9 +77,12 @@ def test_generation_fid_kid_on_held_out_tiles_and_skips_unavailable_metrics(
     assert result.images.dtype == np.uint8 and result.images.shape == (n, 3, 16, 16)
     assert result.real_images.shape == (6, 3, 16, 16)
 
-    # conditioning comes from held-out tiles only, in order, cycling; seeds are seed + i
+    # conditioning comes from held-out tiles only, spread over their items, cycling; seeds are seed + i
+    held = TileDataset(eval_store, split="holdout", holdout_fraction=EVAL_HOLDOUT)
+    order = spread_over_items(held.item_ids)
     rows = [r["tile_index"] for r in result.records]
-    assert rows == [held_rows[i % len(held_rows)] for i in range(n)]
+    assert rows == [held_rows[order[i % len(order)]] for i in range(n)]
+    assert [r["item_id"] for r in result.records] == [held.item_ids[order[i % len(order)]] for i in range(n)]
     assert [r["seed"] for r in result.records] == list(range(7, 7 + n))
     tiles = TileDataset(eval_store)
     for rec, meta in zip(result.records, result.metadata, strict=True):
@@ -260,8 +265,15 @@ def test_report_map_grid_sensitivity_and_stac(
     assert result.params["nearest_real_space"] == "pixel" and "fid" not in result.metrics
     png = write_quality_map(result, tmp_path / "map.png")
     assert Image.open(png).size[0] > 400
+    rows = generation_rows(result)  # a row per held-out item: the reference tile, then the item's samples
+    items = list(dict.fromkeys(r["item_id"] for r in result.records))
+    assert len(rows) == len(items) and result.references is not None
+    for row, item in zip(rows, items, strict=True):
+        mine = [i for i, r in enumerate(result.records) if r["item_id"] == item]
+        assert np.array_equal(row[0], result.references[mine[0]])
+        assert all(np.array_equal(row[1 + k], result.images[i]) for k, i in enumerate(mine))
     grid = sample_grid(result)
-    assert grid.size == (2 + 2 * 18, 2 + 2 * 18)
+    assert grid.size == (2 + len(rows[0]) * 18, 2 + len(rows) * 18)
 
     pipe = load_pipeline(tiny_pipelines["generation"], DiffusionSatPipeline)
     sample_fn = make_sample_fn(pipe, result.prompts, num_inference_steps=STEPS, guidance_scale=1.0)
@@ -390,3 +402,9 @@ def test_sr_from_the_bicubic_start_is_recorded_and_changes_the_samples(
     assert np.abs(started.images.astype(int) - noise.images.astype(int)).mean() > 1.0
     with pytest.raises(ValueError, match="strength must be in"):
         evaluate_controlnet(tiny_pipelines["sr"], eval_store, "sr", strength=0.0, **common)
+
+
+def test_spread_over_items_covers_every_item_first() -> None:
+    order = spread_over_items(["a", "a", "a", "b", "c", "c"])
+    assert order == [0, 3, 4, 1, 5, 2]
+    assert spread_over_items([]) == []

@@ -170,3 +170,26 @@ def test_zombie_automation_marks_silent_flow_runs_crashed() -> None:
     assert trigger["within"] >= 2 * 30  # at least two missed 30 s heartbeats
     assert automation["actions"] == [{"type": "change-flow-run-state", "state": "CRASHED",
                                       "message": automation["actions"][0]["message"]}]  # fmt: skip
+
+
+def test_every_deployment_s_parameters_validate_against_its_flow() -> None:
+    """What `prefect deployment run NAME` sends with no `--params`: each flow's own parameter models accept
+    it, and `train-diffusionsat/default` fine-tunes the shipped base model at its resolution."""
+    from prefect.flows import load_flow_from_entrypoint
+
+    from dsat_core.pipelines.diffusionsat import pipeline_path
+
+    config = yaml.safe_load((INFRA / "prefect.yaml").read_text())
+    validated = {}
+    for deployment in config["deployments"]:
+        flow = load_flow_from_entrypoint(str(REPO / deployment["entrypoint"]))
+        validated[(flow.name, deployment["name"])] = flow.validate_parameters(
+            deployment.get("parameters", {})
+        )
+    train = validated[("train-diffusionsat", "default")]["params"].train
+    shipped = pipeline_path(train.init_from)
+    latent = json.loads((shipped / "unet" / "config.json").read_text())["sample_size"]
+    factor = 2 ** (len(json.loads((shipped / "vae" / "config.json").read_text())["block_out_channels"]) - 1)
+    assert train.init_from == "default" and train.resolution == latent * factor == 64
+    for name in ("sr", "temporal", "inpaint"):
+        assert validated[("train-controlnet", name)]["params"].train.resolution == train.resolution

@@ -177,6 +177,28 @@ def test_commit_killed_midway_is_invisible_and_the_next_commit_completes_it(tmp_
     np.testing.assert_array_equal(ds.images.values[rows], first.products["rgb"].images)
 
 
+def test_commit_point_and_staging_completion_are_one_metadata_write_each(tmp_path: Path, monkeypatch) -> None:
+    """A crash can fall between any two writes: the root's new version (items, counts, hash) and a staged
+    scene's ``complete`` flag with its counts must each land in one write of their zarr.json."""
+    store = _new(tmp_path)
+    writes: list[tuple[str, list[str]]] = []
+    save = zarr.core.group.AsyncGroup._save_metadata
+
+    async def counting(self, *args, **kwargs):
+        writes.append((self.store_path.path, sorted(self.metadata.attributes)))
+        return await save(self, *args, **kwargs)
+
+    monkeypatch.setattr(zarr.core.group.AsyncGroup, "_save_metadata", counting)
+    staged = store.stage(synthetic_scene(1, 4, 16))
+    completed = [keys for path, keys in writes if path.endswith(staged.key) and "complete" in keys]
+    assert len(completed) == 1 and {"n_tiles", "item_id"} <= set(completed[0])
+    writes.clear()
+    store.commit([staged])
+    root = [keys for path, keys in writes if path == "" and "versions" in keys]
+    assert len(root) == 1, f"the commit wrote the root metadata {len(root)} times"
+    assert store.version == 1 and store.n_tiles("rgb") == 4
+
+
 def test_rejections_appended_across_commits(tmp_path: Path) -> None:
     store = _new(tmp_path)
     _ingest(store, [make_scene_tiles("a", n_tiles=2, size=16, rejected_tiles=2)])

@@ -277,7 +277,7 @@ class DatasetStore:
             now = _now()
             root.create_group(STAGING)
             root.create_group(REJECTED)
-            root.attrs.update(
+            root.update_attributes(  # one metadata write (`attrs.update` writes once per key)
                 {
                     "schema_version": SCHEMA_VERSION,
                     "catalog": catalog.model_dump(mode="json") if catalog else None,
@@ -441,7 +441,7 @@ class DatasetStore:
             "staged": _now(),
             "complete": True,
         }
-        group.attrs.update(attrs)  # one write, last: commit ignores groups without `complete`
+        group.update_attributes(attrs)  # one write, last: commit ignores groups without `complete`
         contents = (attrs, staged_products, list(scene.rejected))
         return StagedScene(scene.item_id, key, counts, len(scene.rejected), scene_rejected, contents)
 
@@ -488,7 +488,7 @@ class DatasetStore:
         for col, (dims, dtype) in _COLUMNS.items():
             extra = {"affine": 6, "window_field": 4, "band": n_bands}
             _create_column(group, col, (0, *(extra[d] for d in dims)), dtype, ["tile", *dims])
-        group.attrs.update(
+        group.update_attributes(
             {
                 "bands": list(bands),
                 "dtype": str(staged.image_dtype),
@@ -769,8 +769,9 @@ class CommitTransaction:
                 "added_tiles": result.added_tiles,
                 "content_hash": content_hash,
             }
-            # THE commit point: one atomic write of the root metadata.
-            store.root.attrs.update(
+            # THE commit point: one atomic write of the root metadata (zarr's `attrs.update` would write
+            # once per key, leaving a half-updated root after a crash between two of them).
+            store.root.update_attributes(
                 {
                     "n_tiles": n_tiles,
                     "n_rejected": n_rejected,
@@ -905,7 +906,7 @@ def write_latents(
         arr.resize((n, *arr.shape[1:]))
     arr[start : start + len(latents)] = latents.astype(np.float16)
     if attrs:
-        arr.attrs.update(dict(attrs))
+        arr.update_attributes(dict(attrs))
 
 
 __all__ = [

@@ -5,7 +5,6 @@ catalog of generated images and a markdown summary. Pure functions over `runner`
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -43,10 +42,12 @@ SENSITIVITY_VALUES: dict[str, tuple[float, ...]] = {
 
 # ---------------------------------------------------------------------------------------------- grids
 def sample_grid(result: Evaluation, max_rows: int = 8) -> Image.Image:
-    """Generation: the samples (up to 64). Paired: per tile, conditioning | baseline | model | target."""
+    """Generation: a row per held-out scene (`generation_rows`). Paired: per tile, conditioning | baseline |
+    model | target."""
     if isinstance(result, GenerationEval):
-        images = result.images[:64]
-        columns = int(math.ceil(math.sqrt(len(images))))
+        rows = generation_rows(result, max_rows=max_rows)
+        images = np.concatenate(rows)
+        columns = len(rows[0])
     else:
         k = min(max_rows, len(result.images))
         parts = [result.baselines[:k], result.images[:k], result.targets[:k]]
@@ -55,6 +56,25 @@ def sample_grid(result: Evaluation, max_rows: int = 8) -> Image.Image:
         images = np.stack(parts, axis=1).reshape(-1, *result.images.shape[1:])
         columns = len(parts)
     return image_grid(np.asarray(images).transpose(0, 2, 3, 1), columns=columns)
+
+
+def generation_rows(result: GenerationEval, max_rows: int = 8, max_samples: int = 8) -> list[np.ndarray]:
+    """uint8 (1 + k, 3, H, W) per item (up to ``max_rows``, in order of first sample): the real tile the
+    item's first sample was conditioned on, then up to ``max_samples`` of the item's samples; white padding
+    makes the rows equally long. Without references (older results) a row holds only samples."""
+    by_item: dict[str, list[int]] = {}
+    for i, record in enumerate(result.records):
+        by_item.setdefault(str(record["item_id"]), []).append(i)
+    groups = [idx[:max_samples] for idx in list(by_item.values())[:max_rows]]
+    width = max(len(g) for g in groups) + (result.references is not None)
+    blank = np.full(result.images.shape[1:], 255, np.uint8)
+    rows = []
+    for idx in groups:
+        row = ([result.references[idx[0]]] if result.references is not None else []) + [
+            result.images[i] for i in idx
+        ]
+        rows.append(np.stack(row + [blank] * (width - len(row))))
+    return rows
 
 
 # ---------------------------------------------------------------------------------------------- map
@@ -397,6 +417,7 @@ __all__ = [
     "default_sensitivity_values",
     "evaluation_markdown",
     "evaluation_sensitivity",
+    "generation_rows",
     "headline_figures",
     "make_sample_fn",
     "metadata_sensitivity",

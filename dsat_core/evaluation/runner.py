@@ -392,9 +392,24 @@ def _held_out_tiles(
     return tiles
 
 
+def spread_over_items(item_ids: Sequence[str]) -> list[int]:
+    """Positions ordered round-robin over items (first tile of each item, then the second, ...).
+
+    Items come in order of first appearance, each item's tiles in their order; a prefix of any length covers
+    as many items as it can, so a small sample set still shows every held-out scene.
+    """
+    by_item: dict[str, list[int]] = {}
+    for pos, item in enumerate(item_ids):
+        by_item.setdefault(item, []).append(pos)
+    rounds = max((len(v) for v in by_item.values()), default=0)
+    return [group[r] for r in range(rounds) for group in by_item.values() if r < len(group)]
+
+
 def _conditions(tiles: _HeldOutTiles, n_samples: int, seed: int) -> _Conditions:
-    """Held-out tiles in order, cycling when there are fewer than samples; sample i gets seed ``seed + i``."""
-    positions = [i % len(tiles) for i in range(n_samples)]
+    """Held-out tiles spread over their items (`spread_over_items`), cycling when there are fewer than
+    samples; sample i gets seed ``seed + i``."""
+    order = spread_over_items(tiles.tiles.item_ids)
+    positions = [order[i % len(order)] for i in range(n_samples)]
     return _Conditions(
         positions=positions,
         metadata=[tiles.metadata(p) for p in positions],
@@ -921,4 +936,5 @@ __all__ = [
     "sample_sizes",
     "sample_images",
     "shared_inception",
+    "spread_over_items",
 ]

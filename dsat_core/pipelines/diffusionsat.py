@@ -38,6 +38,13 @@ _SCHEDULER_ALIASES = {"dpmsolver++": "dpm++", "dpm": "dpm++", "dpm-solver++": "d
 #: The offline default base model shipped with the package (64 px RGB; trained once on the shipped sample
 #: scenes, its README.md is the model card): `from_pretrained("default")` loads it.
 DEFAULT_PIPELINE_DIR = Path(__file__).with_name("default_model")
+
+
+def pipeline_path(name_or_path: str | os.PathLike) -> Path:
+    """A pipeline folder: `DEFAULT_PIPELINE_DIR` for ``"default"``, else the path given."""
+    return DEFAULT_PIPELINE_DIR if str(name_or_path) == "default" else Path(name_or_path)
+
+
 UncondMetadata = Literal["keep", "zero"]
 UNCOND_METADATA_MODES: tuple[str, ...] = typing.get_args(UncondMetadata)
 
@@ -88,7 +95,7 @@ class DiffusionSatPipeline(DiffusionPipeline):
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs: Any) -> Any:
         """`DiffusionPipeline.from_pretrained`; ``"default"`` loads `DEFAULT_PIPELINE_DIR`."""
         if str(pretrained_model_name_or_path) == "default":
-            pretrained_model_name_or_path = DEFAULT_PIPELINE_DIR
+            pretrained_model_name_or_path = pipeline_path("default")
         return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
 
     def __init__(

@@ -56,8 +56,9 @@ class TrainConfig(BaseModel):
     init_from: str | None = Field(
         default=None,
         validation_alias=AliasChoices("init_from", "pretrained_diffusionsat"),
-        description="a project pipeline folder to fine-tune (e.g. a converted reference checkpoint); "
-        "train-controlnet takes a SatControlNetPipeline folder (base + ControlNet) or a DiffusionSatPipeline",
+        description="a project pipeline folder to fine-tune (e.g. a converted reference checkpoint), or "
+        '"default": the shipped 64 px base model; train-controlnet takes a SatControlNetPipeline folder '
+        "(base + ControlNet) or a DiffusionSatPipeline",
     )
     text_encoder: str = Field(default="minilm", description="text encoder spec for load_text_encoder")
     vae: str = Field(

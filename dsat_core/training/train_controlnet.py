@@ -65,7 +65,7 @@ from dsat_core.models.controlnet3d import ControlNet3D, controlled_unet_forward,
 from dsat_core.models.metadata_embedding import set_missing_metadata
 from dsat_core.pipelines import DiffusionSatPipeline
 from dsat_core.pipelines.controlnet import SatControlNetPipeline
-from dsat_core.pipelines.diffusionsat import DiffusionSatPipelineOutput
+from dsat_core.pipelines.diffusionsat import DiffusionSatPipelineOutput, pipeline_path
 from dsat_core.training.conditioning import drop_metadata, noise_batch
 from dsat_core.training.config import TrainConfig
 from dsat_core.training.loop import TrainingRun, TrainResult, frozen_dtype, make_optimizer, start_run
@@ -94,7 +94,8 @@ class TrainControlNetConfig(TrainConfig):
 
     task: TaskName
     base_model: str | None = Field(
-        default=None, description="DiffusionSatPipeline or SatUNet folder (frozen)"
+        default=None,
+        description='DiffusionSatPipeline or SatUNet folder (frozen); "default": the shipped base model',
     )
     init_controlnet: str | None = Field(default=None, description="ControlNet3D folder to start from")
 
@@ -174,7 +175,9 @@ class TrainControlNetConfig(TrainConfig):
 
 # ---------------------------------------------------------------------------- building blocks
 def load_init_pipeline(path: str) -> DiffusionSatPipeline:
-    """``init_from``: a SatControlNetPipeline folder (base + ControlNet) or a DiffusionSatPipeline one."""
+    """``init_from``: a SatControlNetPipeline folder (base + ControlNet) or a DiffusionSatPipeline one
+    (``"default"``: the shipped base model)."""
+    path = str(pipeline_path(path))
     index = Path(path) / "model_index.json"
     if not index.is_file():
         raise FileNotFoundError(f"init_from {path}: not a pipeline folder (no model_index.json)")
@@ -187,15 +190,15 @@ def init_controlnet_dir(config: TrainControlNetConfig) -> str | None:
     """The ControlNet to start from: ``init_controlnet``, or the one in the ``init_from`` pipeline."""
     if config.init_controlnet:
         return config.init_controlnet
-    if config.init_from and (Path(config.init_from) / "controlnet" / "config.json").is_file():
-        return str(Path(config.init_from) / "controlnet")
+    if config.init_from and (pipeline_path(config.init_from) / "controlnet" / "config.json").is_file():
+        return str(pipeline_path(config.init_from) / "controlnet")
     return None
 
 
 def build_base(config: TrainControlNetConfig) -> Components:
     """The frozen base: UNet, VAE, text encoder (all requires_grad False, eval mode)."""
     if config.base_model:
-        path = Path(config.base_model)
+        path = pipeline_path(config.base_model)
         if (path / "model_index.json").is_file():
             pipe = DiffusionSatPipeline.from_pretrained(str(path))
             parts = Components(pipe.unet, pipe.vae, pipe.text_encoder, None)

@@ -47,7 +47,7 @@ from dsat_core.models import (
 from dsat_core.models.metadata_embedding import set_missing_metadata
 from dsat_core.models.sd_single_file import load_sd_single_file, model_card
 from dsat_core.pipelines import DiffusionSatPipeline
-from dsat_core.pipelines.diffusionsat import DiffusionSatPipelineOutput, UncondMetadata
+from dsat_core.pipelines.diffusionsat import DiffusionSatPipelineOutput, UncondMetadata, pipeline_path
 from dsat_core.training.conditioning import noise_batch
 from dsat_core.training.config import TrainConfig
 from dsat_core.training.latent_cache import (
@@ -93,7 +93,7 @@ def build_components(config: TrainConfig) -> Components:
     with torch.random.fork_rng():
         torch.manual_seed(config.seed)
         if config.init_from:
-            pipe = DiffusionSatPipeline.from_pretrained(config.init_from)
+            pipe = DiffusionSatPipeline.from_pretrained(str(pipeline_path(config.init_from)))
             unet, vae, text_encoder = pipe.unet, pipe.vae, pipe.text_encoder
             uncond_metadata = pipe.config.get("uncond_metadata", "keep")
             card = init_model_card(config.init_from)
@@ -342,8 +342,9 @@ def _loss(
 
 
 def init_model_card(init_from: str) -> str | None:
-    """The model card of an ``init_from`` folder (e.g. a converted checkpoint's), kept by what it trains."""
-    card = Path(init_from) / "README.md"
+    """The model card of an ``init_from`` folder (e.g. a converted checkpoint's, or the shipped ``"default"``
+    model's), kept by what it trains."""
+    card = pipeline_path(init_from) / "README.md"
     return card.read_text() if card.is_file() else None
 
 
