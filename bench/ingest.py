@@ -24,9 +24,10 @@ duration as Prefect records it and shows in its UI, ``wall`` the in-process call
 and teardown, printed beside each ratio),
 2 workers / 1 worker >= 1.6,
 peak(N scenes) / peak(N/2 scenes) about 1 (flat).
-Beside the 2-worker speed-up, each round prints this machine's ceiling for it: the flow's per-item work
-(`read_and_stage`, read + tile + stage) in 1 plain process, then split over 2 processes started together, no
-Dask, no Prefect (2.0 on two free physical cores; less where the two vCPUs share a core or memory bandwidth).
+Beside the 2-worker speed-up the machine's own ceiling for it is printed, measured ``--repeat`` times before
+any service starts: the flow's per-item work (`read_and_stage`, read + tile + stage) in 1 plain process,
+then split over 2 processes started together, no Dask, no Prefect (2.0 on two free physical cores; less where
+the two vCPUs share a core or memory bandwidth).
 The CPU seconds of the 1- and 2-worker runs are printed beside their ratio: on a machine with as many cores
 as workers, the driver (Dask scheduler, client and committer, Prefect's engine) shares the cores with the
 workers, so the speed-up stays under 2 even for equal CPU work; more CPU seconds with 1 worker mean
@@ -365,7 +366,6 @@ def main() -> None:
     args = parser.parse_args()
 
     from dsat_core.data.catalog import load_catalog
-    from dsat_core.data.stac import search_items
 
     base = load_catalog(args.catalog)
     config = base.with_overrides(products={"rgb": base.products["rgb"].model_dump()})
@@ -374,6 +374,8 @@ def main() -> None:
     half = args.scenes // 2
     catalog = write_catalog(config, args.workdir)
     served = [{**item, "collection": config.collections[0], "links": []} for item in items]
+    # measured before any service starts, so that no server shares the cores with it
+    machine = [machine_scaling(served, config, args.workdir) for _ in range(max(1, args.repeat))]
 
     with prefect_server(args.workdir) as server, stac_api(served) as api:
         exclude = (server.pid, api.process.pid)
@@ -385,12 +387,9 @@ def main() -> None:
             (run_flow, catalog, api.url, args.workdir, 2, half, exclude),
         ]
         runs: list[list[dict]] = [[] for _ in paths]
-        machine: list[float] = []
         for _ in range(max(1, args.repeat)):  # rounds interleave the paths: a slow minute hits all of them
             for done, (run, *run_args) in zip(runs, paths, strict=True):
                 done.append(run(*run_args))
-            searched = search_items(config, api_url=api.url, max_items=args.scenes)
-            machine.append(machine_scaling(searched, config, args.workdir))
     results = [
         {**min(done, key=lambda r: r["seconds"]), "peak_mb": max(r["peak_mb"] for r in done)} for done in runs
     ]
