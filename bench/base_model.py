@@ -136,11 +136,17 @@ class NearestNeighbours:
         self.points = (stacked - self.mean) / self.std
         self.labels = [t for t, f in feats.items() for _ in range(len(f))]
 
-    def __call__(self, images: torch.Tensor, leave_self_out: bool = False) -> list[str]:
-        z = (features(images) - self.mean) / self.std
+    def __call__(self, images: torch.Tensor) -> list[str]:
+        return self._vote((features(images) - self.mean) / self.std)
+
+    def leave_one_out(self) -> list[str]:
+        """The type of each train tile voted by the others (aligned with ``labels``)."""
+        return self._vote(self.points, exclude_self=True)
+
+    def _vote(self, z: np.ndarray, exclude_self: bool = False) -> list[str]:
         dist = ((z[:, None, :] - self.points[None]) ** 2).sum(-1)
-        if leave_self_out:  # images that are train tiles: each one's own point does not vote
-            dist[dist < 1e-9] = np.inf
+        if exclude_self:
+            np.fill_diagonal(dist, np.inf)
         votes = [[self.labels[j] for j in row] for row in np.argsort(dist, axis=1)[:, : self.k]]
         return [max(dict.fromkeys(v), key=v.count) for v in votes]  # ties: the nearer type
 
@@ -170,6 +176,7 @@ def check(store_uri: str, model_dir: Path, per_type: int, steps: int, guidance: 
     """Scene-type accuracy of generated samples (and of held-out real tiles) by `NearestNeighbours`."""
     train_groups, holdout_groups = tiles_by_type(store_uri, "train"), tiles_by_type(store_uri, "holdout")
     classify = NearestNeighbours(train_groups)
+    loo = classify.leave_one_out()
     pipe = DiffusionSatPipeline.from_pretrained(str(model_dir))
     pipe.set_scheduler("ddim")
     result: dict = {"model_dir": str(model_dir), "per_type": per_type, "steps": steps, "guidance": guidance}
@@ -189,8 +196,7 @@ def check(store_uri: str, model_dir: Path, per_type: int, steps: int, guidance: 
             "holdout_real_accuracy": accuracy(real_predicted, kind) if real else None,
             "n_train_real": len(train_groups[kind]),
             "train_real_loo_accuracy": accuracy(
-                classify(torch.stack([s["pixel_values"] for s in train_groups[kind]]), leave_self_out=True),
-                kind,
+                [p for p, t in zip(loo, classify.labels, strict=True) if t == kind], kind
             ),
             "n_conditioning_holdout": min(per_type, len(holdout_groups[kind])),
         }

@@ -23,7 +23,7 @@ from dsat_core.evaluation.metrics import (
     is_smoke_figure,
     metric_sample_size,
 )
-from dsat_core.evaluation.runner import GenerationEval, PairedEval, sample_images
+from dsat_core.evaluation.runner import GenerationEval, PairedEval, positions_by_item, sample_images
 from dsat_core.evaluation.sensitivity import robustness, sensitivity_details, shuffled_metadata
 from dsat_core.evaluation.stac_output import validate_catalog, write_generated_stac
 from dsat_core.imaging.rgb import image_grid
@@ -62,9 +62,7 @@ def generation_rows(result: GenerationEval, max_rows: int = 8, max_samples: int 
     """uint8 (1 + k, 3, H, W) per item (up to ``max_rows``, in order of first sample): the real tile the
     item's first sample was conditioned on, then up to ``max_samples`` of the item's samples; white padding
     makes the rows equally long. Without references (older results) a row holds only samples."""
-    by_item: dict[str, list[int]] = {}
-    for i, record in enumerate(result.records):
-        by_item.setdefault(str(record["item_id"]), []).append(i)
+    by_item = positions_by_item([record["item_id"] for record in result.records])
     groups = [idx[:max_samples] for idx in list(by_item.values())[:max_rows]]
     width = max(len(g) for g in groups) + (result.references is not None)
     blank = np.full(result.images.shape[1:], 255, np.uint8)

@@ -392,17 +392,23 @@ def _held_out_tiles(
     return tiles
 
 
+def positions_by_item(item_ids: Sequence[str]) -> dict[str, list[int]]:
+    """Each item's positions in ``item_ids``, items in order of first appearance."""
+    by_item: dict[str, list[int]] = {}
+    for pos, item in enumerate(item_ids):
+        by_item.setdefault(str(item), []).append(pos)
+    return by_item
+
+
 def spread_over_items(item_ids: Sequence[str]) -> list[int]:
     """Positions ordered round-robin over items (first tile of each item, then the second, ...).
 
     Items come in order of first appearance, each item's tiles in their order; a prefix of any length covers
     as many items as it can, so a small sample set still shows every held-out scene.
     """
-    by_item: dict[str, list[int]] = {}
-    for pos, item in enumerate(item_ids):
-        by_item.setdefault(item, []).append(pos)
-    rounds = max((len(v) for v in by_item.values()), default=0)
-    return [group[r] for r in range(rounds) for group in by_item.values() if r < len(group)]
+    groups = list(positions_by_item(item_ids).values())
+    rounds = max((len(g) for g in groups), default=0)
+    return [group[r] for r in range(rounds) for group in groups if r < len(group)]
 
 
 def _conditions(tiles: _HeldOutTiles, n_samples: int, seed: int) -> _Conditions:
@@ -933,6 +939,7 @@ __all__ = [
     "evaluate_generation",
     "load_pipeline",
     "nearest_distance",
+    "positions_by_item",
     "sample_sizes",
     "sample_images",
     "shared_inception",

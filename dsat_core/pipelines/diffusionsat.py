@@ -94,8 +94,8 @@ class DiffusionSatPipeline(DiffusionPipeline):
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs: Any) -> Any:
         """`DiffusionPipeline.from_pretrained`; ``"default"`` loads `DEFAULT_PIPELINE_DIR`."""
-        if str(pretrained_model_name_or_path) == "default":
-            pretrained_model_name_or_path = pipeline_path("default")
+        if str(pretrained_model_name_or_path) == "default":  # other names go to diffusers as they are
+            pretrained_model_name_or_path = DEFAULT_PIPELINE_DIR
         return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
 
     def __init__(

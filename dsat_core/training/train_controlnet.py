@@ -190,9 +190,8 @@ def init_controlnet_dir(config: TrainControlNetConfig) -> str | None:
     """The ControlNet to start from: ``init_controlnet``, or the one in the ``init_from`` pipeline."""
     if config.init_controlnet:
         return config.init_controlnet
-    if config.init_from and (pipeline_path(config.init_from) / "controlnet" / "config.json").is_file():
-        return str(pipeline_path(config.init_from) / "controlnet")
-    return None
+    folder = pipeline_path(config.init_from) / "controlnet" if config.init_from else None
+    return str(folder) if folder is not None and (folder / "config.json").is_file() else None
 
 
 def build_base(config: TrainControlNetConfig) -> Components:
