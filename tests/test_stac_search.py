@@ -126,8 +126,8 @@ def test_shipped_samples_are_cogs_with_relative_hrefs() -> None:
 
 
 def test_every_shipped_scene_is_a_cog_with_its_origin_and_licence_and_all_fit_12_mb() -> None:
-    """catalog-all.json (what the demo ingests): >= 8 scenes of >= 3 sensors, forest to snow, <= 12 MB of COGs,
-    each file with a LICENSES.md section giving its origin and licence."""
+    """catalog-all.json (what the demo ingests): >= 8 scenes of 3 sensors, forest to snow, <= 12 MB of
+    COGs, each file with a LICENSES.md section giving its origin and licence."""
     import rasterio
 
     items = load_static_catalog(SAMPLES / "catalog-all.json")
