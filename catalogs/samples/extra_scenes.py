@@ -1,12 +1,13 @@
 """The extra sample scenes in `catalogs/samples/extra/` (run through `make_samples.py --mirror DIR`).
 
 Six more real scenes (Sentinel-2 L2A desert, Sentinel-2 L1C farmland at two dates, Landsat 7 ETM+ Everest
-snow and ice, Landsat 8 OLI South Carolina coast, Landsat 8 OLI pine forest of southern Alabama), cut small and written as deflate COGs whose pixel values,
-CRS and transform (of the crop window) are those of the source. Their STAC items (`datetime`, `platform`,
-`gsd`, `eo:bands` with common names, `proj:*`, `eo:cloud_cover` where the source gives it, `dsat:land_cover`)
-go to a static catalog of their own (`extra/catalog/catalog.json`) and to `extra/items.ndjson` +
-`extra/collection.json` (collection `local-samples-extra`, for `rustac serve`), and their origins and licences
-to `extra/LICENSES.md` (appended to `../LICENSES.md`).
+snow and ice, Landsat 8 OLI South Carolina coast, Landsat 8 OLI pine forest of southern Alabama), cut small
+and written as deflate COGs whose pixel values, CRS and transform (of the crop window) are those of the
+source. Their STAC items (`datetime`, `platform`, `gsd`, `eo:bands` with common names, `proj:*`,
+`eo:cloud_cover` where the source gives it, `dsat:land_cover`) go to a static catalog of their own
+(`extra/catalog/catalog.json`) and to `extra/items.ndjson` + `extra/collection.json` (collection
+`local-samples-extra`, for `rustac serve`), and their origins and licences to `extra/LICENSES.md` (appended
+to `../LICENSES.md`).
 
 Sources: three files of `shared/data/real` (see its README) and, under the `--mirror` folder, files taken
 from three public GitHub repositories at fixed commits (`git show COMMIT:PATH > FILE`):
