@@ -221,7 +221,8 @@ def check(store_uri: str, model_dir: Path, per_type: int, steps: int, guidance: 
         rows.extend([(r + 1) / 2 for r in reals] + [(s + 1) / 2 for s in samples[:8]])
     columns = len(rows) // len(TYPES)
     grid = torch.stack(rows).permute(0, 2, 3, 1).numpy()
-    image_grid(grid, columns=columns).save(workdir / "grid.png")
+    labels = [f"{kind}: 2 real tiles, then samples" for kind in TYPES]
+    image_grid(grid, columns=columns, row_labels=labels).save(workdir / "grid.png")
     total = sum(r["sample_accuracy"] * r["n_samples"] for r in result["types"].values())
     result["sample_accuracy"] = total / (per_type * len(TYPES))
     return result

@@ -33,6 +33,7 @@ def test_main_job_end_to_end_and_rerun(tmp_path, monkeypatch):
     mlflow.set_tracking_uri(first.mlflow_tracking_uri)
     client = mlflow.MlflowClient()
     train_run = client.get_run(first.diffusionsat.mlflow_run_id)
+    assert float(train_run.data.params["learning_rate"]) == params.finetune_learning_rate  # gentle fine-tune
     parent = train_run.data.tags["mlflow.parentRunId"]
     assert client.get_run(first.evaluation["sr"].mlflow_run_id).data.tags["mlflow.parentRunId"] == parent
     champion = client.get_model_version_by_alias("diffusionsat-demo", "champion")  # evaluated, then promoted

@@ -35,6 +35,7 @@ from dsat_core.evaluation.runner import (
     spread_over_items,
 )
 from dsat_core.imaging import bicubic_upsample, to_rgb
+from dsat_core.imaging.rgb import LABEL_HEIGHT
 from dsat_core.pipelines import DiffusionSatPipeline, SatControlNetPipeline
 
 STEPS = 2
@@ -267,13 +268,13 @@ def test_report_map_grid_sensitivity_and_stac(
     assert Image.open(png).size[0] > 400
     rows = generation_rows(result)  # a row per held-out item: the reference tile, then the item's samples
     items = list(dict.fromkeys(r["item_id"] for r in result.records))
-    assert len(rows) == len(items) and result.references is not None
-    for row, item in zip(rows, items, strict=True):
+    assert list(rows) == items and result.references is not None
+    for item, row in rows.items():
         mine = [i for i, r in enumerate(result.records) if r["item_id"] == item]
         assert np.array_equal(row[0], result.references[mine[0]])
         assert all(np.array_equal(row[1 + k], result.images[i]) for k, i in enumerate(mine))
-    grid = sample_grid(result)
-    assert grid.size == (2 + len(rows[0]) * 18, 2 + len(rows) * 18)
+    grid = sample_grid(result)  # each row under a line naming its item
+    assert grid.size == (2 + len(rows[items[0]]) * 18, 2 + len(rows) * (18 + LABEL_HEIGHT))
 
     pipe = load_pipeline(tiny_pipelines["generation"], DiffusionSatPipeline)
     sample_fn = make_sample_fn(pipe, result.prompts, num_inference_steps=STEPS, guidance_scale=1.0)

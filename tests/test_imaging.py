@@ -12,6 +12,7 @@ import torch
 
 import dsat_core.imaging as imaging
 from dsat_core.imaging import image_grid, rgb_preview
+from dsat_core.imaging.rgb import LABEL_HEIGHT
 
 
 def _modules_after(statement: str) -> set[str]:
@@ -56,3 +57,14 @@ def test_image_grid_layout() -> None:
     assert grid.shape == (1 + 3 * 5, 1 + 2 * 7, 3)
     assert (grid[1 + 5 : 1 + 5 + 4, 1 + 7 : 1 + 7 + 6] == 255).all()  # tile 3: row 1, column 1
     assert (grid[1:5, 1:7] == 0).all() and (grid[0] == 255).all()
+
+
+def test_image_grid_row_labels() -> None:
+    tiles = np.full((4, 8, 8, 3), 255, np.uint8)
+    grid = np.asarray(image_grid(tiles, columns=2, pad=1, row_labels=["water", "snow"]))
+    assert grid.shape == (1 + 2 * (8 + 1 + LABEL_HEIGHT), 1 + 2 * 9, 3)
+    strips = [grid[1 + r * (9 + LABEL_HEIGHT) :][:LABEL_HEIGHT] for r in range(2)]
+    assert all((strip < 128).any() for strip in strips)  # text drawn above each row; the tiles stay white
+    assert (grid[1 + LABEL_HEIGHT : 9 + LABEL_HEIGHT] == 255).all()
+    with pytest.raises(ValueError, match="3 row labels for 2 rows"):
+        image_grid(tiles, columns=2, row_labels=["a", "b", "c"])

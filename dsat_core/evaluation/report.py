@@ -42,36 +42,39 @@ SENSITIVITY_VALUES: dict[str, tuple[float, ...]] = {
 
 # ---------------------------------------------------------------------------------------------- grids
 def sample_grid(result: Evaluation, max_rows: int = 8) -> Image.Image:
-    """Generation: a row per held-out scene (`generation_rows`). Paired: per tile, conditioning | baseline |
-    model | target."""
+    """Generation: a row per held-out scene (`generation_rows`), labelled with its item. Paired: per tile,
+    conditioning | baseline | model | target."""
     if isinstance(result, GenerationEval):
         rows = generation_rows(result, max_rows=max_rows)
-        images = np.concatenate(rows)
-        columns = len(rows[0])
-    else:
-        k = min(max_rows, len(result.images))
-        parts = [result.baselines[:k], result.images[:k], result.targets[:k]]
-        if result.cond_preview is not None:
-            parts.insert(0, result.cond_preview[:k])
-        images = np.stack(parts, axis=1).reshape(-1, *result.images.shape[1:])
-        columns = len(parts)
-    return image_grid(np.asarray(images).transpose(0, 2, 3, 1), columns=columns)
+        first = "held-out tile, then samples" if result.references is not None else "samples"
+        labels = [f"{item}  ({first})" if k == 0 else item for k, item in enumerate(rows)]
+        return image_grid(
+            np.concatenate(list(rows.values())).transpose(0, 2, 3, 1),
+            columns=len(next(iter(rows.values()))),
+            row_labels=labels,
+        )
+    k = min(max_rows, len(result.images))
+    parts = [result.baselines[:k], result.images[:k], result.targets[:k]]
+    if result.cond_preview is not None:
+        parts.insert(0, result.cond_preview[:k])
+    images = np.stack(parts, axis=1).reshape(-1, *result.images.shape[1:])
+    return image_grid(images.transpose(0, 2, 3, 1), columns=len(parts))
 
 
-def generation_rows(result: GenerationEval, max_rows: int = 8, max_samples: int = 8) -> list[np.ndarray]:
-    """uint8 (1 + k, 3, H, W) per item (up to ``max_rows``, in order of first sample): the real tile the
+def generation_rows(result: GenerationEval, max_rows: int = 8, max_samples: int = 8) -> dict[str, np.ndarray]:
+    """Per item (up to ``max_rows``, in order of first sample), uint8 (1 + k, 3, H, W): the real tile the
     item's first sample was conditioned on, then up to ``max_samples`` of the item's samples; white padding
     makes the rows equally long. Without references (older results) a row holds only samples."""
     by_item = positions_by_item([record["item_id"] for record in result.records])
-    groups = [idx[:max_samples] for idx in list(by_item.values())[:max_rows]]
-    width = max(len(g) for g in groups) + (result.references is not None)
+    groups = {item: idx[:max_samples] for item, idx in list(by_item.items())[:max_rows]}
+    width = max(len(g) for g in groups.values()) + (result.references is not None)
     blank = np.full(result.images.shape[1:], 255, np.uint8)
-    rows = []
-    for idx in groups:
+    rows = {}
+    for item, idx in groups.items():
         row = ([result.references[idx[0]]] if result.references is not None else []) + [
             result.images[i] for i in idx
         ]
-        rows.append(np.stack(row + [blank] * (width - len(row))))
+        rows[item] = np.stack(row + [blank] * (width - len(row)))
     return rows
 
 

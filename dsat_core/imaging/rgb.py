@@ -8,7 +8,7 @@ from typing import overload
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 
 # Band names (case-insensitive) recognised for each display channel: STAC `common_name`s (what the store's
 # `band` coordinate holds) and Sentinel-2 band ids. Landsat band numbers are ambiguous across missions
@@ -81,10 +81,18 @@ def rgb_preview(
     return rgb
 
 
+#: height (px) of the text line `image_grid` puts above each row when given row labels
+LABEL_HEIGHT = 14
+
+
 def image_grid(
-    images: np.ndarray | list[np.ndarray], columns: int | None = None, pad: int = 2
+    images: np.ndarray | list[np.ndarray],
+    columns: int | None = None,
+    pad: int = 2,
+    row_labels: Sequence[str] | None = None,
 ) -> Image.Image:
-    """(N, H, W, C) floats in [0, 1] or uint8 → one RGB grid image (row-major, white padding)."""
+    """(N, H, W, C) floats in [0, 1] or uint8 → one RGB grid image (row-major, white padding); with
+    ``row_labels``, one line of text above each row (e.g. the scene the row shows)."""
     arr = np.stack([np.asarray(i) for i in images]) if isinstance(images, list) else np.asarray(images)
     if arr.dtype != np.uint8:
         arr = (np.clip(arr, 0.0, 1.0) * 255).round().astype(np.uint8)
@@ -96,12 +104,21 @@ def image_grid(
     n, h, w, _ = arr.shape
     columns = columns or int(np.ceil(np.sqrt(n)))
     rows = int(np.ceil(n / columns))
-    grid = np.full((rows * (h + pad) + pad, columns * (w + pad) + pad, 3), 255, dtype=np.uint8)
+    if row_labels is not None and len(row_labels) != rows:
+        raise ValueError(f"image_grid: {len(row_labels)} row labels for {rows} rows")
+    label = LABEL_HEIGHT if row_labels is not None else 0
+    step = h + pad + label
+    grid = np.full((rows * step + pad, columns * (w + pad) + pad, 3), 255, dtype=np.uint8)
     for k in range(n):
         r, c = divmod(k, columns)
-        top, left = pad + r * (h + pad), pad + c * (w + pad)
+        top, left = pad + r * step + label, pad + c * (w + pad)
         grid[top : top + h, left : left + w] = arr[k]
-    return Image.fromarray(grid)
+    image = Image.fromarray(grid)
+    if row_labels is not None:
+        draw, font = ImageDraw.Draw(image), ImageFont.load_default()
+        for r, text in enumerate(row_labels):
+            draw.text((pad, pad + r * step), text, fill=(0, 0, 0), font=font)
+    return image
 
 
-__all__ = ["RGB_ALIASES", "image_grid", "rgb_band_indices", "rgb_preview", "to_rgb"]
+__all__ = ["LABEL_HEIGHT", "RGB_ALIASES", "image_grid", "rgb_band_indices", "rgb_preview", "to_rgb"]
