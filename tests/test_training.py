@@ -388,6 +388,45 @@ def test_training_step_passes_dropout_as_mask_not_zero(store: str, tmp_path: Pat
         TrainConfig(store_uri="s", output_dir="o", metadata_dropout_mode="none")
 
 
+def test_random_dihedral_gives_each_tile_one_of_its_eight_symmetries() -> None:
+    from dsat_core.training.augment import N_SYMMETRIES, dihedral, random_dihedral
+
+    tile = torch.arange(2 * 4 * 4, dtype=torch.float32).reshape(2, 4, 4)
+    views = [dihedral(tile, k) for k in range(N_SYMMETRIES)]
+    assert len({tuple(v.flatten().tolist()) for v in views}) == 8  # all distinct
+    assert torch.equal(views[0], tile) and torch.equal(views[4], tile.flip(-1))
+    assert torch.equal(views[1], tile.transpose(-2, -1).flip(-2))  # a quarter turn, counter-clockwise
+    batch = tile.expand(64, -1, -1, -1)
+    out = random_dihedral(batch, torch.Generator().manual_seed(0))
+    picks = [next(k for k, v in enumerate(views) if torch.equal(o, v)) for o in out]  # each is a symmetry
+    assert set(picks) == set(range(8))
+    assert torch.equal(random_dihedral(batch, torch.Generator().manual_seed(0)), out)  # from the generator
+    with pytest.raises(ValueError, match="square images only"):
+        random_dihedral(torch.zeros(1, 1, 4, 6), torch.Generator())
+
+
+def test_random_flip_rotate_turns_the_tiles_the_vae_encodes(
+    store: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import dsat_core.training.train_diffusionsat as trainer
+    from dsat_core.training.augment import dihedral
+
+    batch, encoded = _tile_batch(store), []
+    encode = trainer.encode_latents
+    monkeypatch.setattr(trainer, "encode_latents", lambda vae, px: encoded.append(px) or encode(vae, px))
+    for flag in (False, True):
+        config = tiny_config(store, tmp_path, random_flip_rotate=flag)
+        parts = trainer.build_components(config)
+        assert torch.isfinite(_training_loss(parts.unet, parts, config, batch))
+    plain, turned = encoded
+    torch.testing.assert_close(plain, batch["pixel_values"])
+    pairs = zip(plain, turned, strict=True)
+    picks = [next(k for k in range(8) if torch.equal(dihedral(x, k), y)) for x, y in pairs]
+    assert any(k != 0 for k in picks)  # some tiles turned or mirrored, each into one of its symmetries
+    with pytest.raises(ValueError, match="not with cached latents"):
+        tiny_config(store, tmp_path, random_flip_rotate=True, use_cached_latents=True)
+
+
 def test_zero_mode_loss_is_the_reference_zeroed_metadata(store: str, tmp_path: Path) -> None:
     """metadata_dropout_mode="zero" trains exactly as feeding every dropped or missing field as a present 0
     to a learned-mode UNet with the same weights (the reference), and differs from the learned mode."""

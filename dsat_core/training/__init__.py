@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 from dsat_core._lazy import lazy_exports
 
 if TYPE_CHECKING:
+    from dsat_core.training.augment import random_dihedral
     from dsat_core.training.checkpointing import (
         list_checkpoints,
         load_checkpoint,
@@ -49,6 +50,7 @@ _MODULE_OF = {
     "make_noise_scheduler": "losses",
     "min_snr_weight": "losses",
     "precompute_latents": "latent_cache",
+    "random_dihedral": "augment",
     "resolve_checkpoint": "checkpointing",
     "rotate_checkpoints": "checkpointing",
     "run_training_subprocess": "launch",
@@ -76,6 +78,7 @@ __all__ = [
     "make_noise_scheduler",
     "min_snr_weight",
     "precompute_latents",
+    "random_dihedral",
     "resolve_checkpoint",
     "rotate_checkpoints",
     "run_training_subprocess",

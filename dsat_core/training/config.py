@@ -98,6 +98,11 @@ class TrainConfig(BaseModel):
         "None: the initial model's (a converted reference model: 'zero'; a new one: 'learned')",
     )
     use_metadata: bool = True
+    random_flip_rotate: bool = Field(
+        default=False,
+        description="turn each training tile by a random multiple of 90° and mirror it at random "
+        "(`dsat_core.training.augment`): 8 views per tile for small stores; shadows then point any way",
+    )
 
     # EMA
     use_ema: bool = True
@@ -135,6 +140,8 @@ class TrainConfig(BaseModel):
         for name in ("caption_dropout", "caption_phrase_dropout", "metadata_dropout"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
+        if self.random_flip_rotate and self.use_cached_latents:
+            raise ValueError("random_flip_rotate turns the tiles before encoding: not with cached latents")
         if self.pretrained_sd and self.init_from:
             raise ValueError("give at most one of pretrained_sd and init_from")
         if self.resolution % 8:

@@ -48,6 +48,7 @@ from dsat_core.models.metadata_embedding import set_missing_metadata
 from dsat_core.models.sd_single_file import load_sd_single_file, model_card
 from dsat_core.pipelines import DiffusionSatPipeline
 from dsat_core.pipelines.diffusionsat import DiffusionSatPipelineOutput, UncondMetadata, pipeline_path
+from dsat_core.training.augment import random_dihedral
 from dsat_core.training.conditioning import noise_batch
 from dsat_core.training.config import TrainConfig
 from dsat_core.training.latent_cache import (
@@ -325,7 +326,10 @@ def _loss(
     if config.use_cached_latents:
         latents = batch["latents"].to(device, torch.float32)
     else:
-        latents = encode_latents(parts.vae, batch["pixel_values"].to(device, frozen_dtype)).float()
+        pixels = batch["pixel_values"]
+        if config.random_flip_rotate:
+            pixels = random_dihedral(pixels, gen)
+        latents = encode_latents(parts.vae, pixels.to(device, frozen_dtype)).float()
     step = noise_batch(latents, batch, config, noise_scheduler, gen, device)
     metadata = batch["metadata"].to(device, torch.float32)  # fp32 always (×1000-scaled values)
     with accelerator.autocast():
