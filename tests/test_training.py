@@ -409,7 +409,7 @@ def test_random_flip_rotate_turns_the_tiles_the_vae_encodes(
     store: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     import dsat_core.training.train_diffusionsat as trainer
-    from dsat_core.training.augment import dihedral
+    from dsat_core.training.augment import N_SYMMETRIES, dihedral
 
     batch, encoded = _tile_batch(store), []
     encode = trainer.encode_latents
@@ -421,7 +421,7 @@ def test_random_flip_rotate_turns_the_tiles_the_vae_encodes(
     plain, turned = encoded
     torch.testing.assert_close(plain, batch["pixel_values"])
     pairs = zip(plain, turned, strict=True)
-    picks = [next(k for k in range(8) if torch.equal(dihedral(x, k), y)) for x, y in pairs]
+    picks = [next(k for k in range(N_SYMMETRIES) if torch.equal(dihedral(x, k), y)) for x, y in pairs]
     assert any(k != 0 for k in picks)  # some tiles turned or mirrored, each into one of its symmetries
     with pytest.raises(ValueError, match="not with cached latents"):
         tiny_config(store, tmp_path, random_flip_rotate=True, use_cached_latents=True)
