@@ -200,14 +200,43 @@ def _mlflow_run_ids(records: list[dict], tracking_uri: str | None) -> list[str]:
     return ids
 
 
+def _by_run(values: list) -> str:
+    """One value per run: the value, or each value with the runs (numbered from 1) that used it."""
+    if len(set(values)) == 1:
+        return f"{values[0]}"
+    spans: list[list] = []  # [value, first run, last run]
+    for number, value in enumerate(values, start=1):
+        if spans and spans[-1][0] == value:
+            spans[-1][2] = number
+        else:
+            spans.append([value, number, number])
+    return ", ".join(f"{v} (run {a})" if a == b else f"{v} (runs {a}–{b})" for v, a, b in spans)
+
+
+def _per_run(record: dict, key: str) -> str:
+    """A config value over the runs (`_by_run`)."""
+    return _by_run([r["config"][key] for r in [*record.get("previous_runs", []), record]])
+
+
 def _sampling(record: dict) -> str:
-    """How each run drew its tiles: uniformly, or balanced by platform / item (`balance_by`)."""
-    runs = [*record.get("previous_runs", []), record]
-    modes = [r["config"].get("balance_by") or "uniform" for r in runs]
+    """How the runs drew their tiles: uniformly, or balanced by platform / item (`balance_by`)."""
+    modes = [r["config"].get("balance_by") or "uniform" for r in [*record.get("previous_runs", []), record]]
     if set(modes) == {"uniform"}:
         return ""
-    return "; tiles drawn per run: " + ", ".join(
-        m if m == "uniform" else f"balanced by {m} (each {m} equally often)" for m in modes
+    named = [m if m == "uniform" else f"balanced by {m} (each {m} equally often)" for m in modes]
+    return f"; tiles drawn {_by_run(named)}"
+
+
+def _decoder_only_runs(record: dict) -> str:
+    """Which runs trained only the decoder (`decoder_only`): their latents are those of the run before."""
+    runs = [*record.get("previous_runs", []), record]
+    numbers = [str(k) for k, r in enumerate(runs, start=1) if r["config"].get("decoder_only")]
+    if not numbers:
+        return ""
+    return (
+        f"Run {', '.join(numbers)} of {len(runs)} trained the decoder only (`decoder_only`): the encoder"
+        " and the scaling factor, hence every latent the base model and the ControlNets were trained on,"
+        " are those of the run before."
     )
 
 
@@ -228,6 +257,8 @@ def ship(vae_dir: Path, dest: Path, result: dict, tracking_uri: str | None = Non
     if len(chunks) == 1:
         runs = "one run"
     run_ids = ", ".join(_mlflow_run_ids([*record.get("previous_runs", []), record], tracking_uri))
+    ssim, lr = _per_run(record, "ssim_weight"), _per_run(record, "learning_rate")
+    sampling, decoder_only = _sampling(record), _decoder_only_runs(record)
     card = f"""# Offline default VAE (`dsat_core/models/default_vae`)
 
 The VAE `dsat_core.models.vae.load_vae()` loads when no path is given (or `"default"`, e.g. `vae: default`
@@ -241,10 +272,11 @@ training latents).
 The project's VAE trainer (`dsat_core.training.train_vae.train_vae`: `bench/vae.py --train` or
 `python -m dsat_core.training.train_vae`) ran on CPU for {record.get("total_steps") or record["steps"]} steps
 ({runs}): loss L1
-+ {config["ssim_weight"]} (1 - SSIM) + {config["grad_weight"]} L1 of image gradients
-+ {config["kl_weight"]} KL, AdamW lr {config["learning_rate"]} (warm-up {config["warmup_steps"]}, cosine to
-10 %; each run its own), batch {config["batch_size"]}, random {config["crop_size"]} px crops of the 64 px
-tiles with flips, seed {config["seed"]}{_sampling(record)}.
++ w (1 - SSIM) + {config["grad_weight"]} L1 of image gradients
++ {config["kl_weight"]} KL with w = {ssim}, AdamW lr {lr}
+(warm-up {config["warmup_steps"]}, cosine to 10 %; each run its own), batch {config["batch_size"]},
+random {config["crop_size"]} px crops of the 64 px tiles with flips, seed {config["seed"]}{sampling}.
+{decoder_only}
 
 - Config: `{json.dumps(config)}`
 - Data: the `rgb` tiles (64 px, 2–98 % percentile scaling, `catalogs/local-samples.yaml`) of the shipped
@@ -266,7 +298,7 @@ area-downsampled ×4 and upsampled back bicubically.
 ## Licence
 
 The weights were trained only on the shipped sample scenes (public-domain USGS Landsat data and Copernicus
-Sentinel data, see `catalogs/samples/LICENSES.md`): "Contains modified Copernicus Sentinel data 2020".
+Sentinel data, see `catalogs/samples/LICENSES.md`): "Contains modified Copernicus Sentinel data".
 """
     (dest / "README.md").write_text(card)
 
@@ -282,6 +314,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-seconds", type=float, default=None, help="training time budget")
     parser.add_argument("--init-from", default=None, help="continue training from this VAE folder")
     parser.add_argument("--learning-rate", type=float, default=2e-3)
+    parser.add_argument("--ssim-weight", type=float, default=0.1)
+    parser.add_argument(
+        "--decoder-only",
+        action="store_true",
+        help="train only the decoder of --init-from (latents unchanged)",
+    )
     parser.add_argument("--balance-by", choices=("platform", "item"), default=None)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--mlflow-tracking-uri", default=None, help="log the VAE training run there")
@@ -304,6 +342,8 @@ def main(argv: list[str] | None = None) -> int:
                 max_seconds=args.max_seconds,
                 init_from=args.init_from,
                 learning_rate=args.learning_rate,
+                ssim_weight=args.ssim_weight,
+                decoder_only=args.decoder_only,
                 balance_by=args.balance_by,
                 mlflow_tracking_uri=args.mlflow_tracking_uri,
             )

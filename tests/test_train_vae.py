@@ -90,3 +90,35 @@ def test_balanced_sampling_draws_each_group_equally_often(tmp_path):
 
     with pytest.raises(ValueError, match="balance_by 'sensor'"):
         _loader(dataset, VAETrainConfig(store, "x", balance_by="sensor"), shuffle=True)
+
+
+def test_decoder_only_keeps_the_encoder_and_its_latents(tmp_path):
+    """`decoder_only` trains the decoder of `init_from`; every latent (encoder + scaling) stays as it was."""
+    store = make_synthetic_store(str(tmp_path / "s.zarr"), n_scenes=2, tiles_per_scene=8, size=32)
+    first = train_vae(VAETrainConfig(store, str(tmp_path / "vae"), max_steps=30, batch_size=8, crop_size=16))
+    tuned = train_vae(
+        VAETrainConfig(
+            store,
+            str(tmp_path / "dec"),
+            max_steps=30,
+            batch_size=8,
+            crop_size=16,
+            init_from=first.vae_dir,
+            decoder_only=True,
+        )
+    )
+    before, after = load_vae(first.vae_dir), load_vae(tuned.vae_dir)
+    assert after.config.scaling_factor == before.config.scaling_factor
+    pixels = torch.stack([TileDataset(store, split="train")[i]["pixel_values"] for i in range(4)])
+    torch.testing.assert_close(
+        encode_latents(after, pixels), encode_latents(before, pixels), rtol=1e-4, atol=1e-5
+    )
+    moved = [
+        float((b - a).abs().max())
+        for (name, a), b in zip(after.state_dict().items(), before.state_dict().values(), strict=True)
+        if name.startswith("decoder.")
+    ]
+    assert max(moved) > 1e-4  # the decoder did train
+
+    with pytest.raises(ValueError, match="init_from"):
+        train_vae(VAETrainConfig(store, str(tmp_path / "x"), decoder_only=True))

@@ -58,6 +58,9 @@ class VAETrainConfig:
     seed: int = 0
     balance_by: BalanceBy | None = None  # sample each item / platform equally often (with replacement)
     init_from: str | None = None  # continue from the weights of a VAE folder (a fresh optimizer and schedule)
+    # train only the decoder of the `init_from` VAE: its encoder and scaling factor, hence every latent a
+    # diffusion model was trained on, stay as they are (new scenes reconstructed better, no retraining)
+    decoder_only: bool = False
     log_every: int = 50
     mlflow_tracking_uri: str | None = None
     mlflow_experiment: str = "diffusionsat-vae"
@@ -167,9 +170,20 @@ def _tracker(config: VAETrainConfig):
     return MlflowTracker(config.mlflow_tracking_uri, config.mlflow_experiment, run_name="train-vae")
 
 
+def _trained_parameters(vae, config: VAETrainConfig) -> list[torch.nn.Parameter]:
+    """All of the VAE's parameters, or with `decoder_only` those after the latent (the rest frozen)."""
+    if not config.decoder_only:
+        return list(vae.parameters())
+    vae.requires_grad_(False)
+    decoder = [*vae.post_quant_conv.parameters(), *vae.decoder.parameters()]
+    for param in decoder:
+        param.requires_grad_(True)
+    return decoder
+
+
 def _fit(vae, dataset: TileDataset, config: VAETrainConfig, tracker) -> list[dict[str, float]]:
     """The training loop: returns the loss history (mean of each `log_every` steps)."""
-    optimizer = torch.optim.AdamW(vae.parameters(), lr=config.learning_rate, weight_decay=0.0)
+    optimizer = torch.optim.AdamW(_trained_parameters(vae, config), lr=config.learning_rate, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(config))
     generator = torch.Generator().manual_seed(config.seed + 1)
     history: list[dict[str, float]] = []
@@ -181,7 +195,8 @@ def _fit(vae, dataset: TileDataset, config: VAETrainConfig, tracker) -> list[dic
     while step < config.max_steps:
         for batch in loader:
             pixels = _augment(batch["pixel_values"], config.crop_size, generator)
-            posterior = vae.encode(pixels).latent_dist
+            with torch.set_grad_enabled(not config.decoder_only):
+                posterior = vae.encode(pixels).latent_dist
             recon = vae.decode(posterior.sample(generator=generator)).sample
             rec = reconstruction_loss(recon, pixels, config.ssim_weight, config.grad_weight)
             loss = rec + config.kl_weight * posterior.kl().mean()
@@ -217,9 +232,18 @@ def _previous_runs(init_from: str | None) -> list[dict[str, Any]]:
     return [*earlier, {k: record[k] for k in keep if k in record}]
 
 
+def _calibrated_scaling(vae, dataset: TileDataset, config: VAETrainConfig) -> float:
+    """1 / std of the (unscaled) latents of the training tiles."""
+    vae.register_to_config(scaling_factor=1.0)
+    latents = torch.cat([encode_latents(vae, b["pixel_values"]) for b in _loader(dataset, config, False)])
+    return float(1.0 / latents.std().clamp_min(1e-6))
+
+
 def train_vae(config: VAETrainConfig) -> VAETrainResult:
     """Train for `max_steps`, calibrate the scaling factor, save to `output_dir`."""
     torch.manual_seed(config.seed)
+    if config.decoder_only and not config.init_from:
+        raise ValueError("decoder_only trains the decoder of an existing VAE: give init_from")
     if config.init_from:
         vae = load_vae(config.init_from)
     else:
@@ -234,9 +258,7 @@ def train_vae(config: VAETrainConfig) -> VAETrainResult:
     tracker.log_lineage(lineage)
     history = _fit(vae, dataset, config, tracker)
     vae.eval()
-    vae.register_to_config(scaling_factor=1.0)
-    latents = torch.cat([encode_latents(vae, b["pixel_values"]) for b in _loader(dataset, config, False)])
-    scaling = float(1.0 / latents.std().clamp_min(1e-6))
+    scaling = vae.config.scaling_factor if config.decoder_only else _calibrated_scaling(vae, dataset, config)
     vae.register_to_config(scaling_factor=scaling)
     out = Path(config.output_dir)
     vae.save_pretrained(out, safe_serialization=True)
