@@ -2,7 +2,7 @@
 `dsat_core.evaluation.evaluate_controlnet` (the path `dsat evaluate` / the evaluate flow run), at 4 training
 budgets and 2 sampling starts (pure noise, strength 1.0, and image-to-image from bicubic, ``--strength``).
 
-    python bench/controlnet_sr.py --workdir /tmp/dsat-bench-sr     # defaults: ~15 min on 2 quiet cores
+    python bench/controlnet_sr.py --workdir /tmp/dsat-bench-sr     # defaults: ~8 min on 2 quiet cores
     python bench/controlnet_sr.py --workdir /tmp/x --vae-seconds 30 --base-seconds 40 --controlnet-seconds 120
 
 CPU budget (defaults): VAE 90 s + base 120 s + ControlNet 300 s of training, plus 4 evaluations of ~75

@@ -70,8 +70,8 @@ class DemoParams(BaseModel):
     controlnet_steps: int = 150
     eval_samples: int = Field(
         96,
-        description="generated samples (spread over the held-out scenes: 96 cycle the demo store's 26 "
-        "held-out tiles about 3.7 times, so a scene with one held-out tile still gets a few samples in the "
+        description="generated samples (spread over the held-out scenes: 96 cycle the demo store's 29 "
+        "held-out tiles about 3.3 times, so a scene with one held-out tile still gets a few samples in the "
         "grid) and the most held-out SR tiles",
     )
     eval_steps: int = 20
