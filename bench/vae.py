@@ -200,6 +200,11 @@ def _mlflow_run_ids(records: list[dict], tracking_uri: str | None) -> list[str]:
     return ids
 
 
+def _all_runs(record: dict) -> list[dict]:
+    """The training records of every run that made the VAE, oldest first (the last one is `record`)."""
+    return [*record.get("previous_runs", []), record]
+
+
 def _by_run(values: list) -> str:
     """One value per run: the value, or each value with the runs (numbered from 1) that used it."""
     if len(set(values)) == 1:
@@ -215,12 +220,12 @@ def _by_run(values: list) -> str:
 
 def _per_run(record: dict, key: str) -> str:
     """A config value over the runs (`_by_run`)."""
-    return _by_run([r["config"][key] for r in [*record.get("previous_runs", []), record]])
+    return _by_run([r["config"][key] for r in _all_runs(record)])
 
 
 def _sampling(record: dict) -> str:
     """How the runs drew their tiles: uniformly, or balanced by platform / item (`balance_by`)."""
-    modes = [r["config"].get("balance_by") or "uniform" for r in [*record.get("previous_runs", []), record]]
+    modes = [r["config"].get("balance_by") or "uniform" for r in _all_runs(record)]
     if set(modes) == {"uniform"}:
         return ""
     named = [m if m == "uniform" else f"balanced by {m} (each {m} equally often)" for m in modes]
@@ -229,7 +234,7 @@ def _sampling(record: dict) -> str:
 
 def _decoder_only_runs(record: dict) -> str:
     """Which runs trained only the decoder (`decoder_only`): their latents are those of the run before."""
-    runs = [*record.get("previous_runs", []), record]
+    runs = _all_runs(record)
     numbers = [str(k) for k, r in enumerate(runs, start=1) if r["config"].get("decoder_only")]
     if not numbers:
         return ""
@@ -252,11 +257,11 @@ def ship(vae_dir: Path, dest: Path, result: dict, tracking_uri: str | None = Non
     config = {k: v for k, v in record["config"].items() if k not in ("store_uri", "output_dir")}
     lineage = record["lineage"]
     size = (dest / "diffusion_pytorch_model.safetensors").stat().st_size
-    chunks = [int(r["steps"]) for r in record.get("previous_runs", [])] + [int(record["steps"])]
+    chunks = [int(r["steps"]) for r in _all_runs(record)]
     runs = " + ".join(str(c) for c in chunks) + " steps in runs of ≤ 23 min, each continuing the last"
     if len(chunks) == 1:
         runs = "one run"
-    run_ids = ", ".join(_mlflow_run_ids([*record.get("previous_runs", []), record], tracking_uri))
+    run_ids = ", ".join(_mlflow_run_ids(_all_runs(record), tracking_uri))
     ssim, lr = _per_run(record, "ssim_weight"), _per_run(record, "learning_rate")
     sampling, decoder_only = _sampling(record), _decoder_only_runs(record)
     card = f"""# Offline default VAE (`dsat_core/models/default_vae`)

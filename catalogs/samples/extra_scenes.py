@@ -529,10 +529,19 @@ def make_item(scene: Scene, path: Path, href: str) -> dict[str, Any]:
     }
 
 
-def _collection(items: list[dict]) -> dict[str, Any]:
+def collection_extent(items: list[dict]) -> dict[str, Any]:
+    """A STAC collection's `extent` over `items`: their bbox union, and their earliest start (or datetime)
+    to their latest end (or datetime); also used by `make_samples.py` for the main samples' collection."""
     boxes = np.array([it["bbox"] for it in items])
-    starts = sorted(it["properties"].get("start_datetime") or it["properties"]["datetime"] for it in items)
-    ends = sorted(it["properties"].get("end_datetime") or it["properties"]["datetime"] for it in items)
+    starts = [it["properties"].get("start_datetime") or it["properties"]["datetime"] for it in items]
+    ends = [it["properties"].get("end_datetime") or it["properties"]["datetime"] for it in items]
+    return {
+        "spatial": {"bbox": [[*boxes[:, :2].min(0).tolist(), *boxes[:, 2:].max(0).tolist()]]},
+        "temporal": {"interval": [[min(starts), max(ends)]]},
+    }
+
+
+def _collection(items: list[dict]) -> dict[str, Any]:
     return {
         "type": "Collection",
         "stac_version": "1.1.0",
@@ -540,10 +549,7 @@ def _collection(items: list[dict]) -> dict[str, Any]:
         "title": "DiffusionSat extra local samples",
         "description": "More small real scenes (Sentinel-2, Landsat 7, Landsat 8) as COGs; see ../LICENSES.md.",
         "license": "other",
-        "extent": {
-            "spatial": {"bbox": [[*boxes[:, :2].min(0).tolist(), *boxes[:, 2:].max(0).tolist()]]},
-            "temporal": {"interval": [[starts[0], ends[-1]]]},
-        },
+        "extent": collection_extent(items),
         "links": [{"rel": "license", "href": "../LICENSES.md", "type": "text/markdown"}],
     }
 

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 import rasterio
+from extra_scenes import build_extra, collection_extent  # a sibling script (this folder is on sys.path)
 from rasterio.windows import Window
 
 HERE = Path(__file__).resolve().parent
@@ -76,9 +77,6 @@ def _with_cog(item: dict, href: str, size: int) -> dict:
 
 
 def _collection(items: list[dict]) -> dict:
-    bboxes = np.array([it["bbox"] for it in items])
-    starts = [it["properties"].get("start_datetime") or it["properties"]["datetime"] for it in items]
-    ends = [it["properties"].get("end_datetime") or it["properties"]["datetime"] for it in items]
     return {
         "type": "Collection",
         "stac_version": "1.1.0",
@@ -86,10 +84,7 @@ def _collection(items: list[dict]) -> dict:
         "title": "DiffusionSat local samples",
         "description": "Three small real Landsat scenes (Bahamas, Rondonia, Madre de Dios) as COGs.",
         "license": "other",
-        "extent": {
-            "spatial": {"bbox": [[*bboxes[:, :2].min(0).tolist(), *bboxes[:, 2:].max(0).tolist()]]},
-            "temporal": {"interval": [[min(starts), max(ends)]]},
-        },
+        "extent": collection_extent(items),
         "links": [{"rel": "license", "href": "./LICENSES.md", "type": "text/markdown"}],
     }
 
@@ -140,8 +135,6 @@ def main(source: Path = DEFAULT_SOURCE, out: Path = HERE, mirror: Path | None = 
     (out / "collection.json").write_text(json.dumps(_collection(api_items), indent=2) + "\n")
     licences = _licenses((source / "README.md").read_text())
     if mirror is not None:
-        from extra_scenes import build_extra  # noqa: PLC0415 (a sibling script, not a package module)
-
         build_extra(source, mirror.resolve(), out / "extra")
     extra_licences = out / "extra" / "LICENSES.md"
     if extra_licences.is_file():
