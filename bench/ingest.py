@@ -27,7 +27,9 @@ peak(N scenes) / peak(N/2 scenes) about 1 (flat).
 Beside the 2-worker speed-up the machine's own ceiling for it is printed, measured ``--repeat`` times before
 any service starts: the flow's per-item work (`read_and_stage`, read + tile + stage) in 1 plain process,
 then split over 2 processes started together, no Dask, no Prefect (2.0 on two free physical cores; less where
-the two vCPUs share a core or memory bandwidth).
+the two vCPUs share a core or memory bandwidth); and in 1 such process, the time per item with the malloc
+setting Dask gives its own workers (``MALLOC_TRIM_THRESHOLD_``, left out of the project's LocalCluster) over
+the time with glibc's defaults.
 The CPU seconds of the 1- and 2-worker runs are printed beside their ratio: on a machine with as many cores
 as workers, the driver (Dask scheduler, client and committer, Prefect's engine) shares the cores with the
 workers, so the speed-up stays under 2 even for equal CPU work; more CPU seconds with 1 worker mean
@@ -170,6 +172,9 @@ def prefect_server(workdir: Path) -> Iterator[subprocess.Popen]:
             time.sleep(0.5)
         os.environ.update(PREFECT_API_URL=api, PREFECT_HOME=str(home))
         yield proc
+        from prefect.logging.handlers import APILogWorker
+
+        APILogWorker.drain_all(timeout=5)  # the last runs' logs, sent while the server is up
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, 15)
@@ -257,7 +262,7 @@ def flow_run_seconds(flow_run_id) -> float:
 
 
 def _stage_items(items: list[dict], config, uri: str, barrier, times) -> None:
-    """One plain process of `machine_scaling`: warm up, wait for the others, time `read_and_stage`."""
+    """One plain process of `split_wall`: warm up, wait for the others, time `read_and_stage`."""
     from dsat_core.data.ingest import read_and_stage
 
     read_and_stage(items[0], config, uri)
@@ -268,30 +273,56 @@ def _stage_items(items: list[dict], config, uri: str, barrier, times) -> None:
     times.put(time.perf_counter() - began)
 
 
-def machine_scaling(items: list[dict], config, workdir: Path) -> float:
-    """What 2 cores give on the flow's per-item work without Dask or Prefect: `read_and_stage` of every
-    item in 1 process, then split over 2 processes started together (wall 1 / wall 2; 2.0 = perfect)."""
+@contextlib.contextmanager
+def _environ(extra: dict[str, str]) -> Iterator[None]:
+    saved = {name: os.environ.get(name) for name in extra}
+    os.environ.update(extra)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+def split_wall(items: list[dict], config, uri: str, n: int, env: dict[str, str] | None = None) -> float:
+    """Wall time of `read_and_stage` of every item split over ``n`` plain processes started together (no Dask,
+    no Prefect), each started with ``env`` added to its environment."""
     import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    barrier, times = ctx.Barrier(n), ctx.Queue()
+    procs = [
+        ctx.Process(target=_stage_items, args=(items[k::n], config, uri, barrier, times)) for k in range(n)
+    ]
+    with _environ(env or {}):  # inherited at start, when glibc reads its MALLOC_* settings
+        for proc in procs:
+            proc.start()
+    wall = max(times.get(timeout=600) for _ in procs)
+    for proc in procs:
+        proc.join()
+    return wall
+
+
+def machine_scaling(items: list[dict], config, workdir: Path) -> tuple[float, float]:
+    """What 2 cores give on the flow's per-item work without Dask or Prefect: `read_and_stage` of every
+    item in 1 process, then split over 2 processes started together (wall 1 / wall 2; 2.0 = perfect); and what
+    the malloc setting of Dask's own workers (`MALLOC_TRIM_THRESHOLD_`, which the project's LocalCluster
+    leaves out) costs that 1 process (its wall / wall with glibc's defaults)."""
+    import dask
+    import distributed  # noqa: F401 - Dask's worker defaults
 
     from dsat_core.data.store import DatasetStore
 
     uri = str(workdir / "machine.zarr")
     shutil.rmtree(uri, ignore_errors=True)
     DatasetStore.open(uri, create=True, catalog=config)
-    ctx = multiprocessing.get_context("spawn")
-    walls = []
-    for n in (1, 2):
-        barrier, times = ctx.Barrier(n), ctx.Queue()
-        procs = [
-            ctx.Process(target=_stage_items, args=(items[k::n], config, uri, barrier, times))
-            for k in range(n)
-        ]
-        for proc in procs:
-            proc.start()
-        walls.append(max(times.get(timeout=600) for _ in procs))
-        for proc in procs:
-            proc.join()
-    return walls[0] / walls[1]
+    one, two = split_wall(items, config, uri, 1), split_wall(items, config, uri, 2)
+    trim = dask.config.get("distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_")
+    dask_env = split_wall(items, config, uri, 1, {"MALLOC_TRIM_THRESHOLD_": str(trim)})
+    return one / two, dask_env / one
 
 
 def _odc_item(item: dict):
@@ -375,7 +406,8 @@ def main() -> None:
     catalog = write_catalog(config, args.workdir)
     served = [{**item, "collection": config.collections[0], "links": []} for item in items]
     # measured before any service starts, so that no server shares the cores with it
-    machine = [machine_scaling(served, config, args.workdir) for _ in range(max(1, args.repeat))]
+    rounds = [machine_scaling(served, config, args.workdir) for _ in range(max(1, args.repeat))]
+    machine, malloc = [m for m, _ in rounds], [c for _, c in rounds]
 
     with prefect_server(args.workdir) as server, stac_api(served) as api:
         exclude = (server.pid, api.process.pid)
@@ -419,6 +451,7 @@ def main() -> None:
         ("  per round (1w / 2w)", _ratios(runs[1], runs[2]), "(info)"),
         ("  CPU seconds 1w / 2w", f"{_cpu_s(one):.1f} / {_cpu_s(two):.1f}", "(info)"),
         ("  machine: 2 procs / 1 proc", " ".join(f"{m:.2f}" for m in machine), "(info: the ceiling)"),
+        ("  1 proc: Dask's malloc / ours", " ".join(f"{m:.2f}" for m in malloc), "(info: time per item)"),
         (
             f"peak RSS {two['scenes']} / {two_half['scenes']} scenes",
             two["peak_mb"] / two_half["peak_mb"],

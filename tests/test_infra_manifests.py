@@ -3,6 +3,7 @@ work-pool templates, the zombie-run automation and the deployment list of prefec
 
 from __future__ import annotations
 
+import copy
 import json
 import shutil
 import subprocess
@@ -62,6 +63,26 @@ def test_compose_services_and_networks() -> None:
     assert gpu["driver"] == "nvidia" and "gpu" in gpu["capabilities"]
     assert "--app-name basic-auth" in services["mlflow"]["command"]
     assert "PREFECT_SERVER_API_AUTH_STRING" in services["prefect-server"]["environment"]
+
+
+def test_image_dask_config_keeps_the_project_worker_settings() -> None:
+    """The `cpu` image's Dask config gives `dask worker` processes the nanny environment of the project's
+    LocalCluster: no MALLOC_TRIM_THRESHOLD_ (`GLIBC_DEFAULTS`), Dask's other settings kept."""
+    import dask
+    import distributed  # noqa: F401 - loads Dask's distributed defaults
+
+    from dsat_core.data.cluster import GLIBC_DEFAULTS
+
+    assert "COPY infra/dask.yaml /etc/dask/dask.yaml" in (INFRA / "Dockerfile").read_text()
+    merged = dask.config.update(
+        copy.deepcopy(dask.config.config), yaml.safe_load((INFRA / "dask.yaml").read_text())
+    )
+    for key, value in GLIBC_DEFAULTS.items():
+        node = merged
+        for part in key.split("."):
+            node = node[part]
+        assert node is value, key
+    assert merged["distributed"]["nanny"]["pre-spawn-environ"]["OMP_NUM_THREADS"] == 1
 
 
 @pytest.mark.skipif(COMPOSE is None, reason="docker-compose not installed (apt-get install docker-compose)")

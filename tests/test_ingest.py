@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import os
+import resource
 import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import cloudpickle
+import numpy as np
 import pytest
-from distributed import Client
+from distributed import Client, LocalCluster
 
 from dsat_core.data.cluster import dask_client
 from dsat_core.data.ingest import ingest_items, ingest_report_markdown
@@ -55,6 +58,38 @@ def test_local_cluster_workers_are_single_threaded_for_zarr_too(client: Client) 
     assert [w["nthreads"] for w in workers] == [1, 1]
     assert list(client.run(_zarr_threads).values()) == [1, 1]
     assert _zarr_threads() is None
+
+
+def _page_faults_per_allocation(n: int = 8, mib: int = 4) -> float:
+    """Minor page faults per ``mib`` MiB array allocated, filled and freed, after two warm-up rounds."""
+    for _ in range(2):
+        np.ones(mib << 17)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(n):
+        np.ones(mib << 17)
+    return (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / n
+
+
+def test_local_cluster_workers_reuse_freed_memory(client: Client) -> None:
+    """The project's workers keep glibc's malloc defaults: a freed scene-sized array is reused, not unmapped
+    and page-faulted in again as under Dask's own worker environment (MALLOC_TRIM_THRESHOLD_=65536), while
+    Dask's other worker settings (one OpenMP thread) stay."""
+    assert list(client.run(os.environ.get, "MALLOC_TRIM_THRESHOLD_").values()) == [None, None]
+    assert list(client.run(os.environ.get, "OMP_NUM_THREADS").values()) == ["1", "1"]
+    ours = list(client.run(_page_faults_per_allocation).values())
+    saved = os.environ.get("MALLOC_TRIM_THRESHOLD_")  # a Dask nanny sets it in this process too
+    try:
+        with (
+            LocalCluster(n_workers=1, threads_per_worker=1, dashboard_address="127.0.0.1:0") as cluster,
+            Client(cluster) as dask_default,
+        ):
+            theirs = list(dask_default.run(_page_faults_per_allocation).values())
+    finally:
+        os.environ.pop("MALLOC_TRIM_THRESHOLD_", None)
+        if saved is not None:
+            os.environ["MALLOC_TRIM_THRESHOLD_"] = saved
+    assert theirs[0] > 100  # 4 MiB mapped anew each time: hundreds of faults
+    assert max(ours) < 0.1 * theirs[0]
 
 
 def test_ingest_matches_direct_store_and_refresh_adds_only_new(client: Client, tmp_path: Path) -> None:

@@ -11,6 +11,11 @@ from typing import Any
 # too: by default it starts cores + 4 threads in every worker, which then fight each other for the same
 # cores (more CPU for the same writes, measured in bench/ingest.py).
 WORKER_ENV = {"ZARR_THREADING__MAX_WORKERS": "1"}
+# Dask's nannies set MALLOC_TRIM_THRESHOLD_=65536 in each worker process they spawn, to hand freed memory back
+# to the OS at once. Setting it also turns off glibc's dynamic mmap threshold, so every array above 128 KiB is
+# mmapped, page-faulted in and unmapped again: that doubles the time of `read_and_stage` (page faults ×100;
+# bench/ingest.py prints the ratio). The project's workers keep glibc's defaults.
+GLIBC_DEFAULTS = {"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None}
 
 
 def local_cluster_kwargs(n_workers: int) -> dict[str, Any]:
@@ -31,18 +36,21 @@ def dask_client(
 ) -> Iterator[Any]:
     """Yield ``client``, else a client of ``scheduler_address``, else of a new local cluster (closed after).
 
-    The local cluster is ``LocalCluster(**local_cluster_kwargs(n_workers))``.
+    The local cluster is ``LocalCluster(**local_cluster_kwargs(n_workers))``, its nannies made with
+    `GLIBC_DEFAULTS`.
     """
     if client is not None:
         yield client
         return
+    import dask
     from distributed import Client, LocalCluster
 
     if scheduler_address:
         with Client(scheduler_address) as own:
             yield own
         return
-    cluster = LocalCluster(**local_cluster_kwargs(n_workers))
+    with dask.config.set(GLIBC_DEFAULTS):  # over distributed's defaults (imported above); read by the nannies
+        cluster = LocalCluster(**local_cluster_kwargs(n_workers))
     try:
         with Client(cluster) as own:
             yield own
