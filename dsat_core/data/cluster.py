@@ -13,7 +13,7 @@ from typing import Any
 WORKER_ENV = {"ZARR_THREADING__MAX_WORKERS": "1"}
 # Dask's nannies set MALLOC_TRIM_THRESHOLD_=65536 in each worker process they spawn, to hand freed memory back
 # to the OS at once. Setting it also turns off glibc's dynamic mmap threshold, so every array above 128 KiB is
-# mmapped, page-faulted in and unmapped again: that doubles the time of `read_and_stage` (page faults ×100;
+# mmapped, page-faulted in and unmapped again: `read_and_stage` took 1.4-2× as long (page faults ×100;
 # bench/ingest.py prints the ratio). The project's workers keep glibc's defaults.
 GLIBC_DEFAULTS = {"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None}
 
