@@ -50,6 +50,7 @@ import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import psutil
@@ -273,20 +274,6 @@ def _stage_items(items: list[dict], config, uri: str, barrier, times) -> None:
     times.put(time.perf_counter() - began)
 
 
-@contextlib.contextmanager
-def _environ(extra: dict[str, str]) -> Iterator[None]:
-    saved = {name: os.environ.get(name) for name in extra}
-    os.environ.update(extra)
-    try:
-        yield
-    finally:
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
-
-
 def split_wall(items: list[dict], config, uri: str, n: int, env: dict[str, str] | None = None) -> float:
     """Wall time of `read_and_stage` of every item split over ``n`` plain processes started together (no Dask,
     no Prefect), each started with ``env`` added to its environment."""
@@ -297,7 +284,7 @@ def split_wall(items: list[dict], config, uri: str, n: int, env: dict[str, str] 
     procs = [
         ctx.Process(target=_stage_items, args=(items[k::n], config, uri, barrier, times)) for k in range(n)
     ]
-    with _environ(env or {}):  # inherited at start, when glibc reads its MALLOC_* settings
+    with mock.patch.dict(os.environ, env or {}):  # inherited at start, when glibc reads MALLOC_*
         for proc in procs:
             proc.start()
     wall = max(times.get(timeout=600) for _ in procs)

