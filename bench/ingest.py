@@ -281,9 +281,10 @@ def split_wall(items: list[dict], config, uri: str, n: int, env: dict[str, str] 
 
     ctx = multiprocessing.get_context("spawn")
     barrier, times = ctx.Barrier(n), ctx.Queue()
-    procs = [
-        ctx.Process(target=_stage_items, args=(items[k::n], config, uri, barrier, times)) for k in range(n)
-    ]
+    # contiguous parts: the items cycle through the distinct scenes, so each part gets its share of each
+    # (a stride of n would give all copies of a scene to one process when n divides their number)
+    parts = [items[len(items) * k // n : len(items) * (k + 1) // n] for k in range(n)]
+    procs = [ctx.Process(target=_stage_items, args=(part, config, uri, barrier, times)) for part in parts]
     with mock.patch.dict(os.environ, env or {}):  # inherited at start, when glibc reads MALLOC_*
         for proc in procs:
             proc.start()

@@ -5,7 +5,9 @@ from __future__ import annotations
 import os
 import resource
 import sys
+import time
 from collections.abc import Iterator
+from concurrent.futures import CancelledError
 from pathlib import Path
 from unittest import mock
 
@@ -22,6 +24,7 @@ from dsat_core.data.synthetic import (
     synthetic_catalog,
     synthetic_item,
     synthetic_reader,
+    synthetic_scene,
 )
 
 CONFIG = synthetic_catalog(("rgb",), size=16)
@@ -38,6 +41,10 @@ def unstageable_reader(item, config, *, aoi_bbox=None, storage_options=None):
     if item["properties"]["synthetic:index"] == 1:
         return None  # not a SceneTiles: staging raises on the worker, so the whole task fails
     return synthetic_reader(item, config, aoi_bbox=aoi_bbox, storage_options=storage_options)
+
+
+def failing_copy(*args: object) -> None:
+    raise OSError("no space left on device")
 
 
 @pytest.fixture(scope="module")
@@ -149,6 +156,27 @@ def test_a_failed_task_is_recorded_as_a_rejection_and_the_run_goes_on(client: Cl
     assert report.added_tiles == {"rgb": 4} and sorted(report.items_added) == [items[0]["id"], items[2]["id"]]
     store = DatasetStore.open(uri)
     assert items[1]["id"] not in store.ingested_items() and len(store.rejected()) == 1  # retried next time
+
+
+def test_a_failed_or_cancelled_shard_copy_on_dask_fails_the_commit(client: Client, tmp_path: Path) -> None:
+    """A commit whose image copies are Dask tasks raises when one fails or is cancelled (a cancelled Dask
+    future's ``exception()`` is None), publishes nothing and keeps its staged scenes for the next commit."""
+    store = DatasetStore.open(str(tmp_path / "s.zarr"), create=True, catalog=CONFIG)
+    staged = [store.stage(synthetic_scene(i, 40, 16)) for i in range(2)]  # 80 tiles: two copy tasks
+
+    def cancelled(fn, *args):
+        future = client.submit(time.sleep, 0.2, pure=False)
+        future.cancel()
+        return future
+
+    def failing(fn, *args):
+        return client.submit(failing_copy, *args, pure=False)
+
+    for submit, error in ((cancelled, CancelledError), (failing, OSError)):
+        with pytest.raises(error):
+            store.commit(staged, batch_tiles=64, submit=submit)
+        assert DatasetStore.open(store.uri).n_tiles("rgb") == 0 and len(store.staged()) == 2
+    assert store.commit(submit=client.submit).added_tiles == {"rgb": 80} and store.staged() == []
 
 
 def test_commit_every_scheduler_address_and_progress_hook(client: Client, tmp_path: Path) -> None:

@@ -275,6 +275,16 @@ def test_concurrent_staging_from_processes(tmp_path: Path) -> None:
     assert store.staged() == [] and list(store.root["_staging"].group_keys()) == []
 
 
+def test_discard_staged_deletes_the_given_groups_or_all(tmp_path: Path) -> None:
+    store = _new(tmp_path)
+    keys = [store.stage(synthetic_scene(i, 2, 8)).key for i in range(3)]
+    store.root.create_group("_staging/incomplete")  # a stage that died before its `complete` attr
+    store.discard_staged([keys[0], "no-such-key"])  # a missing key is not an error
+    assert store.staged() == keys[1:]
+    store.discard_staged()
+    assert list(store.root["_staging"].group_keys()) == []
+
+
 def test_transaction_appends_invisibly_until_finish(tmp_path: Path) -> None:
     store = _new(tmp_path)
     scenes = [synthetic_scene(i, 50, 8) for i in range(3)]  # 150 tiles: crosses shard boundaries (64)

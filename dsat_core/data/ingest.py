@@ -115,9 +115,11 @@ def ingest_items(
     Items already in the store are skipped, so a refresh adds only what is new. Work runs on ``client``,
     else on the scheduler at ``scheduler_address``, else on a new ``LocalCluster(n_workers)``.
     ``storage_options`` are for the store, ``read_options`` for the reader's asset access. At most
-    ``max_in_flight`` (default 2 × workers) items are in flight; staged scenes are committed once at the
-    end, or every ``commit_every`` items. ``progress``: True for a terminal bar, or a `Progress` hook.
-    ``reader`` defaults to `dsat_core.data.reader.read_item`.
+    ``max_in_flight`` (default 4 × workers) items are in flight: those the workers cannot start yet wait
+    in Dask's queues (an item dict each, no pixels), so the workers go on while the driver writes a batch
+    of per-tile columns. Staged scenes are committed once at the end, or every ``commit_every`` items.
+    ``progress``: True for a terminal bar, or a `Progress` hook. ``reader`` defaults to
+    `dsat_core.data.reader.read_item`.
     """
     began = time.perf_counter()
     store = DatasetStore.open(store_uri, storage_options=storage_options, create=True, catalog=config)
@@ -137,7 +139,7 @@ def ingest_items(
                 dask_client(client, scheduler_address=scheduler_address, n_workers=n_workers)
             )
             committer.submit = partial(dask.submit, pure=False, priority=1)  # before queued reads
-            limit = max_in_flight or 2 * n_workers_of(dask, n_workers)
+            limit = max_in_flight or 4 * n_workers_of(dask, n_workers)
             report_progress = _progress_hook(progress, len(plan.todo))
             for done, (item_id, outcome) in enumerate(_stage_on_workers(dask, plan.todo, job, limit), 1):
                 committer.add_outcome(item_id, outcome)

@@ -32,13 +32,14 @@ a tail after a crash: slice with the ``n_tiles`` attr.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import itertools
 import json
 import re
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import CancelledError
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -46,6 +47,7 @@ from typing import Any
 
 import numpy as np
 import zarr
+import zarr.core.sync
 import zarr.storage
 
 from dsat_core.data.catalog import CatalogConfig
@@ -114,7 +116,7 @@ class _StagedProduct:
 
 # (staging key, ascending rows of its images-<product> array): where a run of image rows comes from
 ImageSource = tuple[str, np.ndarray]
-# like `Executor.submit` / `distributed.Client.submit`: submit(fn, *args) -> a future with .result()
+# like `Executor.submit` / `distributed.Client.submit`: submit(fn, *args) -> a future with .exception()
 Submit = Callable[..., Any]
 
 
@@ -576,20 +578,23 @@ class DatasetStore:
         return end
 
     def discard_staged(self, keys: Iterable[str] | None = None) -> None:
-        """Delete staging groups (all of them, complete or not, when ``keys`` is None)."""
+        """Delete staging groups (all of them, complete or not, when ``keys`` is None); a missing one is
+        not an error. The prefixes are deleted straight through the store, zarr's ``async.concurrency`` at
+        a time (object stores: a few requests each); asking the group whether each key exists first would
+        read its metadata."""
         staging = self.root.require_group(STAGING)
         keys = list(staging.group_keys()) if keys is None else list(keys)
 
-        def drop(key: str) -> None:
-            if key in staging:
-                del staging[key]
+        async def drop_all() -> None:
+            limit = asyncio.Semaphore(zarr.config.get("async.concurrency"))
 
-        if len(keys) <= 1:
-            for key in keys:
-                drop(key)
-            return
-        with ThreadPoolExecutor(max_workers=min(8, len(keys))) as pool:  # each is a few store requests
-            list(pool.map(drop, keys))
+            async def drop(key: str) -> None:
+                async with limit:
+                    await (staging.store_path / key).delete_dir()
+
+            await asyncio.gather(*(drop(key) for key in keys))
+
+        zarr.core.sync.sync(drop_all())
 
 
 class CommitTransaction:
@@ -721,14 +726,20 @@ class CommitTransaction:
                 result.items_added.append(item_id)
 
     def _wait(self) -> None:
-        """Wait for every submitted image copy; on a failure wait for the rest too, then raise."""
+        """Wait for every submitted image copy; on a failure wait for the rest too, then raise.
+
+        ``exception()`` rather than ``result()``: a Dask future's result is fetched from its worker, one
+        round trip per copy, and the copies return nothing the commit needs."""
         futures, self._futures = self._futures, []
         error: BaseException | None = None
         for future in futures:
             try:
-                future.result()
+                failure = future.exception()
+                if failure is None and future.cancelled():  # a Dask future's exception() is None then
+                    failure = CancelledError(f"image copy {future!r} was cancelled")
             except BaseException as err:  # noqa: BLE001 - re-raised below, after the others finished
-                error = error or err
+                failure = err
+            error = error or failure
         if error is not None:
             raise error
 
