@@ -245,6 +245,7 @@ def run_flow(
         "mb_s": mbytes / seconds,
         "peak_mb": usage.peak / 1e6,
         "cores": usage.cpu_seconds / wall,
+        "cpu_s": usage.cpu_seconds,
         "rejected": result.rejected,
     }
 
@@ -370,6 +371,7 @@ def run_peer(items, config, workdir: Path, exclude: tuple[int, ...]) -> dict:
         "mb_s": mbytes / seconds,
         "peak_mb": usage.peak / 1e6,
         "cores": usage.cpu_seconds / seconds,
+        "cpu_s": usage.cpu_seconds,
         "rejected": 0,
     }
 
@@ -437,7 +439,7 @@ def main() -> None:
             "(info)",
         ),
         ("  per round (1w / 2w)", _ratios(runs[1], runs[2]), "(info)"),
-        ("  CPU seconds 1w / 2w", f"{_cpu_s(one):.1f} / {_cpu_s(two):.1f}", "(info)"),
+        ("  CPU seconds 1w / 2w", f"{one['cpu_s']:.1f} / {two['cpu_s']:.1f}", "(info)"),
         ("  machine: 2 procs / 1 proc", " ".join(f"{m:.2f}" for m in machine), "(info: the ceiling)"),
         ("  1 proc: Dask's malloc / ours", " ".join(f"{m:.2f}" for m in malloc), "(info: time per item)"),
         (
@@ -450,10 +452,6 @@ def main() -> None:
     for name, value, target in checks:
         shown = value if isinstance(value, str) else f"{value:6.2f}"
         print(f"{name:<32} {shown}  (target {target})")
-
-
-def _cpu_s(run: dict) -> float:
-    return run["cores"] * run["seconds"]
 
 
 def _ratios(slow: list[dict], fast: list[dict]) -> str:
