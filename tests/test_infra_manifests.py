@@ -78,10 +78,7 @@ def test_image_dask_config_keeps_the_project_worker_settings() -> None:
         copy.deepcopy(dask.config.config), yaml.safe_load((INFRA / "dask.yaml").read_text())
     )
     for key, value in GLIBC_DEFAULTS.items():
-        node = merged
-        for part in key.split("."):
-            node = node[part]
-        assert node is value, key
+        assert dask.config.get(key, config=merged) is value, key
     assert merged["distributed"]["nanny"]["pre-spawn-environ"]["OMP_NUM_THREADS"] == 1
 
 
