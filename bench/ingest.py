@@ -25,9 +25,10 @@ and teardown, printed beside each ratio),
 2 workers / 1 worker >= 1.6,
 peak(N scenes) / peak(N/2 scenes) about 1 (flat).
 Beside the 2-worker speed-up the machine's own ceiling for it is printed, measured ``--repeat`` times before
-any service starts: the flow's per-item work (`read_and_stage`, read + tile + stage) in 1 plain process,
-then split over 2 processes started together, no Dask, no Prefect (2.0 on two free physical cores; less where
-the two vCPUs share a core or memory bandwidth); and in 1 such process, the time per item with the malloc
+any service starts: the flow's per-item work (`read_and_stage`, read + tile + stage) in 1 plain process with
+the environment of the project's workers, then split over 2 such processes started together, no Dask, no
+Prefect (2.0 on two free physical cores; less where the two vCPUs share a core or memory bandwidth); and in 1
+such process, the time per item with the malloc
 setting Dask gives its own workers (``MALLOC_TRIM_THRESHOLD_``, left out of the project's LocalCluster) over
 the time with glibc's defaults.
 The CPU seconds of the 1- and 2-worker runs are printed beside their ratio: on a machine with as many cores
@@ -277,8 +278,12 @@ def _stage_items(items: list[dict], config, uri: str, barrier, times) -> None:
 
 def split_wall(items: list[dict], config, uri: str, n: int, env: dict[str, str] | None = None) -> float:
     """Wall time of `read_and_stage` of every item split over ``n`` plain processes started together (no Dask,
-    no Prefect), each started with ``env`` added to its environment."""
+    no Prefect), each started with the environment of the project's workers (`WORKER_ENV`: one zarr codec
+    thread; without it each process starts cores + 4, which fight the other process for the cores) and
+    ``env`` added to it."""
     import multiprocessing
+
+    from dsat_core.data.cluster import WORKER_ENV
 
     ctx = multiprocessing.get_context("spawn")
     barrier, times = ctx.Barrier(n), ctx.Queue()
@@ -286,7 +291,7 @@ def split_wall(items: list[dict], config, uri: str, n: int, env: dict[str, str] 
     # (a stride of n would give all copies of a scene to one process when n divides their number)
     parts = [items[len(items) * k // n : len(items) * (k + 1) // n] for k in range(n)]
     procs = [ctx.Process(target=_stage_items, args=(part, config, uri, barrier, times)) for part in parts]
-    with mock.patch.dict(os.environ, env or {}):  # inherited at start, when glibc reads MALLOC_*
+    with mock.patch.dict(os.environ, {**WORKER_ENV, **(env or {})}):  # read at start by glibc and zarr
         for proc in procs:
             proc.start()
     wall = max(times.get(timeout=600) for _ in procs)

@@ -316,8 +316,8 @@ def test_shard_copies_on_an_executor_match_local_commit(tmp_path: Path, monkeypa
 
     monkeypatch.setattr(store_module, "COLUMN_CHUNK", 40)  # columns are flushed before and between shards
 
-    first = [synthetic_scene(i, 50, 8) for i in range(3)]  # 150 tiles: the next commit starts mid-shard
-    second = [synthetic_scene(i, 50, 8) for i in range(3, 6)]
+    first = [synthetic_scene(i, 50, 8) for i in range(6)]  # 300 tiles: the next commit starts mid-shard
+    second = [synthetic_scene(i, 50, 8) for i in range(6, 9)]
     reference = _new(tmp_path, "ref.zarr")
     _ingest(reference, first)
     _ingest(reference, second)
@@ -338,20 +338,22 @@ def test_shard_copies_on_an_executor_match_local_commit(tmp_path: Path, monkeypa
 
         with pytest.raises(OSError, match="worker lost"):
             store.commit(staged, submit=failing)
-        assert DatasetStore.open(store.uri).n_tiles("rgb") == 150 and len(store.staged()) == 3
+        assert DatasetStore.open(store.uri).n_tiles("rgb") == 300 and len(store.staged()) == 3
         commits.append([])
         store.commit(batch_tiles=64, submit=submit)
-    # rows 0-128 (two whole shards) went in one task, the final partial shard in its own
-    assert commits[0] == [(0, 128), (128, 22)]
-    assert commits[1][0] == (150, 42) and sum(n for _, n in commits[1]) == 150  # up to the next boundary
+    # rows 0-256 (a whole task of SHARDS_PER_COPY_TASK shards) went as soon as they were staged, the final
+    # partial shard in its own task; a commit with less than a whole task copies a shard per task at the end
+    assert store_module.SHARDS_PER_COPY_TASK * 64 == 256
+    assert commits[0] == [(0, 256), (256, 44)]
+    assert commits[1] == [(300, 20), (320, 64), (384, 64), (448, 2)]  # the first up to the next boundary
     for copies in commits:  # within a commit no shard is written by two tasks
         shards = [shard for row, n in copies for shard in range(row // 64, (row + n - 1) // 64 + 1)]
         assert len(shards) == len(set(shards))
-    assert store.n_tiles("rgb") == 300 and store.content_hash == reference.content_hash
+    assert store.n_tiles("rgb") == 450 and store.content_hash == reference.content_hash
     ours, ref = store.open_xarray("rgb"), reference.open_xarray("rgb")
     np.testing.assert_array_equal(ours.images.values, ref.images.values)
     np.testing.assert_array_equal(ours.tile_hash.values, ref.tile_hash.values)
-    assert store.root["rgb"]["images"].shape[0] == 300 and store.staged() == []
+    assert store.root["rgb"]["images"].shape[0] == 450 and store.staged() == []
 
 
 def test_a_scene_that_does_not_fit_the_product_is_rejected_not_written(tmp_path: Path) -> None:

@@ -638,14 +638,15 @@ class CommitTransaction:
 
     def _flush_images(self, product: str, final: bool = False) -> None:
         """Assign pending staged rows to image rows and copy them; before the end only up to a shard
-        boundary (no shard is written twice). With ``submit`` the copies are tasks, else all is local."""
+        boundary (no shard is written twice). With ``submit`` the copies are tasks of
+        `SHARDS_PER_COPY_TASK` shards, and before the end only whole tasks go; else all is local."""
         sources = self._image_sources.pop(product, [])
         total = sum(len(rows) for _, rows in sources)
         if not total:
             return
         start = self._image_end.get(product, self._committed.get(product, 0))
-        aligned = (start + total) // TILES_PER_SHARD * TILES_PER_SHARD - start
-        count = total if final else aligned
+        unit = TILES_PER_SHARD * (1 if self.submit is None else SHARDS_PER_COPY_TASK)
+        count = total if final else (start + total) // unit * unit - start  # whole shards / copy tasks
         if count <= 0:
             self._image_sources[product] = sources
             return
