@@ -28,9 +28,8 @@ Beside the 2-worker speed-up the machine's own ceiling for it is printed, measur
 any service starts: the flow's per-item work (`read_and_stage`, read + tile + stage) in 1 plain process with
 the environment of the project's workers, then split over 2 such processes started together, no Dask, no
 Prefect (2.0 on two free physical cores; less where the two vCPUs share a core or memory bandwidth); and in 1
-such process, the time per item with the malloc
-setting Dask gives its own workers (``MALLOC_TRIM_THRESHOLD_``, left out of the project's LocalCluster) over
-the time with glibc's defaults.
+such process, the time per item with the malloc setting Dask gives its own workers
+(``MALLOC_TRIM_THRESHOLD_``, left out of the project's LocalCluster) over the time with glibc's defaults.
 The CPU seconds of the 1- and 2-worker runs are printed beside their ratio: on a machine with as many cores
 as workers, the driver (Dask scheduler, client and committer, Prefect's engine) shares the cores with the
 workers, so the speed-up stays under 2 even for equal CPU work; more CPU seconds with 1 worker mean
