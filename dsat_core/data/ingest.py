@@ -22,14 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from dsat_core.data.catalog import CatalogConfig
 from dsat_core.data.cluster import dask_client, n_workers_of
-from dsat_core.data.store import (
-    SHARDS_PER_COPY_TASK,
-    TILES_PER_SHARD,
-    CommitResult,
-    CommitTransaction,
-    DatasetStore,
-    StagedScene,
-)
+from dsat_core.data.store import CommitResult, CommitTransaction, DatasetStore, StagedScene
 from dsat_core.data.tiles import Rejection, SceneTiles
 
 if TYPE_CHECKING:
@@ -39,9 +32,6 @@ log = logging.getLogger(__name__)
 Reader = Callable[..., SceneTiles]
 # progress(items done, items to do): called on the driver after each item's task has finished
 Progress = Callable[[int, int], None]
-# copy images once a whole copy task's worth of shards is staged: a task per shard cost the driver's Dask
-# scheduler and client about 3 ms each, on the cores the workers use
-COMMIT_BATCH_TILES = SHARDS_PER_COPY_TASK * TILES_PER_SHARD
 
 
 @dataclass
@@ -226,7 +216,7 @@ class _Committer:
 
     def add(self, staged: StagedScene) -> None:
         if self._transaction is None:
-            self._transaction = self.store.begin_commit(batch_tiles=COMMIT_BATCH_TILES, submit=self.submit)
+            self._transaction = self.store.begin_commit(submit=self.submit)  # copies: whole tasks of shards
         self._transaction.add(staged)  # rows are planned and full shards copied while workers read on
         self._scenes += 1
         if self.commit_every and self._scenes >= self.commit_every:
