@@ -67,18 +67,19 @@ def test_compose_services_and_networks() -> None:
 
 def test_image_dask_config_keeps_the_project_worker_settings() -> None:
     """The `cpu` image's Dask config gives `dask worker` processes the nanny environment of the project's
-    LocalCluster: no MALLOC_TRIM_THRESHOLD_ (`GLIBC_DEFAULTS`), Dask's other settings kept."""
+    LocalCluster: no MALLOC_TRIM_THRESHOLD_ (`GLIBC_DEFAULTS`), and its quieter servers (`QUIET_BACKGROUND`),
+    Dask's other settings kept."""
     import dask
     import distributed  # noqa: F401 - loads Dask's distributed defaults
 
-    from dsat_core.data.cluster import GLIBC_DEFAULTS
+    from dsat_core.data.cluster import GLIBC_DEFAULTS, QUIET_BACKGROUND
 
     assert "COPY infra/dask.yaml /etc/dask/dask.yaml" in (INFRA / "Dockerfile").read_text()
     merged = dask.config.update(
         copy.deepcopy(dask.config.config), yaml.safe_load((INFRA / "dask.yaml").read_text())
     )
-    for key, value in GLIBC_DEFAULTS.items():
-        assert dask.config.get(key, config=merged) is value, key
+    for key, value in {**GLIBC_DEFAULTS, **QUIET_BACKGROUND}.items():
+        assert dask.config.get(key, config=merged) == value and dask.config.get(key) != value, key
     assert merged["distributed"]["nanny"]["pre-spawn-environ"]["OMP_NUM_THREADS"] == 1
 
 

@@ -9,15 +9,16 @@ import time
 from collections.abc import Iterator
 from concurrent.futures import CancelledError
 from pathlib import Path
+from typing import Any
 from unittest import mock
 
 import cloudpickle
 import numpy as np
 import pytest
-from distributed import Client, LocalCluster
+from distributed import Client, LocalCluster, get_task_stream
 
 from dsat_core.data.cluster import dask_client
-from dsat_core.data.ingest import ingest_items, ingest_report_markdown
+from dsat_core.data.ingest import MAX_BATCH, guided_batches, ingest_items, ingest_report_markdown
 from dsat_core.data.store import DatasetStore
 from dsat_core.data.synthetic import (
     make_synthetic_store,
@@ -66,6 +67,23 @@ def test_local_cluster_workers_are_single_threaded_for_zarr_too(client: Client) 
     assert [w["nthreads"] for w in workers] == [1, 1]
     assert list(client.run(_zarr_threads).values()) == [1, 1]
     assert _zarr_threads() is None
+
+
+def _background_work(dask_worker: Any) -> tuple[bool, float]:
+    return "profile" in dask_worker.periodic_callbacks, dask_worker._tick_interval
+
+
+def test_local_cluster_servers_skip_background_work(client: Client) -> None:
+    """No statistical profiler in the workers, and event-loop checks twice a second, not 50 times, in the
+    workers and the scheduler (`QUIET_BACKGROUND`); a LocalCluster made without it has both."""
+    assert list(client.run(_background_work).values()) == [(False, 0.5), (False, 0.5)]
+    assert client.run_on_scheduler(lambda dask_scheduler: dask_scheduler._tick_interval) == 0.5
+    with (
+        mock.patch.dict(os.environ),  # a Dask nanny sets MALLOC_TRIM_THRESHOLD_ in this process too
+        LocalCluster(n_workers=1, threads_per_worker=1, dashboard_address="127.0.0.1:0") as cluster,
+        Client(cluster) as dask_default,
+    ):
+        assert list(dask_default.run(_background_work).values()) == [(True, 0.02)]
 
 
 def _page_faults_per_allocation(n: int = 8, kib: int = 1536) -> float:
@@ -147,15 +165,36 @@ def test_rejections_are_reported_and_stored(client: Client, tmp_path: Path) -> N
     assert items[2]["id"] in md
 
 
+def test_guided_batches_shrink_to_single_items() -> None:
+    items = list(range(96))
+    sizes = [len(b) for b in guided_batches(items, 2)]
+    assert [x for b in guided_batches(items, 2) for x in b] == items  # consecutive, each item once
+    assert sizes[:4] == [12, 10, 9, 8] and sizes[-3:] == [1, 1, 1] and len(sizes) < 40
+    assert sizes == sorted(sizes, reverse=True)
+    assert {len(b) for b in guided_batches(list(range(1000)), 1)} >= {MAX_BATCH, 1}
+    assert max(len(b) for b in guided_batches(list(range(1000)), 1)) == MAX_BATCH
+    assert list(guided_batches([], 2)) == []
+
+
 def test_a_failed_task_is_recorded_as_a_rejection_and_the_run_goes_on(client: Client, tmp_path: Path) -> None:
+    """Item 1 fails its task: the first batch (items 0-2) fails, its items are tried again one task each,
+    and only item 1 is rejected."""
     uri = str(tmp_path / "s.zarr")
-    items = [synthetic_item(i, tiles=2) for i in range(3)]
-    report = ingest_items(items, CONFIG, uri, client=client, reader=unstageable_reader)
+    items = [synthetic_item(i, tiles=2) for i in range(24)]
+    with get_task_stream(client) as stream:
+        report = ingest_items(items, CONFIG, uri, client=client, reader=unstageable_reader)
     reasons = {(r.item_id, r.tile_index): r.reason for r in report.rejected}
+    assert list(reasons) == [(items[1]["id"], -1)]
     assert reasons[(items[1]["id"], -1)].startswith("ingest task failed: AttributeError: ")
-    assert report.added_tiles == {"rgb": 4} and sorted(report.items_added) == [items[0]["id"], items[2]["id"]]
+    assert report.added_tiles == {"rgb": 46} and sorted(report.items_added) == sorted(
+        item["id"] for k, item in enumerate(items) if k != 1
+    )
     store = DatasetStore.open(uri)
     assert items[1]["id"] not in store.ingested_items() and len(store.rejected()) == 1  # retried next time
+    reads = [t for t in stream.data if t["key"].startswith("ingest-")]
+    failed = [t for t in reads if t["status"] == "error"]
+    assert [t["key"].split("-")[-2] for t in failed] == ["3", "1"]  # the batch, then item 1 alone
+    assert len(reads) < len(items)  # batches: fewer tasks than items
 
 
 def test_a_failed_or_cancelled_shard_copy_on_dask_fails_the_commit(client: Client, tmp_path: Path) -> None:

@@ -1,12 +1,15 @@
 """The ingest driver: read STAC items into tiles on Dask workers, stage them, commit as it goes.
 
 Pure Python + Dask, and the one way items get into a store: `dsat ingest` calls `ingest_items`, and so does
-the `refresh-dataset` Prefect flow (with a ``progress`` hook of its own). Each item is read and staged by one
-task on a worker (`read_and_stage`), so pixels never travel back to the driver; the driver keeps at most
-``max_in_flight`` items submitted and is the single committer: it decides which staged tiles go to which
-rows, while the copies of whole shards of images into the store run as worker tasks. A task that fails (a
-worker died, the staging write failed) is recorded as a rejection of its item, like a reader error, and the
-run goes on.
+the `refresh-dataset` Prefect flow (with a ``progress`` hook of its own). Items are read and staged on the
+workers (`read_and_stage`), so pixels never travel back to the driver, a batch of consecutive items per task
+(`stage_batch`): each Dask task costs the scheduler and the client a few milliseconds of CPU, on the cores
+the workers use, so the batches are as large as the load balance allows (`guided_batches`: large while
+many items are left, single items at the end). The driver keeps at most ``max_in_flight`` tasks submitted
+and is the single committer: it decides which staged tiles go to which rows, while the copies of whole
+shards of images into the store run as worker tasks. An item whose task fails (a worker died, the staging
+write failed) is recorded as a rejection, like a reader error, and the run goes on: the items of a failed
+batch are tried again one task each, so that only the failing item is rejected.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from functools import partial
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from dsat_core.data.catalog import CatalogConfig
 from dsat_core.data.cluster import dask_client, n_workers_of
@@ -32,6 +35,8 @@ log = logging.getLogger(__name__)
 Reader = Callable[..., SceneTiles]
 # progress(items done, items to do): called on the driver after each item's task has finished
 Progress = Callable[[int, int], None]
+T = TypeVar("T")
+MAX_BATCH = 16  # items per read task at most (up to a few seconds of a worker's time)
 
 
 @dataclass
@@ -93,6 +98,24 @@ def read_and_stage(
     return store.stage(scene)
 
 
+def stage_batch(
+    items: Sequence[dict[str, Any]], config: CatalogConfig, store_uri: str, **kwargs: Any
+) -> list[StagedScene]:
+    """One Dask task: `read_and_stage` of each item in turn (``kwargs`` are its keyword arguments)."""
+    return [read_and_stage(item, config, store_uri, **kwargs) for item in items]
+
+
+def guided_batches(items: Sequence[T], n_workers: int, *, max_size: int = MAX_BATCH) -> Iterator[list[T]]:
+    """Consecutive batches of ``items``, each sized when it is taken: the items left // (4 × ``n_workers``),
+    1 to ``max_size`` (guided self-scheduling): few tasks while many items are left, single items at the
+    end, where a large task would keep one worker busy while the others wait."""
+    start = 0
+    while start < len(items):
+        size = min(max_size, max(1, (len(items) - start) // (4 * n_workers)))
+        yield list(items[start : start + size])
+        start += size
+
+
 def ingest_items(
     items: Sequence[Mapping[str, Any]],
     config: CatalogConfig,
@@ -113,10 +136,11 @@ def ingest_items(
 
     Items already in the store are skipped, so a refresh adds only what is new. Work runs on ``client``,
     else on the scheduler at ``scheduler_address``, else on a new ``LocalCluster(n_workers)``.
-    ``storage_options`` are for the store, ``read_options`` for the reader's asset access. At most
-    ``max_in_flight`` (default 4 × workers) items are in flight: those the workers cannot start yet wait
-    in Dask's queues (an item dict each, no pixels), so the workers go on while the driver writes a batch
-    of per-tile columns. Staged scenes are committed once at the end, or every ``commit_every`` items.
+    ``storage_options`` are for the store, ``read_options`` for the reader's asset access. Items go to the
+    workers in `guided_batches`, at most ``max_in_flight`` tasks (default 2 × workers) at once: those the
+    workers cannot start yet wait in Dask's queues (item dicts, no pixels), so the workers go on while the
+    driver writes a batch of per-tile columns. Staged scenes are committed once at the end, or every
+    ``commit_every`` items.
     ``progress``: True for a terminal bar, or a `Progress` hook. ``reader`` defaults to
     `dsat_core.data.reader.read_item`.
     """
@@ -138,9 +162,11 @@ def ingest_items(
                 dask_client(client, scheduler_address=scheduler_address, n_workers=n_workers)
             )
             committer.submit = partial(dask.submit, pure=False, priority=1)  # before queued reads
-            limit = max_in_flight or 4 * n_workers_of(dask, n_workers)
+            workers = n_workers_of(dask, n_workers)
+            batches = guided_batches(plan.todo, workers)
             report_progress = _progress_hook(progress, len(plan.todo))
-            for done, (item_id, outcome) in enumerate(_stage_on_workers(dask, plan.todo, job, limit), 1):
+            staged = _stage_on_workers(dask, batches, job, max_in_flight or 2 * workers)
+            for done, (item_id, outcome) in enumerate(staged, 1):
                 committer.add_outcome(item_id, outcome)
                 report_progress(done, len(plan.todo))
         committer.add_invalid(plan.invalid)
@@ -172,36 +198,42 @@ def _new_report(store: DatasetStore, plan: IngestPlan) -> IngestReport:
 
 
 def _stage_on_workers(
-    client: distributed.Client, todo: Sequence[dict[str, Any]], job: Mapping[str, Any], limit: int
+    client: distributed.Client, batches: Iterator[list[dict[str, Any]]], job: Mapping[str, Any], limit: int
 ) -> Iterator[tuple[str, StagedScene | Exception]]:
-    """Run `read_and_stage` for every item on the workers, at most ``limit`` at once, and yield
-    ``(item id, staged scene)`` as each finishes, or ``(item id, exception)`` for a task that failed."""
+    """Run `stage_batch` for every batch on the workers, at most ``limit`` tasks at once, and yield
+    ``(item id, staged scene)`` for each item of a task as it finishes. The items of a failed task are tried
+    again one task each; a failed single-item task yields ``(item id, exception)``."""
     from distributed import as_completed
 
-    pending = iter(todo)
-    futures: dict[Any, str] = {}
+    retry: list[list[dict[str, Any]]] = []  # single-item batches, taken before new ones
+    futures: dict[Any, list[dict[str, Any]]] = {}
     running = as_completed()
 
-    def submit_next() -> None:
-        item = next(pending, None)
-        if item is not None:
-            key = f"ingest-{item['id']}-{time.time_ns()}"
-            future = client.submit(read_and_stage, item, **job, pure=False, key=key)
-            futures[future] = item["id"]
+    def fill() -> None:
+        while len(futures) < limit:
+            batch = retry.pop() if retry else next(batches, None)
+            if batch is None:
+                return
+            key = f"ingest-{batch[0]['id']}-{len(batch)}-{time.time_ns()}"
+            future = client.submit(stage_batch, batch, **job, pure=False, key=key)
+            futures[future] = batch
             running.add(future)
 
-    for _ in range(limit):
-        submit_next()
+    fill()
     for future in running:
-        item_id = futures.pop(future)
+        batch = futures.pop(future)
+        outcomes: list[tuple[str, StagedScene | Exception]] = []
         try:
-            outcome: StagedScene | Exception = future.result()
-        except Exception as err:  # a worker died or the store write failed: the item is rejected
-            outcome = err
+            outcomes = [(item["id"], scene) for item, scene in zip(batch, future.result(), strict=True)]
+        except Exception as err:  # a worker died or the store write failed
+            if len(batch) > 1:
+                retry.extend([item] for item in reversed(batch))
+            else:
+                outcomes = [(batch[0]["id"], err)]  # the item is rejected
         finally:
             future.release()
-        submit_next()  # the workers go on reading while the driver commits this one
-        yield item_id, outcome
+        fill()  # the workers go on reading while the driver commits these
+        yield from outcomes
 
 
 class _Committer:
@@ -320,5 +352,7 @@ __all__ = [
     "ingest_items",
     "ingest_report_markdown",
     "plan_ingest",
+    "guided_batches",
     "read_and_stage",
+    "stage_batch",
 ]
