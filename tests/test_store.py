@@ -275,6 +275,24 @@ def test_concurrent_staging_from_processes(tmp_path: Path) -> None:
     assert store.staged() == [] and list(store.root["_staging"].group_keys()) == []
 
 
+def test_a_staged_scene_is_a_few_flat_files(tmp_path: Path) -> None:
+    """Group, payload and images: a metadata file each, and chunk files named c.0... beside them (no
+    folder per chunk index), which the commit reads back."""
+    store = _new(tmp_path)
+    staged = store.stage(synthetic_scene(0, 100, 8))  # 100 tiles: two image chunks
+    folder = tmp_path / "s.zarr" / "_staging" / staged.key
+    files = sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
+    assert files == [
+        "images-rgb/c.0.0.0.0",
+        "images-rgb/c.1.0.0.0",
+        "images-rgb/zarr.json",
+        "payload/c.0",
+        "payload/zarr.json",
+        "zarr.json",
+    ]
+    assert store.commit([staged.key]).added_tiles == {"rgb": 100}
+
+
 def test_discard_staged_deletes_the_given_groups_or_all(tmp_path: Path) -> None:
     store = _new(tmp_path)
     keys = [store.stage(synthetic_scene(i, 2, 8)).key for i in range(3)]
