@@ -2,10 +2,10 @@
 
 Pure Python + Dask, and the one way items get into a store: `dsat ingest` calls `ingest_items`, and so does
 the `refresh-dataset` Prefect flow (with a ``progress`` hook of its own). Items are read and staged on the
-workers (`read_and_stage`), so pixels never travel back to the driver, a batch of consecutive items per task
+workers (`read_and_stage`), so pixels never travel back to the driver, in tasks of several consecutive items
 (`stage_batch`): each Dask task costs the scheduler and the client a few milliseconds of CPU, on the cores
-the workers use, so the batches are as large as the load balance allows (`guided_batches`: large while
-many items are left, single items at the end). The driver keeps at most ``max_in_flight`` tasks submitted
+the workers use, so the tasks are as large as the load balance allows (`guided_batches`: large while many
+items are left, single items at the end). The driver keeps at most ``max_in_flight`` tasks submitted
 and is the single committer: it decides which staged tiles go to which rows, while the copies of whole
 shards of images into the store run as worker tasks. An item whose task fails (a worker died, the staging
 write failed) is recorded as a rejection, like a reader error, and the run goes on: the items of a failed
@@ -349,10 +349,10 @@ __all__ = [
     "IngestPlan",
     "IngestReport",
     "Progress",
+    "guided_batches",
     "ingest_items",
     "ingest_report_markdown",
     "plan_ingest",
-    "guided_batches",
     "read_and_stage",
     "stage_batch",
 ]
